@@ -1,0 +1,83 @@
+"""epoll(7): Linux.  O(ready) per call; the kernel keeps the interest list.
+
+Level-triggered, like the other backends: the loop reads once per wakeup and
+relies on being told again while data remains.
+
+Quirks that shape this module:
+
+* epoll watches open file *descriptions*, not fd numbers.  An fd closed while
+  registered is removed only once every duplicate of it is closed, so a
+  dup()ed fd keeps reporting events for a number we may have reused
+  (epoll(7), "Questions and answers" Q6; h2o#1100).  Hence the rule the
+  server follows: unregister before close.
+* EPOLL_CTL_ADD on a regular file fails with EPERM (epoll_ctl(2)); that error
+  is raised to the caller unchanged.
+* EPOLLERR and EPOLLHUP are always reported, asked for or not
+  (epoll_ctl(2)); they become readiness of what was registered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+
+from .base import READ, WRITE, Backend, errors_as_interest
+
+_ERROR_BITS = getattr(select, "EPOLLERR", 0x8) | getattr(select, "EPOLLHUP", 0x10)
+
+# READ/WRITE are POLLIN/POLLOUT, which equal EPOLLIN/EPOLLOUT on Linux, so
+# masks go to and come from the kernel untranslated.  Checked, not assumed.
+_PASS_THROUGH = getattr(select, "EPOLLIN", None) == READ and getattr(select, "EPOLLOUT", None) == WRITE
+
+
+class EpollBackend(Backend):
+    name = "epoll"
+
+    #: at most this many events per poll(); the rest wait for the next call
+    max_events = 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not _PASS_THROUGH:
+            raise AttributeError("select.epoll is missing or has unexpected constants")
+        self._epoll = select.epoll()
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def register(self, fd: int, events: int) -> None:
+        self._add(fd, events)
+        try:
+            self._epoll.register(fd, events)
+        except BaseException:
+            del self._interest[fd]
+            raise
+
+    def modify(self, fd: int, events: int) -> None:
+        old = self._change(fd, events)
+        if old != events:
+            self._epoll.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self._remove(fd)
+        # EBADF/ENOENT: the fd was closed before being unregistered and the
+        # kernel already dropped it.  Our own records are now right.
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        if timeout is None:
+            timeout = -1
+        elif timeout < 0:
+            timeout = 0
+        ready = self._epoll.poll(timeout, self.max_events)
+        self.polls += 1
+        self.events_total += len(ready)
+        for _fd, events in ready:
+            if events & _ERROR_BITS:
+                return errors_as_interest(ready, self._interest, _ERROR_BITS)
+        return ready
+
+    def close(self) -> None:
+        super().close()
+        self._epoll.close()

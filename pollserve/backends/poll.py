@@ -1,0 +1,63 @@
+"""poll(2): no fd-number limit, still O(n) per call (the whole array is passed in).
+
+READ and WRITE equal POLLIN and POLLOUT, so a result without error bits is
+handed through as the kernel returned it.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+
+from .base import Backend, errors_as_interest
+
+# POLLHUP, POLLERR and POLLNVAL are reported even when not asked for (poll(2)).
+# They mean "the next recv()/send() will tell you", so they become readiness of
+# what was registered.
+_ERROR_BITS = getattr(select, "POLLHUP", 0x10) | getattr(select, "POLLERR", 0x8) | getattr(select, "POLLNVAL", 0x20)
+
+
+def _milliseconds(timeout: float | None) -> int | None:
+    """poll() and devpoll take milliseconds; round up so a 0.1 ms timer is not a busy loop."""
+    if timeout is None:
+        return None
+    if timeout <= 0:
+        return 0
+    return math.ceil(timeout * 1000)
+
+
+class PollBackend(Backend):
+    name = "poll"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._poller = self._create()
+
+    @staticmethod
+    def _create():  # type: ignore[no-untyped-def]
+        return select.poll()
+
+    def register(self, fd: int, events: int) -> None:
+        self._add(fd, events)
+        self._poller.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        self._change(fd, events)
+        self._poller.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        self._remove(fd)
+        self._poller.unregister(fd)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        ready = self._poller.poll(_milliseconds(timeout))
+        self.polls += 1
+        self.events_total += len(ready)
+        for _fd, events in ready:
+            if events & _ERROR_BITS:
+                return errors_as_interest(ready, self._interest, _ERROR_BITS)
+        return ready
+
+    def close(self) -> None:
+        super().close()
+        self._poller = None

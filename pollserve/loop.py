@@ -1,0 +1,284 @@
+"""EventLoop: the only caller of ``backend.poll()``.
+
+One thread, one backend.  Per fd the loop keeps at most one reader and one
+writer callback; an event is dispatched with one dict lookup and one call.
+Timers live in a heap, callbacks scheduled with ``call_soon`` in a deque.  A
+socketpair is the loop's wakeup channel: ``signal.set_wakeup_fd`` writes the
+signal number into it, and ``call_soon_threadsafe``/``stop`` from another
+thread write a zero byte.  A socketpair rather than a pipe because on Windows
+select() accepts sockets only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .backends import READ, WRITE, Backend, create_backend
+
+log = logging.getLogger("pollserve")
+
+
+class Handle:
+    """A scheduled callback; ``cancel()`` keeps it from running."""
+
+    __slots__ = ("callback", "args", "cancelled", "when")
+
+    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], when: float = 0.0) -> None:
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+        self.when = when
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __repr__(self) -> str:
+        state = " cancelled" if self.cancelled else ""
+        return f"<Handle {getattr(self.callback, '__qualname__', self.callback)}{state}>"
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """Python-level handler: the work happens when the loop reads the wakeup socket."""
+
+
+class EventLoop:
+    """A readiness event loop over one backend."""
+
+    def __init__(self, backend: Backend | str | None = None) -> None:
+        if backend is None or isinstance(backend, str):
+            backend = create_backend(backend or "auto")
+        self.backend: Backend = backend
+        self._readers: dict[int, Callable[[], Any]] = {}
+        self._writers: dict[int, Callable[[], Any]] = {}
+        self._ready: deque[Handle] = deque()
+        self._timers: list[tuple[float, int, Handle]] = []
+        self._timer_seq = 0
+        self._stopping = False
+        self._running = False
+        self._closed = False
+        self._thread_id: int | None = None
+        #: how many times the loop has returned from poll()
+        self.iterations = 0
+        self._signal_handlers: dict[int, Handle] = {}
+        self._saved_signal_handlers: dict[int, Any] = {}
+        self._saved_wakeup_fd: int | None = None
+        self._wakeup_recv, self._wakeup_send = socket.socketpair()
+        self._wakeup_recv.setblocking(False)
+        self._wakeup_send.setblocking(False)
+        self.add_reader(self._wakeup_recv.fileno(), self._on_wakeup)
+
+    # -- fd interest ------------------------------------------------------------
+
+    def _set_interest(self, fd: int, events: int) -> None:
+        backend = self.backend
+        old = backend.interest(fd)
+        if events == old:
+            return
+        if not old:
+            backend.register(fd, events)
+        elif not events:
+            backend.unregister(fd)
+        else:
+            backend.modify(fd, events)
+
+    def add_reader(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` whenever fd is readable.  May raise CapacityError."""
+        self._set_interest(fd, self.backend.interest(fd) | READ)
+        self._readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> bool:
+        if self._readers.pop(fd, None) is None:
+            return False
+        self._set_interest(fd, self.backend.interest(fd) & ~READ)
+        return True
+
+    def add_writer(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` whenever fd is writable.  May raise CapacityError."""
+        self._set_interest(fd, self.backend.interest(fd) | WRITE)
+        self._writers[fd] = callback
+
+    def remove_writer(self, fd: int) -> bool:
+        if self._writers.pop(fd, None) is None:
+            return False
+        self._set_interest(fd, self.backend.interest(fd) & ~WRITE)
+        return True
+
+    # -- callbacks and timers ---------------------------------------------------
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> Handle:
+        """Run callback(*args) on the next iteration, after I/O callbacks."""
+        handle = Handle(callback, args)
+        self._ready.append(handle)
+        return handle
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> Handle:
+        """call_soon from any thread: also wakes the loop if it is blocked in poll()."""
+        handle = self.call_soon(callback, *args)
+        self._wake()
+        return handle
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Handle:
+        """Run callback(*args) after delay seconds (monotonic clock)."""
+        return self.call_at(time.monotonic() + delay, callback, *args)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Handle:
+        handle = Handle(callback, args, when)
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, handle))
+        return handle
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    # -- signals -----------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback: Callable[..., Any], *args: Any) -> None:
+        """Run callback(*args) in the loop when signum arrives.  Main thread only."""
+        if not self._signal_handlers:
+            # The C-level handler writes the signal number here, waking poll().
+            self._saved_wakeup_fd = signal.set_wakeup_fd(self._wakeup_send.fileno(), warn_on_full_buffer=False)
+        try:
+            previous = signal.signal(signum, _ignore_signal)
+        except (ValueError, OSError):
+            if not self._signal_handlers:
+                signal.set_wakeup_fd(self._saved_wakeup_fd)
+            raise
+        self._saved_signal_handlers.setdefault(signum, previous)
+        self._signal_handlers[signum] = Handle(callback, args)
+
+    def remove_signal_handler(self, signum: int) -> bool:
+        if self._signal_handlers.pop(signum, None) is None:
+            return False
+        signal.signal(signum, self._saved_signal_handlers.pop(signum))
+        if not self._signal_handlers:
+            signal.set_wakeup_fd(self._saved_wakeup_fd if self._saved_wakeup_fd is not None else -1)
+            self._saved_wakeup_fd = None
+        return True
+
+    def _wake(self) -> None:
+        # Full (the loop will wake anyway) or closed (the loop is gone): both fine.
+        with contextlib.suppress(OSError):
+            self._wakeup_send.send(b"\0")
+
+    def _on_wakeup(self) -> None:
+        while True:
+            try:
+                data = self._wakeup_recv.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            for signum in data:
+                handle = self._signal_handlers.get(signum)
+                if handle is not None:
+                    self._ready.append(handle)
+
+    # -- running -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make run_forever() return after the current iteration.  Safe from any thread."""
+        self._stopping = True
+        if self._thread_id is not None and self._thread_id != threading.get_ident():
+            self._wake()
+
+    def is_running(self) -> bool:
+        return self._running
+
+    def run_forever(self) -> None:
+        if self._running:
+            raise RuntimeError("the loop is already running")
+        if self._closed:
+            raise RuntimeError("the loop is closed")
+        self._running = True
+        self._thread_id = threading.get_ident()
+        try:
+            while not self._stopping:
+                self._run_once()
+            # What the last iteration scheduled (connection_lost calls, say) still runs.
+            self._run_ready()
+        finally:
+            self._stopping = False
+            self._running = False
+            self._thread_id = None
+
+    def _run_once(self) -> None:
+        if self._ready:
+            timeout: float | None = 0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        else:
+            timeout = None
+        events = self.backend.poll(timeout)
+        self.iterations += 1
+        readers = self._readers
+        writers = self._writers
+        for fd, mask in events:
+            try:
+                if mask & READ:
+                    callback = readers.get(fd)
+                    if callback is not None:
+                        callback()
+                if mask & WRITE:
+                    callback = writers.get(fd)
+                    if callback is not None:
+                        callback()
+            except Exception:
+                log.exception("unhandled error in the handler of fd %d", fd)
+        if self._timers:
+            self._collect_due_timers()
+        if self._ready:
+            self._run_ready()
+
+    def _collect_due_timers(self) -> None:
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            handle = heapq.heappop(timers)[2]
+            if not handle.cancelled:
+                self._ready.append(handle)
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        # Only what is queued now: callbacks queued by these callbacks wait a turn,
+        # so I/O cannot starve.
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if handle.cancelled:
+                continue
+            try:
+                handle.callback(*handle.args)
+            except Exception:
+                log.exception("unhandled error in callback %r", handle)
+
+    def close(self) -> None:
+        """Restore signal handlers, close the wakeup socketpair and the backend."""
+        if self._running:
+            raise RuntimeError("cannot close a running loop")
+        if self._closed:
+            return
+        self._closed = True
+        for signum in list(self._signal_handlers):
+            self.remove_signal_handler(signum)
+        self.remove_reader(self._wakeup_recv.fileno())
+        self._wakeup_recv.close()
+        self._wakeup_send.close()
+        self._readers.clear()
+        self._writers.clear()
+        self._ready.clear()
+        self._timers.clear()
+        self.backend.close()
+
+    def __enter__(self) -> EventLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

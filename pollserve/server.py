@@ -1,0 +1,430 @@
+"""Listening sockets, the accept handler, and Connection (the transport).
+
+The send path: ``write()`` calls ``send()`` at once; what the kernel did not
+take goes into a bytearray, and WRITE interest is registered only while that
+buffer is non-empty.  Past ``high_water`` buffered bytes the connection stops
+reading from its client (and tells the protocol), so a client that never reads
+cannot make the server buffer without bound; below ``low_water`` it resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from .apps import Protocol, ProtocolFactory
+from .backends import CapacityError
+from .loop import EventLoop
+
+log = logging.getLogger("pollserve")
+
+#: accept() failures that mean "out of fds or kernel memory": back off, don't spin
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: accept() failures about one pending client only: skip it
+_CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM}
+
+
+def format_address(address: Any) -> str:
+    """``host:port``, with IPv6 hosts in brackets as in URLs."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
+class Connection:
+    """One client connection: the transport handed to the protocol."""
+
+    __slots__ = (
+        "_server",
+        "_loop",
+        "_sock",
+        "_fd",
+        "_protocol",
+        "_peername",
+        "_buffer",
+        "_closing",
+        "_lost",
+        "_paused_by_user",
+        "_paused_by_backpressure",
+        "high_water",
+        "low_water",
+        "bytes_in",
+        "bytes_out",
+    )
+
+    #: bytes asked of each recv(); one recv per readiness event
+    max_read = 65536
+
+    def __init__(self, server: Server, sock: socket.socket, peername: Any, protocol: Protocol) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._peername = peername
+        self._buffer = bytearray()
+        self._closing = False
+        self._lost = False
+        self._paused_by_user = False
+        self._paused_by_backpressure = False
+        self.high_water = server.high_water
+        self.low_water = server.low_water
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        state = "lost" if self._lost else "closing" if self._closing else "open"
+        return f"<Connection fd={self._fd} peer={format_address(self._peername)} {state}>"
+
+    # -- reading -------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(self.max_read)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # ECONNRESET, ETIMEDOUT, ...
+            self._finish(exc)
+            return
+        if data:
+            self.bytes_in += len(data)
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:
+                self._protocol_failed("data_received", exc)
+        else:
+            self._on_eof()
+
+    def _on_eof(self) -> None:
+        # Level-triggered: EOF stays readable, so stop asking.
+        self._loop.remove_reader(self._fd)
+        try:
+            keep_open = self._protocol.eof_received()
+        except Exception as exc:
+            self._protocol_failed("eof_received", exc)
+            return
+        if not keep_open:
+            self.close()
+
+    def _protocol_failed(self, method: str, exc: Exception) -> None:
+        log.error("app error in %s for %s; closing it", method, format_address(self._peername), exc_info=exc)
+        self._finish(exc)
+
+    def pause_reading(self) -> None:
+        """Stop calling data_received until resume_reading()."""
+        self._paused_by_user = True
+        self._update_reading()
+
+    def resume_reading(self) -> None:
+        self._paused_by_user = False
+        self._update_reading()
+
+    def is_reading(self) -> bool:
+        return self._fd in self._loop._readers
+
+    def _update_reading(self) -> None:
+        if self._closing or self._lost:
+            return
+        if self._paused_by_user or self._paused_by_backpressure:
+            self._loop.remove_reader(self._fd)
+        elif not self.is_reading():
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    # -- writing -------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send data now; buffer whatever the kernel does not take.  Ignored once closed."""
+        if self._closing or self._lost or not data:
+            return
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+        else:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:  # EPIPE, ECONNRESET: the client is gone
+                self._finish(exc)
+                return
+            self.bytes_out += sent
+            if sent == len(data):
+                return
+            buffer += memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._on_writable)
+        if len(buffer) > self.high_water and not self._paused_by_backpressure:
+            self._paused_by_backpressure = True
+            self._update_reading()
+            self._call_protocol("pause_writing")
+
+    def _on_writable(self) -> None:
+        buffer = self._buffer
+        try:
+            sent = self._sock.send(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        self.bytes_out += sent
+        del buffer[:sent]  # O(1) for a prefix: bytearray moves its start
+        if self._paused_by_backpressure and len(buffer) <= self.low_water:
+            self._paused_by_backpressure = False
+            self._update_reading()
+            self._call_protocol("resume_writing")
+        if buffer:
+            return
+        self._loop.remove_writer(self._fd)
+        if self._closing:
+            self._finish(None)
+
+    def _call_protocol(self, method: str) -> None:
+        try:
+            getattr(self._protocol, method)()
+        except Exception as exc:
+            self._protocol_failed(method, exc)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Backpressure thresholds in bytes (defaults: 64 KiB and a quarter of high)."""
+        high = self._server.high_water if high is None else high
+        low = high // 4 if low is None else low
+        if not 0 <= low <= high:
+            raise ValueError(f"need 0 <= low <= high, got high={high} low={low}")
+        self.high_water, self.low_water = high, low
+
+    # -- closing -------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Stop reading, send what is buffered, then close."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if not self._buffer:
+            self._finish(None)
+
+    def abort(self) -> None:
+        """Close now, dropping whatever is buffered."""
+        self._finish(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        # Unregister before close: epoll watches the open file description,
+        # and the fd number may be reused at once (h2o#1100).
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._buffer.clear()
+        self._sock.close()
+        self._server._connection_closed(self)
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``peername``, ``sockname``, ``socket`` or ``fd``, as asyncio's transports offer them."""
+        if name == "peername":
+            return self._peername
+        if name == "sockname":
+            try:
+                return self._sock.getsockname()
+            except OSError:
+                return default
+        if name == "socket":
+            return self._sock
+        if name == "fd":
+            return self._fd
+        return default
+
+
+class Server:
+    """Listening sockets bound to one address, and the connections they accepted."""
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        protocol_factory: ProtocolFactory,
+        host: str = "127.0.0.1",
+        port: int = 5001,
+        *,
+        backlog: int = 1024,
+        accept_batch: int = 128,
+        high_water: int = 64 * 1024,
+        low_water: int = 16 * 1024,
+    ) -> None:
+        self.loop = loop
+        self.protocol_factory = protocol_factory
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+        #: at most this many accept() calls per wakeup, so a connect storm cannot starve clients
+        self.accept_batch = accept_batch
+        self.high_water = high_water
+        self.low_water = low_water
+        self.sockets: list[socket.socket] = []
+        self.connections: set[Connection] = set()
+        # Plain counters; live connections keep their own byte counts.
+        self.connections_accepted = 0
+        self.connections_closed = 0
+        self.connections_refused = 0
+        self._bytes_in_closed = 0
+        self._bytes_out_closed = 0
+        self._accept_paused = False
+        self._on_drained: Callable[[], Any] | None = None
+        self._drain_timer = None
+
+    # -- listening -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind, listen and start accepting.  Raises OSError if the address is unusable."""
+        infos = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        family, type_, proto, _, address = infos[0]
+        sock = socket.socket(family, type_, proto)
+        try:
+            if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: SO_REUSEADDR would allow port stealing
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), lambda: self._on_acceptable(sock))
+        except BaseException:
+            sock.close()
+            raise
+        self.sockets.append(sock)
+
+    @property
+    def address(self) -> Any:
+        """The bound address of the first listening socket (the real port after port 0)."""
+        return self.sockets[0].getsockname()
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; established connections go on."""
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets.clear()
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        for _ in range(self.accept_batch):
+            try:
+                sock, peername = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                if exc.errno in _EXHAUSTED:
+                    self._pause_accepting(listener, exc)
+                    return
+                raise
+            self._serve(sock, peername)
+
+    def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
+        # Level-triggered: a pending client we cannot accept keeps the listener
+        # readable, so stop watching it for a second rather than spin (asyncio's
+        # choice; Twisted and libuv keep a reserve fd instead).
+        log.warning(
+            "accept failed: %s; pausing accepts for 1 s (%d connections open)",
+            exc.strerror or exc,
+            len(self.connections),
+        )
+        fd = listener.fileno()
+        self.loop.remove_reader(fd)
+
+        def resume() -> None:
+            if listener.fileno() == fd:  # not closed meanwhile
+                self.loop.add_reader(fd, lambda: self._on_acceptable(listener))
+
+        self.loop.call_later(1.0, resume)
+
+    def _serve(self, sock: socket.socket, peername: Any) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Without it a reply split across sends waits for the client's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            protocol = self.protocol_factory()
+        except Exception:
+            log.exception("app factory failed for %s; closing it", format_address(peername))
+            sock.close()
+            self.connections_refused += 1
+            return
+        conn = Connection(self, sock, peername, protocol)
+        try:
+            self.loop.add_reader(conn._fd, conn._on_readable)
+        except CapacityError as exc:
+            log.warning("refused %s: %s", format_address(peername), exc)
+            sock.close()
+            self.connections_refused += 1
+            return
+        self.connections.add(conn)
+        self.connections_accepted += 1
+        try:
+            protocol.connection_made(conn)
+        except Exception as exc:
+            conn._protocol_failed("connection_made", exc)
+
+    # -- accounting --------------------------------------------------------------
+
+    def _connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.connections_closed += 1
+        self._bytes_in_closed += conn.bytes_in
+        self._bytes_out_closed += conn.bytes_out
+        if self._on_drained is not None and not self.connections:
+            self._drained()
+
+    @property
+    def bytes_in(self) -> int:
+        return self._bytes_in_closed + sum(conn.bytes_in for conn in self.connections)
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes_out_closed + sum(conn.bytes_out for conn in self.connections)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def shutdown(self, timeout: float, on_done: Callable[[], Any]) -> None:
+        """Stop accepting, close every connection after flushing it, then call on_done().
+
+        Connections still flushing after timeout seconds are aborted.
+        """
+        self.stop_accepting()
+        self._on_drained = on_done
+        for conn in list(self.connections):
+            conn.close()
+        if self.connections:
+            self._drain_timer = self.loop.call_later(timeout, self._abort_all)
+        elif self._on_drained is not None:
+            self._drained()
+
+    def _abort_all(self) -> None:
+        log.warning("shutdown timeout: aborting %d connections still flushing", len(self.connections))
+        for conn in list(self.connections):
+            conn.abort()
+
+    def _drained(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        on_done, self._on_drained = self._on_drained, None
+        if on_done is not None:
+            on_done()
+
+    def close(self) -> None:
+        """Abort every connection and close the listening sockets, now."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.abort()
