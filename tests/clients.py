@@ -1,0 +1,106 @@
+"""Bounded loopback clients for the tests: many connections on one thread."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import struct
+import threading
+import time
+
+
+def connect(address: tuple[str, int], timeout: float = 10) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(min(size - len(chunks), 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(chunks)} of {size} bytes")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 64 << 20) -> bytes:
+    chunks = bytearray()
+    while len(chunks) <= limit:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return bytes(chunks)
+        chunks += chunk
+    raise AssertionError(f"more than {limit} bytes before EOF")
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def exchange(address: tuple[str, int], payload: bytes, reply_size: int, timeout: float = 60) -> bytes:
+    """Send payload while reading the reply concurrently (a large echo needs both)."""
+    with connect(address, timeout) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        reply = recv_exactly(sock, reply_size)
+        sender.join(timeout)
+        assert not sender.is_alive(), "sendall did not finish"
+        return reply
+
+
+def request_rounds(
+    address: tuple[str, int],
+    clients: int,
+    rounds: int,
+    request: bytes,
+    expected: bytes,
+    timeout: float = 60,
+) -> int:
+    """``clients`` concurrent connections each doing ``rounds`` request/reply rounds.
+
+    Returns the number of correct replies; raises on a wrong reply, an early EOF
+    or when the deadline passes.
+    """
+    deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()
+    socks = []
+    try:
+        for _ in range(clients):
+            sock = connect(address)
+            sock.setblocking(False)
+            socks.append(sock)
+            selector.register(sock, selectors.EVENT_READ, [0, bytearray()])
+            sock.send(request)
+        correct = 0
+        pending = clients
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{pending} clients unfinished after {timeout} s ({correct} replies)")
+            for key, _ in selector.select(min(left, 1.0)):
+                state = key.data
+                chunk = key.fileobj.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"server closed a connection after {state[0]} rounds")
+                state[1] += chunk
+                if len(state[1]) < len(expected):
+                    continue
+                if bytes(state[1]) != expected:
+                    raise AssertionError(f"wrong reply {bytes(state[1])[:80]!r}, expected {expected[:80]!r}")
+                correct += 1
+                state[0] += 1
+                state[1].clear()
+                if state[0] == rounds:
+                    selector.unregister(key.fileobj)
+                    pending -= 1
+                else:
+                    key.fileobj.send(request)
+        return correct
+    finally:
+        selector.close()
+        for sock in socks:
+            sock.close()

@@ -1,0 +1,130 @@
+"""Run the real ``pollserve`` command in a subprocess and find where it listens."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pollserve
+
+LISTENING = re.compile(
+    r"listening on (\[(?P<v6>[^\]]+)\]|(?P<v4>[^:\s]+)):(?P<port>\d+)"
+    r" \(backend (?P<backend>\w+), app (?P<app>\S+)\)"
+)
+
+#: the source tree pytest imported, so the subprocess runs the same code
+SOURCE_ROOT = str(Path(pollserve.__file__).resolve().parent.parent)
+
+
+def pollserve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_ROOT, env.get("PYTHONPATH")]))
+    env.pop("POLLSERVE_BACKEND", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def pollserve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pollserve", *args]
+
+
+def run_pollserve(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run a pollserve command that is expected to exit by itself."""
+    return subprocess.run(
+        pollserve_command(*args), env=pollserve_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+class ServerProcess:
+    """A pollserve server on port 0; ``address`` is read from its one ``listening on`` line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, preexec_fn=None) -> None:
+        if "--port" not in args:
+            args = ("--port", "0", *args)
+        self.args = args
+        self.proc = subprocess.Popen(
+            pollserve_command(*args),
+            env=pollserve_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=preexec_fn,
+        )
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self.match: re.Match | None = None
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if self.match is None:
+                self.match = LISTENING.search(line)
+                if self.match:
+                    self._listening.set()
+        self._listening.set()  # exited: stop waiting
+
+    def wait_listening(self, timeout: float = 15) -> None:
+        if not self._listening.wait(timeout) or self.match is None:
+            self.kill()
+            raise AssertionError(f"pollserve {' '.join(self.args)} did not start:\n{self.log}")
+
+    @property
+    def host(self) -> str:
+        assert self.match is not None
+        return self.match["v6"] or self.match["v4"]
+
+    @property
+    def port(self) -> int:
+        assert self.match is not None
+        return int(self.match["port"])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def backend(self) -> str:
+        assert self.match is not None
+        return self.match["backend"]
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                found = regex.search(line)
+                if found:
+                    return found
+            time.sleep(0.02)
+        raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:\n{self.log}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 15) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)

@@ -1,0 +1,198 @@
+"""EventLoop: readers/writers, timers, signals, stop -- over every available backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pollserve.backends import READ, WRITE, CapacityError
+from pollserve.backends.select import FD_SETSIZE
+from pollserve.loop import EventLoop
+
+
+@pytest.fixture
+def loop(backend_name: str) -> Iterator[EventLoop]:
+    instance = EventLoop(backend_name)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def stop_after(loop: EventLoop, seconds: float) -> None:
+    """A guard so a broken test ends instead of hanging."""
+    loop.call_later(seconds, loop.stop)
+
+
+def test_reader_is_called_with_data(loop: EventLoop, pair) -> None:
+    a, b = pair
+    received = []
+
+    def on_readable() -> None:
+        received.append(a.recv(100))
+        loop.stop()
+
+    loop.add_reader(a.fileno(), on_readable)
+    b.send(b"ping")
+    stop_after(loop, 5)
+    loop.run_forever()
+    assert received == [b"ping"]
+
+
+def test_remove_reader_stops_callbacks(loop: EventLoop, pair) -> None:
+    a, b = pair
+    calls = []
+    loop.add_reader(a.fileno(), lambda: calls.append(1))
+    assert loop.remove_reader(a.fileno()) is True
+    assert loop.remove_reader(a.fileno()) is False
+    assert loop.backend.interest(a.fileno()) == 0
+    b.send(b"x")
+    stop_after(loop, 0.1)
+    loop.run_forever()
+    assert calls == []
+
+
+def test_reader_and_writer_share_one_registration(loop: EventLoop, pair) -> None:
+    a, b = pair
+    events = []
+    loop.add_reader(a.fileno(), lambda: events.append("read"))
+    loop.add_writer(a.fileno(), lambda: (events.append("write"), loop.remove_writer(a.fileno())))
+    assert loop.backend.interest(a.fileno()) == READ | WRITE
+    b.send(b"x")
+    loop.call_later(0.2, loop.stop)
+    loop.run_forever()
+    assert "write" in events and events.count("write") == 1
+    assert "read" in events
+    assert loop.backend.interest(a.fileno()) == READ
+    loop.remove_reader(a.fileno())
+    assert loop.backend.interest(a.fileno()) == 0
+
+
+def test_timers_run_in_order_and_cancel(loop: EventLoop) -> None:
+    order = []
+    loop.call_later(0.06, order.append, "c")
+    loop.call_later(0.02, order.append, "a")
+    cancelled = loop.call_later(0.03, order.append, "never")
+    loop.call_later(0.04, order.append, "b")
+    loop.call_soon(order.append, "soon")
+    cancelled.cancel()
+    loop.call_later(0.1, loop.stop)
+    loop.run_forever()
+    assert order == ["soon", "a", "b", "c"]
+
+
+def test_timer_wakes_a_blocked_poll(loop: EventLoop) -> None:
+    fired = []
+    started = time.monotonic()
+    loop.call_later(0.1, lambda: (fired.append(time.monotonic() - started), loop.stop()))
+    loop.run_forever()
+    assert len(fired) == 1 and fired[0] >= 0.09
+
+
+def test_stop_from_another_thread_wakes_the_loop(loop: EventLoop) -> None:
+    results = []
+    threading.Timer(0.1, loop.call_soon_threadsafe, args=(results.append, "from thread")).start()
+    threading.Timer(0.2, loop.stop).start()
+    loop.call_later(10, loop.stop)  # guard
+    started = time.monotonic()
+    loop.run_forever()
+    assert results == ["from thread"]
+    assert time.monotonic() - started < 5
+
+
+def test_callback_errors_are_logged_and_the_loop_goes_on(loop: EventLoop, pair, caplog) -> None:
+    a, b = pair
+    after = []
+
+    def broken() -> None:
+        a.recv(100)
+        raise RuntimeError("app bug")
+
+    loop.add_reader(a.fileno(), broken)
+    loop.call_soon(lambda: 1 / 0)
+    b.send(b"x")
+    loop.call_later(0.1, after.append, "still running")
+    loop.call_later(0.15, loop.stop)
+    with caplog.at_level(logging.ERROR, logger="pollserve"):
+        loop.run_forever()
+    assert after == ["still running"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"handler of fd {a.fileno()}" in message for message in messages)
+    assert any("ZeroDivisionError" in (record.exc_text or "") for record in caplog.records)
+
+
+def test_callbacks_scheduled_by_the_last_iteration_still_run(loop: EventLoop) -> None:
+    ran = []
+    loop.call_soon(lambda: (loop.stop(), loop.call_soon(ran.append, "late")))
+    loop.run_forever()
+    assert ran == ["late"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this OS")
+def test_signal_handler_runs_in_the_loop(loop: EventLoop) -> None:
+    received = []
+    previous = signal.getsignal(signal.SIGUSR1)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: (received.append("usr1"), loop.stop()))
+    loop.call_later(0.05, os.kill, os.getpid(), signal.SIGUSR1)
+    loop.call_later(10, loop.stop)  # guard
+    loop.run_forever()
+    assert received == ["usr1"]
+    assert loop.remove_signal_handler(signal.SIGUSR1) is True
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_close_releases_every_fd(backend_name: str) -> None:
+    psutil = pytest.importorskip("psutil")
+    process = psutil.Process()
+    count = process.num_handles if sys.platform == "win32" else process.num_fds
+    before = count()
+    for _ in range(20):
+        loop = EventLoop(backend_name)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        loop.close()
+    assert count() == before
+
+
+def test_capacity_error_leaves_no_state(pair) -> None:
+    if sys.platform == "win32":
+        pytest.skip("Windows select limits the count of sockets, not fd numbers")
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= FD_SETSIZE + 1:
+        if hard != resource.RLIM_INFINITY and hard <= FD_SETSIZE + 1:
+            pytest.skip("fd limit too low")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_SETSIZE + 2, hard))
+    high = os.dup2(pair[0].fileno(), FD_SETSIZE)
+    loop = EventLoop("select")
+    try:
+        with pytest.raises(CapacityError, match="select"):
+            loop.add_reader(high, lambda: None)
+        assert loop.remove_reader(high) is False
+        assert loop.backend.interest(high) == 0
+    finally:
+        loop.close()
+        os.close(high)
+
+
+def test_run_forever_twice_in_a_row(loop: EventLoop) -> None:
+    for _ in range(2):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    assert loop.iterations >= 2
