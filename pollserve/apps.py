@@ -3,7 +3,7 @@
 The shape is asyncio's ``Protocol`` so users already know it: the server calls
 ``connection_made(transport)``, ``data_received(data)`` for every chunk,
 ``eof_received()`` when the peer shuts its side, and ``connection_lost(exc)``
-once at the end.  The transport offers ``write()``, ``close()``,
+once at the end.  The transport offers ``write()``, ``write_eof()``, ``close()``,
 ``abort()``, ``get_extra_info()``, ``pause_reading()``/``resume_reading()``.
 """
 
@@ -19,6 +19,7 @@ class Transport(_TypingProtocol):
     """What a protocol may call on its connection (implemented by server.Connection)."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def write_eof(self) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def is_closing(self) -> bool: ...

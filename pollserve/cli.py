@@ -7,17 +7,23 @@ in use) are one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__
 from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BACKENDS, BackendError, auto_backend, get_backend
+from .http import HTTPEndpoint, Route
 from .loop import EventLoop
+from .probe import ProbeError, fetch_stats, probe_process
 from .server import Server, format_address
+from .stats import StatsCollector, StatsReporter, prometheus_text, table
 
 log = logging.getLogger("pollserve")
 
@@ -62,9 +68,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long to flush buffered replies before closing anyway (default: 5)",
     )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        metavar="SECONDS",
+        help="log one line of fd and loop statistics every SECONDS (default: off)",
+    )
+    parser.add_argument(
+        "--stats-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /stats (JSON) and /metrics (Prometheus) on --host:PORT; 0 picks a port (default: off)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("backends", help="list the backends, whether this OS has them, and which auto picks")
+    stats = commands.add_parser(
+        "stats",
+        help="show fd statistics of a running process (--pid) or pollserve server (--url)",
+        description="Show file-descriptor statistics of a running process, read from outside with psutil "
+        "(--pid), or of a pollserve server through its stats endpoint (--url).",
+    )
+    source = stats.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pid", type=int, help="any process: fds, limits, TCP sockets by state, listening addresses")
+    source.add_argument("--url", help="a pollserve stats endpoint, e.g. http://127.0.0.1:9100 or .../stats")
+    stats.add_argument("--json", action="store_true", help="print JSON (one object per line with --watch)")
+    stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     return parser
+
+
+#: the Content-Type Prometheus expects for text exposition format 0.0.4
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+def stats_routes(collector: StatsCollector) -> dict[str, Route]:
+    def stats() -> tuple[str, bytes]:
+        return "application/json", collector.snapshot().to_json().encode() + b"\n"
+
+    def metrics() -> tuple[str, bytes]:
+        return PROMETHEUS_CONTENT_TYPE, prometheus_text(collector.snapshot()).encode()
+
+    return {"/stats": stats, "/metrics": metrics}
 
 
 def fail(message: str, status: int = 1) -> int:
@@ -76,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "backends":
         return show_backends()
+    if args.command == "stats":
+        return show_stats(args)
     return serve(args)
 
 
@@ -97,6 +142,34 @@ def show_backends() -> int:
     return 0
 
 
+def show_stats(args: argparse.Namespace) -> int:
+    if args.watch is not None and not args.watch > 0:
+        return fail("--watch needs a positive number of seconds", EXIT_USAGE)
+    try:
+        while True:
+            try:
+                data = probe_process(args.pid) if args.pid is not None else fetch_stats(args.url)
+            except ProbeError as exc:
+                return fail(str(exc))
+            if args.json:
+                print(json.dumps(data), flush=True)
+            else:
+                if args.watch is not None:
+                    print(time.strftime("-- %Y-%m-%d %H:%M:%S"))
+                print(table(data), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def check_port(option: str, port: int | None) -> str | None:
+    if port is not None and not 0 <= port <= 65535:
+        return f"{option} {port} is out of range 0-65535"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -109,16 +182,27 @@ def serve(args: argparse.Namespace) -> int:
         factory = load_app(args.app)
     except (BackendError, AppError) as exc:
         return fail(str(exc), EXIT_USAGE)
-    if not 0 <= args.port <= 65535:
-        return fail(f"port {args.port} is out of range 0-65535", EXIT_USAGE)
+    problem = check_port("port", args.port) or check_port("--stats-port", args.stats_port)
+    if args.stats_interval is not None and not args.stats_interval > 0:
+        problem = "--stats-interval needs a positive number of seconds"
+    if problem:
+        return fail(problem, EXIT_USAGE)
 
     loop = EventLoop(backend_class())
     server = Server(loop, factory, args.host, args.port)
+    collector = StatsCollector(loop, server)
+    # The endpoint's own connections are kept out of the app's counters: a Server of its own.
+    stats_server = Server(loop, functools.partial(HTTPEndpoint, stats_routes(collector), loop.call_later))
+    stats_server.host, stats_server.port = args.host, args.stats_port
     try:
-        server.start()
+        for listener, port in ((server, args.port), (stats_server, args.stats_port)):
+            if port is not None:
+                listener.start()
     except OSError as exc:
+        server.close()
+        stats_server.close()
         loop.close()
-        where = format_address((args.host, args.port))
+        where = format_address((args.host, port))
         return fail(f"cannot listen on {where}: {exc.strerror or exc}")
 
     stopping = False
@@ -132,10 +216,15 @@ def serve(args: argparse.Namespace) -> int:
             return
         stopping = True
         log.info("%s: no longer accepting; flushing %d connections", signame, len(server.connections))
+        stats_server.close()
         server.shutdown(args.shutdown_timeout, loop.stop)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
+
+    reporter = StatsReporter(collector, log, args.stats_interval)
+    if hasattr(signal, "SIGUSR1"):
+        loop.add_signal_handler(signal.SIGUSR1, reporter.log_now)
 
     log.info(
         "listening on %s (backend %s, app %s)",
@@ -143,10 +232,14 @@ def serve(args: argparse.Namespace) -> int:
         loop.backend.name,
         args.app,
     )
+    if stats_server.sockets:
+        log.info("stats on http://%s", format_address(stats_server.address))
+    reporter.start()
     try:
         loop.run_forever()
     finally:
         server.close()
+        stats_server.close()
         loop.close()
     log.info(
         "stopped: %d connections accepted, %d refused, %d bytes in, %d bytes out, %d loop iterations",

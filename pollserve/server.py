@@ -47,6 +47,7 @@ class Connection:
         "_peername",
         "_buffer",
         "_closing",
+        "_write_eof",
         "_lost",
         "_paused_by_user",
         "_paused_by_backpressure",
@@ -68,6 +69,7 @@ class Connection:
         self._peername = peername
         self._buffer = bytearray()
         self._closing = False
+        self._write_eof = False
         self._lost = False
         self._paused_by_user = False
         self._paused_by_backpressure = False
@@ -138,7 +140,7 @@ class Connection:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send data now; buffer whatever the kernel does not take.  Ignored once closed."""
-        if self._closing or self._lost or not data:
+        if self._closing or self._write_eof or self._lost or not data:
             return
         buffer = self._buffer
         if buffer:
@@ -181,12 +183,37 @@ class Connection:
         self._loop.remove_writer(self._fd)
         if self._closing:
             self._finish(None)
+        elif self._write_eof:
+            self._shutdown_write()
 
     def _call_protocol(self, method: str) -> None:
         try:
             getattr(self._protocol, method)()
         except Exception as exc:
             self._protocol_failed(method, exc)
+
+    def write_eof(self) -> None:
+        """Send FIN once the buffer is flushed, and keep reading.
+
+        A server that answers and closes while the client is still sending makes
+        the kernel reset the connection, and the reset can destroy the answer in
+        flight (RFC 9112, section 9.6: "lingering close").  write_eof() then
+        reading until the client's EOF avoids that.
+        """
+        if self._closing or self._write_eof or self._lost:
+            return
+        self._write_eof = True
+        if not self._buffer:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._finish(exc)
+
+    def can_write_eof(self) -> bool:
+        return True
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)

@@ -1,0 +1,190 @@
+"""A minimal HTTP/1.x endpoint: one GET, one response, then the connection closes.
+
+It serves the stats views.  Like h11 it "contains no IO code whatsoever": the
+protocol parses the bytes it is fed and writes to its transport, so its tests
+feed bytes.  Deliberately small: no keep-alive, no request bodies, no chunked
+encoding -- a scrape or a curl needs none of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .apps import Protocol, Transport
+
+#: a request head larger than this is refused with 400
+MAX_HEAD = 8192
+#: a connection that has not sent a whole request by then gets 408
+IDLE_TIMEOUT = 10.0
+#: bytes read and dropped after the response (a body we ignore) before we give up on the client
+MAX_DISCARD = 1 << 20
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+}
+
+# RFC 9110, section 5.6.2: token = 1*tchar
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(rb"HTTP/1\.[01]")
+
+
+class BadRequest(ValueError):
+    """The bytes are not an HTTP/1.x request head; the message says why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+def find_head_end(buffer: bytes | bytearray) -> int:
+    """Index just past the blank line ending the head, or -1 if it has not arrived.
+
+    A bare LF is accepted as a line end too (RFC 9112, section 2.2 allows it).
+    """
+    crlf = buffer.find(b"\r\n\r\n")
+    lf = buffer.find(b"\n\n")
+    ends = [index + length for index, length in ((crlf, 4), (lf, 2)) if index >= 0]
+    return min(ends) if ends else -1
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse a request head (request line and header fields, up to the blank line)."""
+    lines = head.replace(b"\r\n", b"\n").rstrip(b"\n").split(b"\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("request line is not 'METHOD TARGET HTTP/1.x'")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise BadRequest("invalid method")
+    if not target.startswith(b"/") or any(byte <= 0x20 or byte == 0x7F for byte in target):
+        raise BadRequest("target must be an absolute path")
+    if not _VERSION.fullmatch(version):
+        raise BadRequest("only HTTP/1.0 and HTTP/1.1 are spoken here")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            # Also refuses obsolete line folding (a line starting with white space).
+            raise BadRequest("malformed header field")
+        headers[name.decode("ascii").lower()] = value.strip(b" \t").decode("latin-1")
+    return Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
+
+
+def render_response(
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    head_only: bool = False,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    headers = [
+        f"HTTP/1.1 {status} {REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "Cache-Control: no-store",
+        *(f"{name}: {value}" for name, value in extra_headers),
+    ]
+    head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+#: a route returns (content type, body); it is called once per request
+Route = Callable[[], tuple[str, bytes]]
+
+
+class HTTPEndpoint(Protocol):
+    """Serves GET (and HEAD) for a fixed set of paths; anything else is 404."""
+
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        call_later: Callable[..., Any] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.routes = routes
+        self._call_later = call_later
+        self._idle_timeout = idle_timeout
+        self._buffer = bytearray()
+        self._responded = False
+        self._discarded = 0
+        self._timer: Any = None
+
+    def connection_made(self, transport: Transport) -> None:
+        super().connection_made(transport)
+        if self._call_later is not None:
+            self._timer = self._call_later(self._idle_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self._responded:
+            # Reading on after the response lets the kernel close without a reset.
+            self._discarded += len(data)
+            if self._discarded > MAX_DISCARD:
+                self.transport.abort()
+            return
+        buffer = self._buffer
+        buffer += data
+        end = find_head_end(buffer)
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._respond(400, f"request head larger than {MAX_HEAD} bytes\n".encode())
+            return
+        if end > MAX_HEAD:
+            self._respond(400, f"request head larger than {MAX_HEAD} bytes\n".encode())
+            return
+        try:
+            request = parse_head(bytes(buffer[:end]))
+        except BadRequest as exc:
+            self._respond(400, f"bad request: {exc}\n".encode())
+            return
+        self._handle(request)
+
+    def _handle(self, request: Request) -> None:
+        route = self.routes.get(request.path)
+        if route is None:
+            self._respond(404, f"not found; try {', '.join(self.routes)}\n".encode())
+        elif request.method not in ("GET", "HEAD"):
+            self._respond(405, b"only GET and HEAD\n", extra_headers=(("Allow", "GET, HEAD"),))
+        else:
+            content_type, body = route()
+            self._respond(200, body, content_type, head_only=request.method == "HEAD")
+
+    def _respond(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", **options) -> None:
+        self._responded = True
+        self._buffer.clear()
+        self.transport.write(render_response(status, body, content_type, **options))
+        self.transport.write_eof()
+
+    def eof_received(self) -> None:
+        if not self._responded and self._buffer.strip():
+            self._respond(400, b"bad request: incomplete request head\n")
+        return None  # the transport closes once the response is flushed
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._responded:
+            self.transport.abort()
+        else:
+            self._respond(408, b"no complete request in time\n")
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,292 @@
+"""File-descriptor and loop statistics: one snapshot type, rendered by every view.
+
+The loop, the backend and the server keep plain integer counters on the hot
+path; psutil is asked only when a view wants a snapshot (the periodic log
+line, the HTTP endpoint, SIGUSR1, the fd-usage watch), never per event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+if TYPE_CHECKING:
+    from .loop import EventLoop
+    from .server import Server
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Everything an operator sees, at one instant.  Field order is the JSON key order."""
+
+    pid: int
+    backend: str
+    #: fds must be below this (select's FD_SETSIZE); None when unbounded
+    backend_capacity: int | None
+    #: fds the backend watches: listeners, clients, the loop's wakeup socket
+    registered_fds: int
+    #: fds (Windows: handles) the whole process holds, from psutil
+    process_fds: int | None
+    fd_soft_limit: int | None
+    fd_hard_limit: int | None
+    #: process_fds / fd_soft_limit, 0..1; None when either is unknown
+    fd_usage: float | None
+    connections_open: int
+    connections_accepted: int
+    connections_closed: int
+    connections_refused: int
+    bytes_in: int
+    bytes_out: int
+    loop_iterations: int
+    events_total: int
+    uptime_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+# -- reading a process with psutil ----------------------------------------------
+
+
+def count_fds(process: psutil.Process) -> int:
+    """Open fds of a process; on Windows, its handles (psutil has no num_fds there)."""
+    if sys.platform == "win32":
+        return process.num_handles()
+    return process.num_fds()
+
+
+def _finite(limit: int) -> int | None:
+    infinity = {psutil.RLIM_INFINITY} if hasattr(psutil, "RLIM_INFINITY") else set()
+    if resource is not None:
+        infinity.add(resource.RLIM_INFINITY)
+    return None if limit in infinity or limit < 0 else limit
+
+
+def fd_limits(process: psutil.Process) -> tuple[int | None, int | None]:
+    """(soft, hard) RLIMIT_NOFILE of a process; None where unknown or unlimited.
+
+    psutil reads any process's limits on Linux and FreeBSD (prlimit); elsewhere
+    only our own process can be asked, through ``resource``.  Windows has no
+    such per-process limit.
+    """
+    if hasattr(psutil, "RLIMIT_NOFILE") and hasattr(process, "rlimit"):
+        soft, hard = process.rlimit(psutil.RLIMIT_NOFILE)
+    elif resource is not None and process.pid == os.getpid():
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    else:
+        return None, None
+    return _finite(soft), _finite(hard)
+
+
+def usage(fds: int | None, soft_limit: int | None) -> float | None:
+    if fds is None or not soft_limit:
+        return None
+    return round(fds / soft_limit, 4)
+
+
+class StatsCollector:
+    """Builds snapshots of one loop and the server of the app's clients."""
+
+    def __init__(self, loop: EventLoop, server: Server) -> None:
+        self.loop = loop
+        self.server = server
+        self.process = psutil.Process()
+        self.started = time.monotonic()
+
+    def snapshot(self) -> Snapshot:
+        backend = self.loop.backend
+        server = self.server
+        fds = count_fds(self.process)
+        soft, hard = fd_limits(self.process)
+        return Snapshot(
+            pid=self.process.pid,
+            backend=backend.name,
+            backend_capacity=backend.capacity,
+            registered_fds=len(backend),
+            process_fds=fds,
+            fd_soft_limit=soft,
+            fd_hard_limit=hard,
+            fd_usage=usage(fds, soft),
+            connections_open=len(server.connections),
+            connections_accepted=server.connections_accepted,
+            connections_closed=server.connections_closed,
+            connections_refused=server.connections_refused,
+            bytes_in=server.bytes_in,
+            bytes_out=server.bytes_out,
+            loop_iterations=self.loop.iterations,
+            events_total=backend.events_total,
+            uptime_s=round(time.monotonic() - self.started, 3),
+        )
+
+
+# -- views ------------------------------------------------------------------------
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def log_line(snap: Snapshot, previous: Snapshot | None = None) -> str:
+    """One line for the log, readable at a glance; rates since ``previous`` (else since start)."""
+    base_iterations = previous.loop_iterations if previous else 0
+    base_events = previous.events_total if previous else 0
+    elapsed = snap.uptime_s - (previous.uptime_s if previous else 0.0)
+    iterations = snap.loop_iterations - base_iterations
+    events = snap.events_total - base_events
+    per_second = iterations / elapsed if elapsed > 0 else 0.0
+    per_iteration = events / iterations if iterations else 0.0
+    if snap.fd_soft_limit:
+        fds = f"fds {snap.process_fds}/{snap.fd_soft_limit} ({100 * (snap.fd_usage or 0):.1f}%)"
+    else:
+        fds = f"fds {snap.process_fds}/unlimited"
+    return (
+        f"stats: backend {snap.backend} | {fds}, {snap.registered_fds} registered"
+        f" | connections {snap.connections_open} open, {snap.connections_accepted} total,"
+        f" {snap.connections_refused} refused"
+        f" | in {human_bytes(snap.bytes_in)}, out {human_bytes(snap.bytes_out)}"
+        f" | {per_second:.1f} loop iterations/s, {per_iteration:.2f} events/iteration"
+    )
+
+
+#: snapshot field -> (metric name, type, help); fields not listed are rendered specially
+_METRICS: list[tuple[str, str, str, str]] = [
+    ("backend_capacity", "pollserve_backend_capacity_fds", "gauge", "The backend watches only fds below this number."),
+    ("registered_fds", "pollserve_registered_fds", "gauge", "File descriptors registered with the polling backend."),
+    ("process_fds", "pollserve_process_open_fds", "gauge", "File descriptors open in the process."),
+    ("fd_soft_limit", "pollserve_process_fds_soft_limit", "gauge", "Soft limit on open fds (RLIMIT_NOFILE)."),
+    ("fd_hard_limit", "pollserve_process_fds_hard_limit", "gauge", "Hard limit on open fds (RLIMIT_NOFILE)."),
+    ("fd_usage", "pollserve_process_fds_usage_ratio", "gauge", "Open fds divided by the soft limit."),
+    ("connections_open", "pollserve_connections_open", "gauge", "Client connections open now."),
+    ("connections_accepted", "pollserve_connections_accepted_total", "counter", "Client connections accepted."),
+    ("connections_closed", "pollserve_connections_closed_total", "counter", "Client connections closed."),
+    ("connections_refused", "pollserve_connections_refused_total", "counter", "Client connections refused."),
+    ("bytes_in", "pollserve_received_bytes_total", "counter", "Bytes received from clients."),
+    ("bytes_out", "pollserve_sent_bytes_total", "counter", "Bytes sent to clients."),
+    ("loop_iterations", "pollserve_loop_iterations_total", "counter", "Returns from the backend's poll call."),
+    ("events_total", "pollserve_events_total", "counter", "Readiness events returned by the backend."),
+    ("uptime_s", "pollserve_uptime_seconds", "gauge", "Seconds since the server started."),
+]
+
+#: for tools and tests: metric name -> snapshot field
+METRIC_FIELDS = {metric: field for field, metric, _, _ in _METRICS}
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(snap: Snapshot) -> str:
+    """Prometheus text exposition format 0.0.4; unknown values are left out, not faked."""
+    lines = [
+        "# HELP pollserve_info The polling backend in use and the process id.",
+        "# TYPE pollserve_info gauge",
+        f'pollserve_info{{backend="{_escape_label(snap.backend)}",pid="{snap.pid}"}} 1',
+    ]
+    for field, metric, kind, help_text in _METRICS:
+        value = getattr(snap, field)
+        if value is None:
+            continue
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", f"{metric} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def table(rows: dict[str, Any]) -> str:
+    """A two-column table of key and value, for ``pollserve stats``."""
+    width = max(map(len, rows), default=0)
+    out = []
+    for key, value in rows.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        elif isinstance(value, float) and key.endswith("usage"):
+            value = f"{100 * value:.1f}%"
+        elif value is None:
+            value = "-"
+        out.append(f"{key:<{width}}  {value}")
+    return "\n".join(out)
+
+
+class FdUsageWatch:
+    """Hysteresis for the fd-usage warning: warn once above ``high``, re-arm below ``low``."""
+
+    def __init__(self, high: float = 0.8, low: float = 0.7) -> None:
+        self.high = high
+        self.low = low
+        self.warned = False
+
+    def crossed(self, fd_usage: float | None) -> bool:
+        """True exactly when usage goes above ``high`` for the first time since it was below ``low``."""
+        if fd_usage is None:
+            return False
+        if not self.warned and fd_usage >= self.high:
+            self.warned = True
+            return True
+        if self.warned and fd_usage < self.low:
+            self.warned = False
+        return False
+
+
+class StatsReporter:
+    """The loop-driven views: the periodic log line, the on-demand line, the fd-usage warning."""
+
+    #: how often fd usage is checked for the warning (a psutil call, so not per event)
+    fd_check_interval = 1.0
+
+    def __init__(self, collector: StatsCollector, log: logging.Logger, interval: float | None = None) -> None:
+        self.collector = collector
+        self.log = log
+        self.interval = interval
+        self.watch = FdUsageWatch()
+        self._previous: Snapshot | None = None
+
+    def start(self) -> None:
+        loop = self.collector.loop
+        if self.interval:
+            self._previous = self.collector.snapshot()
+            loop.call_later(self.interval, self._log_periodic)
+        loop.call_soon(self._check_fds)
+
+    def log_now(self) -> None:
+        """One snapshot line, rates since start (SIGUSR1)."""
+        self.log.info("%s", log_line(self.collector.snapshot()))
+
+    def _log_periodic(self) -> None:
+        snap = self.collector.snapshot()
+        self.log.info("%s", log_line(snap, self._previous))
+        self._previous = snap
+        self.collector.loop.call_later(self.interval, self._log_periodic)
+
+    def _check_fds(self) -> None:
+        process = self.collector.process
+        fds = count_fds(process)
+        soft, _ = fd_limits(process)
+        fd_usage = usage(fds, soft)
+        if self.watch.crossed(fd_usage):
+            self.log.warning(
+                "fd usage at %.0f%% of the soft limit (%d of %d): new connections fail at the limit; "
+                "raise it (ulimit -n, or LimitNOFILE= under systemd)",
+                100 * (fd_usage or 0),
+                fds,
+                soft,
+            )
+        self.collector.loop.call_later(self.fd_check_interval, self._check_fds)

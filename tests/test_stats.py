@@ -1,0 +1,316 @@
+"""fd statistics: the snapshot, its views (log line, /stats, /metrics, SIGUSR1) and ``pollserve stats``."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from clients import connect, request_rounds
+from serverproc import pollserve_command, pollserve_env, run_pollserve
+
+from pollserve.stats import METRIC_FIELDS, FdUsageWatch, Snapshot
+
+POSIX = sys.platform != "win32"
+SNAPSHOT_KEYS = [
+    "pid",
+    "backend",
+    "backend_capacity",
+    "registered_fds",
+    "process_fds",
+    "fd_soft_limit",
+    "fd_hard_limit",
+    "fd_usage",
+    "connections_open",
+    "connections_accepted",
+    "connections_closed",
+    "connections_refused",
+    "bytes_in",
+    "bytes_out",
+    "loop_iterations",
+    "events_total",
+    "uptime_s",
+]
+METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})? (?P<value>\S+)$")
+
+
+def stats_address(server) -> tuple[str, int]:
+    found = server.wait_for_log(r"stats on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
+    return found[1].strip("[]"), int(found[2])
+
+
+def http_get(address: tuple[str, int], path: str) -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def get_stats(address: tuple[str, int]) -> dict:
+    status, content_type, body = http_get(address, "/stats")
+    assert status == 200 and content_type == "application/json"
+    return json.loads(body)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) pollserve_\w+ \S", line), line
+            continue
+        match = METRIC_LINE.match(line)
+        assert match, f"not 'name{{labels}} value': {line!r}"
+        assert match["name"].startswith("pollserve_")
+        values[match["name"]] = float(match["value"])
+    return values
+
+
+def wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_snapshot_fields_are_the_documented_keys() -> None:
+    assert [field.name for field in Snapshot.__dataclass_fields__.values()] == SNAPSHOT_KEYS
+
+
+def test_fd_usage_watch_warns_once_and_rearms_below_70_percent() -> None:
+    watch = FdUsageWatch()
+    seen = [watch.crossed(value) for value in (0.5, 0.79, 0.8, 0.95, 0.75, 0.81, 0.69, 0.72, 0.85, None)]
+    assert seen == [False, False, True, False, False, False, False, False, True, False]
+
+
+class TestEndpoint:
+    def test_stats_follow_connections_and_fds(self, start_server, backend_name: str) -> None:
+        server = start_server("--backend", backend_name, "--stats-port", "0")
+        address = stats_address(server)
+        idle = get_stats(address)
+        assert list(idle) == SNAPSHOT_KEYS
+        assert idle["pid"] == server.proc.pid and idle["backend"] == backend_name
+        assert idle["connections_open"] == 0
+        socks = [connect(server.address) for _ in range(50)]
+        try:
+            wait_for(lambda: get_stats(address)["connections_open"] == 50, what="50 open connections")
+            busy = get_stats(address)
+            assert busy["registered_fds"] >= 51
+            assert busy["process_fds"] >= idle["process_fds"] + 50
+            assert busy["connections_accepted"] == 50
+            assert 0 < busy["fd_usage"] < 1
+            assert busy["fd_usage"] == pytest.approx(busy["process_fds"] / busy["fd_soft_limit"], abs=1e-4)
+        finally:
+            for sock in socks:
+                sock.close()
+        # The fd-leak test: every connection's fd must be closed and unregistered.
+        wait_for(
+            lambda: (
+                (after := get_stats(address))["process_fds"] == idle["process_fds"]
+                and after["registered_fds"] == idle["registered_fds"]
+            ),
+            what="fd counts back to idle",
+        )
+        final = get_stats(address)
+        assert final["connections_open"] == 0 and final["connections_closed"] == 50
+
+    def test_endpoint_traffic_is_not_counted_as_clients(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        address = stats_address(server)
+        for _ in range(5):
+            get_stats(address)
+        assert request_rounds(server.address, 2, 3, b"hi", b"Hello world\n") == 6
+        stats = get_stats(address)
+        assert stats["connections_accepted"] == 2
+        assert stats["bytes_in"] == 12 and stats["bytes_out"] == 72
+
+    def test_metrics_parse_and_agree_with_stats(self, start_server) -> None:
+        server = start_server("--stats-port", "0", "--backend", "select")
+        address = stats_address(server)
+        assert request_rounds(server.address, 3, 2, b"hi", b"Hello world\n") == 6
+        wait_for(lambda: get_stats(address)["connections_closed"] == 3, what="clients closed")
+        status, content_type, body = http_get(address, "/metrics")
+        assert status == 200 and content_type == "text/plain; version=0.0.4"
+        text = body.decode()
+        metrics = parse_metrics(text)
+        stats = get_stats(address)
+        assert f'pollserve_info{{backend="select",pid="{server.proc.pid}"}} 1' in text
+        for metric, field in METRIC_FIELDS.items():
+            if field in ("registered_fds", "process_fds", "fd_usage", "loop_iterations", "events_total", "uptime_s"):
+                assert metric in metrics  # these move between two requests
+            else:
+                assert metrics[metric] == stats[field], metric
+        for line in text.splitlines():
+            if line.startswith("# TYPE") and line.endswith(" counter"):
+                assert line.split()[2].endswith("_total")
+        assert "pollserve_received_bytes_total" in metrics and "pollserve_uptime_seconds" in metrics
+
+    def test_promtool_accepts_metrics(self, start_server) -> None:
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            if os.environ.get("CI"):
+                pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+            pytest.skip("promtool not installed (apt-get install prometheus)")
+        server = start_server("--stats-port", "0")
+        _, _, body = http_get(stats_address(server), "/metrics")
+        result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_other_paths_and_bad_requests(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        address = stats_address(server)
+        assert http_get(address, "/")[0] == 404
+        assert http_get(address, "/stats/extra")[0] == 404
+        assert http_get(address, "/stats?pretty=1")[0] == 200
+        for raw in (b"garbage\r\n\r\n", b"GET /stats HTTP/9.9\r\n\r\n", b"GET " + b"x" * 20000 + b" HTTP/1.1\r\n"):
+            with connect(address) as sock:
+                sock.sendall(raw)
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n"), reply[:100]
+        assert server.alive()
+        assert "Traceback" not in server.log
+
+
+class TestLogViews:
+    def test_periodic_line_appears_at_the_interval(self, start_server) -> None:
+        server = start_server("--stats-interval", "0.3")
+        assert request_rounds(server.address, 2, 2, b"hi", b"Hello world\n") == 4
+        wait_for(lambda: sum("stats: backend" in line for line in server.lines) >= 3, what="3 stats lines")
+        lines = [line for line in server.lines if "stats: backend" in line]
+        stamps = [
+            time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000 for line in lines
+        ]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+        assert all(0.2 < gap < 2.0 for gap in gaps), gaps
+        assert re.search(
+            r"stats: backend \w+ \| fds \d+/\d+ \(\d+\.\d%\), \d+ registered \| connections \d+ open, \d+ total, "
+            r"\d+ refused \| in [\d.]+ \w+, out [\d.]+ \w+ \| [\d.]+ loop iterations/s, [\d.]+ events/iteration",
+            lines[-1],
+        ), lines[-1]
+        assert ", 2 total," in lines[-1]
+
+    @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this OS")
+    def test_sigusr1_logs_one_line(self, start_server) -> None:
+        server = start_server()
+        assert not any("stats: backend" in line for line in server.lines)
+        server.signal(signal.SIGUSR1)
+        server.wait_for_log(r"stats: backend \w+ \| fds")
+        assert server.alive()
+
+    @pytest.mark.skipif(not POSIX, reason="RLIMIT_NOFILE is POSIX")
+    def test_warning_at_80_percent_of_a_low_soft_limit(self, start_server) -> None:
+        import resource
+
+        def low_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+        server = start_server("--stats-port", "0", preexec_fn=low_limit)
+        address = stats_address(server)
+        idle = get_stats(address)
+        assert idle["fd_soft_limit"] == 64
+        need = int(0.8 * 64) - idle["process_fds"] + 2
+        socks = [connect(server.address) for _ in range(need)]
+        warning = r"WARNING fd usage at (\d+)% of the soft limit \((\d+) of 64\)"
+        found = server.wait_for_log(warning)
+        assert int(found[1]) >= 80
+        for sock in socks:
+            sock.close()
+        # Below 70% the warning re-arms, and crossing again warns again -- once.
+        wait_for(lambda: get_stats(address)["connections_open"] == 0, what="clients gone")
+        time.sleep(1.5)
+        socks = [connect(server.address) for _ in range(need)]
+        wait_for(lambda: sum("fd usage at" in line for line in server.lines) == 2, what="second warning")
+        time.sleep(1.5)
+        assert sum("fd usage at" in line for line in server.lines) == 2
+        for sock in socks:
+            sock.close()
+        assert server.alive()
+
+
+class TestStatsCommand:
+    def test_pid_agrees_with_the_server_itself(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        address = stats_address(server)
+        socks = [connect(server.address) for _ in range(10)]
+        try:
+            wait_for(lambda: get_stats(address)["connections_open"] == 10, what="10 clients")
+            result = run_pollserve("stats", "--pid", str(server.proc.pid), "--json")
+            assert result.returncode == 0, result.stderr
+            outside = json.loads(result.stdout)
+            inside = get_stats(address)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert outside["pid"] == server.proc.pid
+        assert abs(outside["process_fds"] - inside["process_fds"]) <= 2
+        assert outside["fd_soft_limit"] == inside["fd_soft_limit"]
+        assert outside["fd_hard_limit"] == inside["fd_hard_limit"]
+        assert outside["tcp_states"]["LISTEN"] == 2
+        assert outside["tcp_states"]["ESTABLISHED"] >= 10
+        assert sorted(outside["listening"]) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{address[1]}"])
+
+    def test_pid_table(self, start_server) -> None:
+        server = start_server()
+        result = run_pollserve("stats", "--pid", str(server.proc.pid))
+        assert result.returncode == 0, result.stderr
+        rows = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
+        assert rows["pid"] == str(server.proc.pid)
+        assert re.fullmatch(r"\d+\.\d%", rows["fd_usage"])
+        assert rows["listening"] == f"127.0.0.1:{server.port}"
+
+    def test_url_reads_the_endpoint(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        host, port = stats_address(server)
+        for url in (f"http://{host}:{port}/stats", f"http://{host}:{port}", f"{host}:{port}"):
+            result = run_pollserve("stats", "--url", url, "--json")
+            assert result.returncode == 0, result.stderr
+            assert list(json.loads(result.stdout)) == SNAPSHOT_KEYS
+        result = run_pollserve("stats", "--url", f"http://{host}:{port}")
+        assert re.search(r"^connections_open\s+0$", result.stdout, re.MULTILINE), result.stdout
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--pid", "999999999"], "pollserve: no process with PID 999999999"),
+            (["--url", "http://127.0.0.1:1/stats"], "pollserve: cannot reach http://127.0.0.1:1/stats"),
+        ],
+    )
+    def test_unreadable_source_is_one_line_exit_1(self, args: list[str], message: str) -> None:
+        result = run_pollserve("stats", *args)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+
+    @pytest.mark.skipif(not POSIX, reason="sends SIGINT")
+    def test_watch_refreshes_until_ctrl_c(self, start_server) -> None:
+        server = start_server()
+        watcher = subprocess.Popen(
+            pollserve_command("stats", "--pid", str(server.proc.pid), "--json", "--watch", "0.2"),
+            env=pollserve_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines = [watcher.stdout.readline() for _ in range(3)]
+            watcher.send_signal(signal.SIGINT)
+            _out, err = watcher.communicate(timeout=10)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait(10)
+        assert watcher.returncode == 0, err
+        assert all(json.loads(line)["pid"] == server.proc.pid for line in lines)
+        assert "Traceback" not in err
