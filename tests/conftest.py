@@ -1,20 +1,48 @@
-"""Shared fixtures: the backends to run over, and real pollserve subprocesses."""
+"""Shared fixtures: the backends to run over, and real pollserve subprocesses.
+
+POLLSERVE_BACKEND (set by the tox envs) narrows every backend-parametrized test
+to that one backend, and a backend asked for that is not available fails the
+run instead of skipping it, so an env cannot pass vacuously.
+POLLSERVE_TEST_EMULATE installs test EMULATIONS (tests/emulation) first.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from serverproc import ServerProcess
 
-from pollserve.backends import BACKENDS, available_backends
+sys.path.insert(0, str(Path(__file__).parent / "emulation"))
+import emulate
+
+EMULATED = emulate.install_from_env()
+
+from serverproc import ServerProcess  # noqa: E402
+
+from pollserve.backends import BACKENDS, auto_backend, available_backends  # noqa: E402
 
 AVAILABLE = available_backends()
+#: the backend the environment asks the suite to test, or None for "every available one"
+REQUESTED = os.environ.get("POLLSERVE_BACKEND") or None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"pollserve backends available here: {', '.join(AVAILABLE)}"]
+    if REQUESTED:
+        lines.append(f"POLLSERVE_BACKEND={REQUESTED}: backend tests run on that backend only")
+    if EMULATED:
+        lines.append(f"EMULATED (tests/emulation): {', '.join(EMULATED)}")
+    return lines
 
 
 def backend_params() -> list:
     """Every backend pollserve knows; the ones this OS lacks are skipped with the reason."""
+    if REQUESTED:
+        name = auto_backend().name if REQUESTED == "auto" else REQUESTED
+        return [pytest.param(name, id=name)]
     return [
         pytest.param(
             name,
@@ -27,7 +55,13 @@ def backend_params() -> list:
 
 @pytest.fixture(params=backend_params())
 def backend_name(request: pytest.FixtureRequest) -> str:
-    return request.param
+    name = request.param
+    if name not in AVAILABLE:
+        pytest.fail(
+            f"POLLSERVE_BACKEND={REQUESTED} asks for {name!r}, which is not available on {sys.platform} "
+            f"(available: {', '.join(AVAILABLE)})"
+        )
+    return name
 
 
 @pytest.fixture

@@ -21,12 +21,28 @@ LISTENING = re.compile(
 SOURCE_ROOT = str(Path(pollserve.__file__).resolve().parent.parent)
 
 
+#: test EMULATIONS (kqueue, devpoll, windows) install themselves from here via sitecustomize
+EMULATION_DIR = str(Path(__file__).resolve().parent / "emulation")
+
+
 def pollserve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a pollserve subprocess: this source tree, no inherited backend choice.
+
+    An EMULATION asked for in POLLSERVE_TEST_EMULATE (ours or the ``extra``
+    one) puts tests/emulation on the path, whose sitecustomize installs it.
+    """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_ROOT, env.get("PYTHONPATH")]))
     env.pop("POLLSERVE_BACKEND", None)
+    paths = [SOURCE_ROOT]
     if extra:
         env.update(extra)
+        if "PYTHONPATH" in extra:
+            paths.append(extra["PYTHONPATH"])
+    if env.get("POLLSERVE_TEST_EMULATE"):
+        paths.insert(0, EMULATION_DIR)
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 

@@ -10,10 +10,14 @@ Quirks that shape this module (kqueue(2)):
 * A change that fails comes back in the event list with ``EV_ERROR`` set and
   the errno in ``data`` -- if there is room, so the event list is sized for
   the whole changelist plus ``max_events``.
+* FreeBSD's kern_event.c (kqueue_kevent) sets an error entry's flags to
+  ``EV_ERROR`` alone, so the entry does not say which change failed; and a
+  call that produced errors returns them at once, without waiting.
 * Closing an fd removes its kevents, so an ``EV_DELETE`` queued before the
-  close fails with ENOENT or EBADF.  That is the outcome the delete wanted,
-  and it is ignored.  A failed ``EV_ADD`` becomes readiness of what is
-  registered, so the handler's own recv()/send() meets the error.
+  close fails with ENOENT (or EBADF if the number is not reused yet).  ENOENT
+  is the outcome the delete wanted and is ignored; any other error on an fd
+  that is still registered becomes readiness of what is registered, so the
+  handler's own recv()/send() meets the error (at worst a spurious wakeup).
 * ``EV_EOF`` arrives with EVFILT_READ while data may still be buffered; it
   is reported as plain readiness and recv() drains the data before seeing
   the end of stream.
@@ -22,6 +26,7 @@ Quirks that shape this module (kqueue(2)):
 
 from __future__ import annotations
 
+import errno
 import select
 
 from .base import READ, WRITE, Backend
@@ -70,11 +75,13 @@ class KqueueBackend(Backend):
         ready = []
         for kev in kevents:
             if kev.flags & select.KQ_EV_ERROR:
-                if kev.flags & select.KQ_EV_DELETE:
-                    continue
-                events = self._interest.get(kev.ident, 0)
-                if events:
-                    ready.append((kev.ident, events))
+                # ENOENT: a delete whose kevent went away with close() -- the outcome
+                # it wanted.  Anything else, for an fd still registered, is handed to
+                # the handler as readiness so its own recv()/send() meets the error.
+                if kev.data != errno.ENOENT:
+                    events = self._interest.get(kev.ident, 0)
+                    if events:
+                        ready.append((kev.ident, events))
             elif kev.filter == select.KQ_FILTER_READ:
                 ready.append((kev.ident, READ))
             else:
