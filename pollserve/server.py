@@ -250,7 +250,7 @@ class Connection:
         self._lost = True
         self._closing = True
         # Unregister before close: epoll watches the open file description,
-        # and the fd number may be reused at once (h2o#1100).
+        # and the fd number may be reused at once (h2o pull request #1100).
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._buffer.clear()
@@ -356,17 +356,23 @@ class Server:
                     self._pause_accepting(listener, exc)
                     return
                 raise
+            if self._accept_paused:
+                self._accept_paused = False
+                log.info("accepting again (%d connections open)", len(self.connections))
             self._serve(sock, peername)
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         # Level-triggered: a pending client we cannot accept keeps the listener
         # readable, so stop watching it for a second rather than spin (asyncio's
-        # choice; Twisted and libuv keep a reserve fd instead).
-        log.warning(
-            "accept failed: %s; pausing accepts for 1 s (%d connections open)",
-            exc.strerror or exc,
-            len(self.connections),
-        )
+        # choice; Twisted and libuv keep a reserve fd instead).  One warning per
+        # episode, not one per second.
+        if not self._accept_paused:
+            self._accept_paused = True
+            log.warning(
+                "accept failed: %s; pausing accepts for 1 s at a time until it succeeds (%d connections open)",
+                exc.strerror or exc,
+                len(self.connections),
+            )
         fd = listener.fileno()
         self.loop.remove_reader(fd)
 

@@ -108,11 +108,26 @@ class StatsCollector:
         self.process = psutil.Process()
         self.started = time.monotonic()
 
+    def fd_figures(self) -> tuple[int | None, int | None, int | None]:
+        """(open fds, soft limit, hard limit); None where the OS will not say.
+
+        Counting fds opens /proc/PID/fd on Linux, which fails with EMFILE exactly
+        when the figure matters most: then it is unknown, not an error.
+        """
+        try:
+            fds: int | None = count_fds(self.process)
+        except (OSError, psutil.Error):
+            fds = None
+        try:
+            soft, hard = fd_limits(self.process)
+        except (OSError, psutil.Error):
+            soft = hard = None
+        return fds, soft, hard
+
     def snapshot(self) -> Snapshot:
         backend = self.loop.backend
         server = self.server
-        fds = count_fds(self.process)
-        soft, hard = fd_limits(self.process)
+        fds, soft, hard = self.fd_figures()
         return Snapshot(
             pid=self.process.pid,
             backend=backend.name,
@@ -154,10 +169,11 @@ def log_line(snap: Snapshot, previous: Snapshot | None = None) -> str:
     events = snap.events_total - base_events
     per_second = iterations / elapsed if elapsed > 0 else 0.0
     per_iteration = events / iterations if iterations else 0.0
-    if snap.fd_soft_limit:
-        fds = f"fds {snap.process_fds}/{snap.fd_soft_limit} ({100 * (snap.fd_usage or 0):.1f}%)"
+    open_fds = "?" if snap.process_fds is None else snap.process_fds
+    if snap.fd_soft_limit and snap.fd_usage is not None:
+        fds = f"fds {open_fds}/{snap.fd_soft_limit} ({100 * snap.fd_usage:.1f}%)"
     else:
-        fds = f"fds {snap.process_fds}/unlimited"
+        fds = f"fds {open_fds}/{snap.fd_soft_limit or 'unlimited'}"
     return (
         f"stats: backend {snap.backend} | {fds}, {snap.registered_fds} registered"
         f" | connections {snap.connections_open} open, {snap.connections_accepted} total,"
@@ -277,9 +293,7 @@ class StatsReporter:
         self.collector.loop.call_later(self.interval, self._log_periodic)
 
     def _check_fds(self) -> None:
-        process = self.collector.process
-        fds = count_fds(process)
-        soft, _ = fd_limits(process)
+        fds, soft, _ = self.collector.fd_figures()
         fd_usage = usage(fds, soft)
         if self.watch.crossed(fd_usage):
             self.log.warning(

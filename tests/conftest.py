@@ -9,6 +9,7 @@ POLLSERVE_TEST_EMULATE installs test EMULATIONS (tests/emulation) first.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,17 @@ def backend_name(request: pytest.FixtureRequest) -> str:
             f"(available: {', '.join(AVAILABLE)})"
         )
     return name
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected, non-blocking AF_UNIX socketpair."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
 
 
 @pytest.fixture

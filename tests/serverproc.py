@@ -26,13 +26,14 @@ EMULATION_DIR = str(Path(__file__).resolve().parent / "emulation")
 
 
 def pollserve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a pollserve subprocess: this source tree, no inherited backend choice.
+    """The environment of a pollserve subprocess: this source tree, and our POLLSERVE_BACKEND.
 
-    An EMULATION asked for in POLLSERVE_TEST_EMULATE (ours or the ``extra``
-    one) puts tests/emulation on the path, whose sitecustomize installs it.
+    Inheriting POLLSERVE_BACKEND makes every server started without --backend
+    run on the backend the tox env asks for.  An EMULATION asked for in
+    POLLSERVE_TEST_EMULATE (ours or the ``extra`` one) puts tests/emulation on
+    the path, whose sitecustomize installs it.
     """
     env = dict(os.environ)
-    env.pop("POLLSERVE_BACKEND", None)
     paths = [SOURCE_ROOT]
     if extra:
         env.update(extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -27,7 +28,7 @@ from pollserve.backends import (
     create_backend,
     get_backend,
 )
-from pollserve.backends.select import FD_SETSIZE
+from pollserve.backends.select import FD_SETSIZE, SelectBackend
 
 
 @pytest.fixture
@@ -35,16 +36,6 @@ def backend(backend_name: str) -> Iterator[Backend]:
     instance = create_backend(backend_name)
     yield instance
     instance.close()
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
 
 
 @pytest.fixture
@@ -243,6 +234,22 @@ class TestHangUpAndErrors:
             assert time.monotonic() < deadline, "RST never reported"
 
 
+class TestRegularFiles:
+    def test_regular_file(self, backend: Backend, tmp_path) -> None:
+        """epoll_ctl(2): EPERM "The target file fd does not support epoll" (a regular file);
+        poll(2) and select(2) report regular files as always ready."""
+        if backend.name not in ("epoll", "poll", "select"):
+            pytest.skip(f"{backend.name}: regular-file semantics differ and are not asserted")
+        with open(tmp_path / "file", "wb") as file:
+            if backend.name == "epoll":
+                with pytest.raises(PermissionError):
+                    backend.register(file.fileno(), READ)
+                assert len(backend) == 0 and backend.interest(file.fileno()) == 0
+            else:
+                backend.register(file.fileno(), READ | WRITE)
+                assert ready(backend) == {file.fileno(): READ | WRITE}
+
+
 class TestTimeouts:
     def test_zero_timeout_returns_at_once(self, backend: Backend, pair) -> None:
         backend.register(pair[0].fileno(), READ)
@@ -308,6 +315,18 @@ class TestCapacity:
 
 
 class TestRegistry:
+    def test_a_backend_that_cannot_be_created_is_unavailable(self) -> None:
+        """bpo-41182: the function may exist while the system call fails (ENOSYS in a sandbox)."""
+
+        class Refused(SelectBackend):
+            name = "refused"
+
+            def __init__(self) -> None:
+                raise OSError(errno.ENOSYS, "Function not implemented")
+
+        assert SelectBackend.is_available() is True
+        assert Refused.is_available() is False
+
     def test_auto_order(self) -> None:
         assert list(BACKENDS) == ["epoll", "kqueue", "devpoll", "poll", "select"]
         names = available_backends()

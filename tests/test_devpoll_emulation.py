@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import select
-import socket
 import time
 
 import pytest
@@ -18,14 +17,6 @@ def devpoll():
     poller = EmulatedDevpoll()
     yield poller
     poller.close()
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def test_register_and_poll(devpoll, pair) -> None:

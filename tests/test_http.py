@@ -132,8 +132,8 @@ class TestEndpointProtocol:
 
 class TestOverSockets:
     @pytest.fixture
-    def endpoint_address(self):
-        loop = EventLoop()
+    def endpoint_address(self, backend_name: str):
+        loop = EventLoop(backend_name)
         routes = {"/stats": lambda: ("application/json", b"{}")}
         server = Server(loop, lambda: HTTPEndpoint(routes, loop.call_later, idle_timeout=0.3), "127.0.0.1", 0)
         server.start()

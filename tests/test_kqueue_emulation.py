@@ -33,14 +33,6 @@ def kqueue() -> Iterator[kq.EmulatedKqueue]:
     queue.close()
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
-
-
 def add(fd: int, filter: int = kq.KQ_FILTER_READ) -> kq.EmulatedKevent:
     return kq.EmulatedKevent(fd, filter, kq.KQ_EV_ADD)
 

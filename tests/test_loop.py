@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -23,16 +22,6 @@ def loop(backend_name: str) -> Iterator[EventLoop]:
     instance = EventLoop(backend_name)
     yield instance
     instance.close()
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def stop_after(loop: EventLoop, seconds: float) -> None:

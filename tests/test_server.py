@@ -118,6 +118,15 @@ def test_echo_large_payload_through_partial_sends(backend_name: str) -> None:
         assert server.bytes_in == server.bytes_out == len(payload)
 
 
+def test_accepted_sockets_are_non_blocking_with_tcp_nodelay(backend_name: str) -> None:
+    factory = Recorded()
+    with serving(backend_name, factory) as server, connect(server.address):
+        wait_until(lambda: factory.made)
+        sock = factory.made[0].transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert sock.getblocking() is False
+
+
 def test_protocol_lifecycle(backend_name: str) -> None:
     factory = Recorded()
     with serving(backend_name, factory) as server:

@@ -22,7 +22,8 @@ from serverproc import pollserve_env, run_pollserve
 
 from pollserve.loop import EventLoop
 
-WINDOWS_EMULATION = {"POLLSERVE_TEST_EMULATE": "windows"}
+#: auto (unset POLLSERVE_BACKEND), which must find select alone
+WINDOWS_EMULATION = {"POLLSERVE_TEST_EMULATE": "windows", "POLLSERVE_BACKEND": ""}
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="on Windows the real thing is tested")
 

@@ -143,6 +143,15 @@ class Backend:
         except KeyError:
             raise NotRegisteredError(f"fd {fd} is not registered with the {self.name} backend") from None
 
+    def _finish_poll(self, ready: list[tuple[int, int]], error_bits: int) -> list[tuple[int, int]]:
+        """Count a poll-style result and turn its error bits into interest (poll, epoll, devpoll)."""
+        self.polls += 1
+        self.events_total += len(ready)
+        for _fd, events in ready:
+            if events & error_bits:
+                return errors_as_interest(ready, self._interest, error_bits)
+        return ready
+
     # -- the interface --------------------------------------------------------
 
     def register(self, fd: int, events: int) -> None:

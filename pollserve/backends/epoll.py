@@ -8,7 +8,8 @@ Quirks that shape this module:
 * epoll watches open file *descriptions*, not fd numbers.  An fd closed while
   registered is removed only once every duplicate of it is closed, so a
   dup()ed fd keeps reporting events for a number we may have reused
-  (epoll(7), "Questions and answers" Q6; h2o#1100).  Hence the rule the
+  (epoll(7), "Questions and answers": "Will closing a file descriptor cause
+  it to be removed from all epoll interest lists?"; h2o pull request #1100).  Hence the rule the
   server follows: unregister before close.
 * EPOLL_CTL_ADD on a regular file fails with EPERM (epoll_ctl(2)); that error
   is raised to the caller unchanged.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import select
 
-from .base import READ, WRITE, Backend, errors_as_interest
+from .base import READ, WRITE, Backend
 
 _ERROR_BITS = getattr(select, "EPOLLERR", 0x8) | getattr(select, "EPOLLHUP", 0x10)
 
@@ -70,13 +71,7 @@ class EpollBackend(Backend):
             timeout = -1
         elif timeout < 0:
             timeout = 0
-        ready = self._epoll.poll(timeout, self.max_events)
-        self.polls += 1
-        self.events_total += len(ready)
-        for _fd, events in ready:
-            if events & _ERROR_BITS:
-                return errors_as_interest(ready, self._interest, _ERROR_BITS)
-        return ready
+        return self._finish_poll(self._epoll.poll(timeout, self.max_events), _ERROR_BITS)
 
     def close(self) -> None:
         super().close()

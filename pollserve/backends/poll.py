@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import select
 
-from .base import Backend, errors_as_interest
+from .base import Backend
 
 # POLLHUP, POLLERR and POLLNVAL are reported even when not asked for (poll(2)).
 # They mean "the next recv()/send() will tell you", so they become readiness of
@@ -50,13 +50,7 @@ class PollBackend(Backend):
         self._poller.unregister(fd)
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
-        ready = self._poller.poll(_milliseconds(timeout))
-        self.polls += 1
-        self.events_total += len(ready)
-        for _fd, events in ready:
-            if events & _ERROR_BITS:
-                return errors_as_interest(ready, self._interest, _ERROR_BITS)
-        return ready
+        return self._finish_poll(self._poller.poll(_milliseconds(timeout)), _ERROR_BITS)
 
     def close(self) -> None:
         super().close()
