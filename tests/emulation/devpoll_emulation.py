@@ -24,6 +24,8 @@ import select
 NAME = "devpoll"
 
 _POLL = getattr(select, "poll", None)
+#: devpoll's default event mask, as CPython's (POLLIN | POLLPRI | POLLOUT)
+_DEFAULT_MASK = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | getattr(select, "POLLOUT", 4)
 
 
 class EmulatedDevpoll:
@@ -49,7 +51,7 @@ class EmulatedDevpoll:
         self._check_open()
         return self._fd
 
-    def register(self, fd, eventmask: int = select.POLLIN | select.POLLPRI | select.POLLOUT) -> None:
+    def register(self, fd, eventmask: int = _DEFAULT_MASK) -> None:
         self._check_open()
         fd = self._fileno(fd)
         if fd in self._registered:
@@ -57,7 +59,7 @@ class EmulatedDevpoll:
         self._poll.register(fd, eventmask)
         self._registered.add(fd)
 
-    def modify(self, fd, eventmask: int = select.POLLIN | select.POLLPRI | select.POLLOUT) -> None:
+    def modify(self, fd, eventmask: int = _DEFAULT_MASK) -> None:
         self._check_open()
         fd = self._fileno(fd)
         self.unregister(fd)
