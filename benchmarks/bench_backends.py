@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
+
 #: the only address the benchmark ever talks to
 HOST = "127.0.0.1"
 #: what a target must print (on stderr) once it accepts connections
@@ -130,6 +132,9 @@ class LoadResult:
     errors: int = 0
     messages: list[str] = dataclasses.field(default_factory=list)
     capped: bool = False
+    #: CPU seconds (user + system) the server used during the measured window
+    server_cpu: float = 0.0
+    server_cpu_seconds: float = 0.0  # the wall-clock window server_cpu was sampled over
 
 
 def connect_clients(port: int, app: str, size: int, first: int, count: int) -> list[Client]:
@@ -387,10 +392,25 @@ class RunResult:
     errors: int = 0
     messages: list[str] = dataclasses.field(default_factory=list)
     capped: bool = False
+    #: CPU seconds (user + system) the server used during the measured window
+    server_cpu: float = 0.0
+    server_cpu_seconds: float = 0.0  # the wall-clock window server_cpu was sampled over
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def server_cpu_us(self) -> float:
+        """Server CPU per request: what the server costs, whatever the client could drive.
+
+        On a 2-core machine the Python load generator saturates a core of its own,
+        so requests/s partly measures the client; CPU per request does not.
+        """
+        if not self.requests or not self.seconds or not self.server_cpu_seconds:
+            return 0.0
+        requests_in_window = self.requests * self.server_cpu_seconds / self.seconds
+        return self.server_cpu / requests_in_window * 1e6
 
     @property
     def latency_us(self) -> float:
@@ -405,7 +425,12 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def generate_load(port: int, app: str, args: argparse.Namespace) -> RunResult:
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def generate_load(port: int, app: str, args: argparse.Namespace, server_pid: int) -> RunResult:
     """Start the client processes, line up their start, and sum what they measured."""
     context = multiprocessing.get_context("spawn")  # no fork of a process with threads
     procs: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
@@ -429,8 +454,13 @@ def generate_load(port: int, app: str, args: argparse.Namespace) -> RunResult:
                 raise BenchError(f"load generator: {detail}")
         for _, pipe in procs:
             pipe.send("go")
+        # Sample the server's CPU over the clients' measured window (warmup excluded).
+        time.sleep(args.warmup)
+        cpu_start, wall_start = cpu_seconds(server_pid), time.monotonic()
+        time.sleep(args.seconds)
+        cpu_used, wall_used = cpu_seconds(server_pid) - cpu_start, time.monotonic() - wall_start
 
-        total = RunResult()
+        total = RunResult(server_cpu=cpu_used, server_cpu_seconds=wall_used)
         budget = args.warmup + args.seconds + READY_TIMEOUT
         for _, pipe in procs:
             kind, detail = receive(pipe, budget, "running")
@@ -468,7 +498,8 @@ def run_one(name: str, template: list[str], app: str, args: argparse.Namespace) 
     server = ServerProcess(f"{name}/{app}", [part.replace("{app}", app) for part in template])
     port = server.start()
     try:
-        result = generate_load(port, app, args)
+        assert server.proc is not None
+        result = generate_load(port, app, args, server.proc.pid)
     except BaseException:
         server.kill()
         raise
@@ -523,17 +554,17 @@ def table(names: list[str], apps: list[str], results: dict[tuple[str, str], RunR
         best[app] = max(rates, default=0.0)
     head = ["target"]
     for app in apps:
-        head += [f"{app} req/s", "vs best", "lat us"]
+        head += [f"{app} req/s", "vs best", "lat us", "srv cpu us/req"]
     rows = [head]
     for name in names:
         row = [name]
         for app in apps:
             r = results.get((name, app))
             if r is None:
-                row += ["FAILED", "-", "-"]
+                row += ["FAILED", "-", "-", "-"]
             else:
                 ratio = f"{r.rate / best[app]:.2f}x" if best[app] else "-"
-                row += [f"{r.rate:,.0f}", ratio, f"{r.latency_us:,.0f}"]
+                row += [f"{r.rate:,.0f}", ratio, f"{r.latency_us:,.0f}", f"{r.server_cpu_us:.1f}"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
@@ -632,6 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(table(names, args.apps, results)))
     print()
     print("lat us = mean round trip per request, from (measured seconds x connections / requests).")
+    print("srv cpu us/req = server CPU (user + system) per request in the measured window: lower is better;")
+    print("  unlike req/s it does not depend on how fast the load generator is.")
     for note in notes:
         print(f"note: {note}")
     for problem in problems:
