@@ -192,8 +192,8 @@ def serve(args: argparse.Namespace) -> int:
     server = Server(loop, factory, args.host, args.port)
     collector = StatsCollector(loop, server)
     # The endpoint's own connections are kept out of the app's counters: a Server of its own.
-    stats_server = Server(loop, functools.partial(HTTPEndpoint, stats_routes(collector), loop.call_later))
-    stats_server.host, stats_server.port = args.host, args.stats_port
+    endpoint = functools.partial(HTTPEndpoint, stats_routes(collector), loop.call_later)
+    stats_server = Server(loop, endpoint, args.host, args.stats_port or 0)
     try:
         for listener, port in ((server, args.port), (stats_server, args.stats_port)):
             if port is not None:

@@ -101,6 +101,9 @@ class EventLoop:
         self._set_interest(fd, self.backend.interest(fd) & ~READ)
         return True
 
+    def has_reader(self, fd: int) -> bool:
+        return fd in self._readers
+
     def add_writer(self, fd: int, callback: Callable[[], Any]) -> None:
         """Call ``callback()`` whenever fd is writable.  May raise CapacityError."""
         self._set_interest(fd, self.backend.interest(fd) | WRITE)

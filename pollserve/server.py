@@ -126,7 +126,7 @@ class Connection:
         self._update_reading()
 
     def is_reading(self) -> bool:
-        return self._fd in self._loop._readers
+        return self._loop.has_reader(self._fd)
 
     def _update_reading(self) -> None:
         if self._closing or self._lost:
