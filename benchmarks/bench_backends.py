@@ -132,9 +132,6 @@ class LoadResult:
     errors: int = 0
     messages: list[str] = dataclasses.field(default_factory=list)
     capped: bool = False
-    #: CPU seconds (user + system) the server used during the measured window
-    server_cpu: float = 0.0
-    server_cpu_seconds: float = 0.0  # the wall-clock window server_cpu was sampled over
 
 
 def connect_clients(port: int, app: str, size: int, first: int, count: int) -> list[Client]:
