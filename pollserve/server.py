@@ -212,9 +212,6 @@ class Connection:
         except OSError as exc:
             self._finish(exc)
 
-    def can_write_eof(self) -> bool:
-        return True
-
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
 

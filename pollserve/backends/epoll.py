@@ -9,8 +9,8 @@ Quirks that shape this module:
   registered is removed only once every duplicate of it is closed, so a
   dup()ed fd keeps reporting events for a number we may have reused
   (epoll(7), "Questions and answers": "Will closing a file descriptor cause
-  it to be removed from all epoll interest lists?"; h2o pull request #1100).  Hence the rule the
-  server follows: unregister before close.
+  it to be removed from all epoll interest lists?"; h2o pull request #1100).
+  Hence the rule the server follows: unregister before close.
 * EPOLL_CTL_ADD on a regular file fails with EPERM (epoll_ctl(2)); that error
   is raised to the caller unchanged.
 * EPOLLERR and EPOLLHUP are always reported, asked for or not
