@@ -233,6 +233,36 @@ class TestHangUpAndErrors:
         while ready(backend, 1) != {server.fileno(): READ | WRITE}:  # WRITE alone until the RST lands
             assert time.monotonic() < deadline, "RST never reported"
 
+    def test_registered_fd_closed_without_unregister(self, backend: Backend, pair) -> None:
+        """The contract says unregister before close; breaking it must not break poll().
+
+        select(2) fails the whole call with EBADF, poll(2) and /dev/poll report POLLNVAL: both
+        become readiness of what was registered, so the handler's own recv() meets EBADF.  epoll
+        and kqueue drop a closed fd from their interest lists, so it is never reported again.
+        """
+        a, b = pair
+        victim, peer = socket.socketpair()
+        fd = victim.fileno()
+        backend.register(fd, READ | WRITE)
+        backend.register(a.fileno(), READ)
+        backend.poll(0)  # kqueue hands its registrations to the kernel here
+        b.send(b"x")
+        victim.close()
+        try:
+            result = ready(backend, 5)
+            assert result.get(a.fileno()) == READ
+            if backend.name in ("epoll", "kqueue"):
+                assert fd not in result
+            else:
+                assert result.get(fd) == READ | WRITE
+            backend.unregister(fd)  # late, but still accepted
+            after = ready(backend, 0)
+            if backend.name == "kqueue" and not after:  # the failed EV_DELETE came back alone
+                after = ready(backend, 0)
+            assert after == {a.fileno(): READ}
+        finally:
+            peer.close()
+
 
 class TestRegularFiles:
     def test_regular_file(self, backend: Backend, tmp_path) -> None:

@@ -158,6 +158,23 @@ class TestChangesAndErrors:
             kqueue.control([delete(a.fileno())], 0, 0)
         assert caught.value.errno == errno.ENOENT
 
+    def test_injected_error_fails_that_change_only(self, kqueue, pair) -> None:
+        """A change the kernel cannot make comes back "with EV_ERROR set in flags and the system
+        error in data"; the entry keeps ident and filter (kern_event.c copies the change into it)."""
+        a, b = pair
+        kqueue.inject_error(a.fileno(), kq.KQ_FILTER_READ, errno.ENOMEM)
+        (error,) = kqueue.control([add(a.fileno())], 4, 0)
+        assert (error.ident, error.filter, error.flags, error.data) == (
+            a.fileno(),
+            kq.KQ_FILTER_READ,
+            kq.KQ_EV_ERROR,
+            errno.ENOMEM,
+        )
+        b.send(b"x")
+        assert kqueue.control(None, 4, 0) == []  # the knote was not added
+        (event,) = kqueue.control([add(a.fileno())], 4, 5)  # the injection fired once
+        assert event.ident == a.fileno() and event.filter == kq.KQ_FILTER_READ
+
     def test_changelist_is_applied_in_order(self, kqueue, pair) -> None:
         """Changes are applied one after the other before any event is returned."""
         a, b = pair
@@ -297,4 +314,33 @@ class TestBackendThroughEmulation:
                 d.close()
         finally:
             b.close()
+            backend.close()
+
+    def test_an_add_the_kernel_refused_is_retried(self, emulated, pair) -> None:
+        """ENOMEM on EV_ADD: reported once as readiness, and the add is asked for again, so the
+        fd is not left without events for the rest of its life."""
+        a, b = pair
+        backend = KqueueBackend()
+        try:
+            backend._kqueue.inject_error(a.fileno(), kq.KQ_FILTER_READ, errno.ENOMEM)
+            backend.register(a.fileno(), READ | WRITE)
+            assert backend.poll(0) == [(a.fileno(), READ | WRITE)]  # errors come back alone
+            assert backend.poll(0) == [(a.fileno(), WRITE)]  # the retried add took: nothing to read
+            b.send(b"x")
+            assert sorted(backend.poll(5)) == [(a.fileno(), READ), (a.fileno(), WRITE)]
+        finally:
+            backend.close()
+
+    def test_a_failed_delete_of_a_live_fd_is_retried(self, emulated, pair) -> None:
+        a, b = pair
+        backend = KqueueBackend()
+        try:
+            backend.register(a.fileno(), READ | WRITE)
+            backend.poll(0)
+            backend._kqueue.inject_error(a.fileno(), kq.KQ_FILTER_WRITE, errno.ENOMEM)
+            backend.modify(a.fileno(), READ)  # the EV_DELETE of the write filter fails
+            assert backend.poll(0) == []  # not ours any more: nothing to report
+            b.send(b"x")
+            assert backend.poll(5) == [(a.fileno(), READ)]  # the retried delete took
+        finally:
             backend.close()

@@ -10,14 +10,22 @@ Quirks that shape this module (kqueue(2)):
 * A change that fails comes back in the event list with ``EV_ERROR`` set and
   the errno in ``data`` -- if there is room, so the event list is sized for
   the whole changelist plus ``max_events``.
-* FreeBSD's kern_event.c (kqueue_kevent) sets an error entry's flags to
-  ``EV_ERROR`` alone, so the entry does not say which change failed; and a
-  call that produced errors returns them at once, without waiting.
+* FreeBSD's kern_event.c (kqueue_kevent) copies the failed change into the
+  event list and sets its flags to ``EV_ERROR`` alone: the entry keeps the
+  ident and the filter, but no longer says whether it was an add or a
+  delete.  Our record of the interest tells: a filter we want was an add.
+  A call that produced errors returns them at once, without waiting.
 * Closing an fd removes its kevents, so an ``EV_DELETE`` queued before the
-  close fails with ENOENT (or EBADF if the number is not reused yet).  ENOENT
-  is the outcome the delete wanted and is ignored; any other error on an fd
-  that is still registered becomes readiness of what is registered, so the
-  handler's own recv()/send() meets the error (at worst a spurious wakeup).
+  close fails with ENOENT (or EBADF if the number is not reused yet): the
+  outcome the delete wanted, ignored.
+* An add the kernel refuses (ENOMEM: "The kernel failed to allocate enough
+  memory for the kernel queue") would leave a live fd without events for
+  good.  It is reported once as readiness of what is registered, so the
+  handler's own recv()/send() runs, and queued again for the next
+  ``kevent()`` call; while the kernel keeps refusing, each call returns at
+  once.  An add that fails with EBADF (the fd was closed before the change
+  reached the kernel) is reported the same way but not retried.  A delete
+  that fails on an open fd is retried too, silently.
 * ``EV_EOF`` arrives with EVFILT_READ while data may still be buffered; it
   is reported as plain readiness and recv() drains the data before seeing
   the end of stream.
@@ -75,13 +83,7 @@ class KqueueBackend(Backend):
         ready = []
         for kev in kevents:
             if kev.flags & select.KQ_EV_ERROR:
-                # ENOENT: a delete whose kevent went away with close() -- the outcome
-                # it wanted.  Anything else, for an fd still registered, is handed to
-                # the handler as readiness so its own recv()/send() meets the error.
-                if kev.data != errno.ENOENT:
-                    events = self._interest.get(kev.ident, 0)
-                    if events:
-                        ready.append((kev.ident, events))
+                self._change_failed(kev, ready)
             elif kev.filter == select.KQ_FILTER_READ:
                 ready.append((kev.ident, READ))
             else:
@@ -89,6 +91,17 @@ class KqueueBackend(Backend):
         self.polls += 1
         self.events_total += len(ready)
         return ready
+
+    def _change_failed(self, kev: select.kevent, ready: list[tuple[int, int]]) -> None:
+        fd = kev.ident
+        events = self._interest.get(fd, 0)
+        error = kev.data
+        if events & (READ if kev.filter == select.KQ_FILTER_READ else WRITE):
+            ready.append((fd, events))
+            if error != errno.EBADF:
+                self._changes.append(select.kevent(fd, kev.filter, select.KQ_EV_ADD))
+        elif error not in (errno.ENOENT, errno.EBADF):
+            self._changes.append(select.kevent(fd, kev.filter, select.KQ_EV_DELETE))
 
     def close(self) -> None:
         super().close()

@@ -5,10 +5,17 @@ or above FD_SETSIZE cannot be watched at all (select(2): "behavior is
 undefined"; CPython refuses it with ValueError).  Windows' select() takes
 sockets only and CPython builds it with FD_SETSIZE 512, a limit on the *count*
 of sockets per set rather than on their numbers (Modules/selectmodule.c).
+
+One closed fd in the sets fails the whole call with EBADF (select(2): "An
+invalid file descriptor was given in one of the sets"; WSAENOTSOCK on
+Windows), where poll(2) flags just that fd with POLLNVAL.  So, like poll, the
+backend reports such an fd as ready for what was registered and the others as
+usual; its handler's own recv()/send() then meets EBADF.
 """
 
 from __future__ import annotations
 
+import errno
 import select
 import sys
 import time
@@ -20,6 +27,30 @@ _WINDOWS = sys.platform == "win32"
 #: FD_SETSIZE as CPython's select module is compiled with it: 1024 on Linux,
 #: macOS and the BSDs (<sys/select.h>), 512 on Windows (selectmodule.c).
 FD_SETSIZE = 512 if _WINDOWS else 1024
+
+_WSAENOTSOCK = 10038
+
+
+def _is_bad_fd(exc: OSError) -> bool:
+    return exc.errno == errno.EBADF or getattr(exc, "winerror", None) == _WSAENOTSOCK
+
+
+def _selectable(fd: int) -> bool:
+    try:
+        select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _select(readers: set[int], writers: set[int], timeout: float | None) -> tuple[list[int], list[int]]:
+    """select() on read and write sets; the readable and the writable fds."""
+    if _WINDOWS:
+        # A failed non-blocking connect() is reported in the "except" set.
+        readable, writable, failed = select.select(readers, writers, writers, timeout)
+        return readable, list(set(writable).union(failed))
+    readable, writable, _ = select.select(readers, writers, (), timeout)
+    return readable, writable
 
 
 class SelectBackend(Backend):
@@ -62,23 +93,35 @@ class SelectBackend(Backend):
     def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
         if timeout is not None and timeout < 0:
             timeout = 0
-        if _WINDOWS:
-            if not self._interest:
-                # Windows select() fails with WSAEINVAL on three empty sets.
-                time.sleep(timeout if timeout is not None else 3600)
-                self.polls += 1
-                return []
-            # A failed non-blocking connect() is reported in the "except" set.
-            readable, writable, failed = select.select(self._readers, self._writers, self._writers, timeout)
-            writable = set(writable).union(failed)
-        else:
-            readable, writable, _ = select.select(self._readers, self._writers, (), timeout)
-        ready = [(fd, READ) for fd in readable]
+        if _WINDOWS and not self._interest:
+            # Windows select() fails with WSAEINVAL on three empty sets.
+            time.sleep(timeout if timeout is not None else 3600)
+            self.polls += 1
+            return []
+        try:
+            readable, writable = _select(self._readers, self._writers, timeout)
+            ready = [(fd, READ) for fd in readable]
+        except OSError as exc:
+            if not _is_bad_fd(exc):
+                raise
+            ready, readable, writable = self._around_closed_fds()
+            ready += [(fd, READ) for fd in readable]
         if writable:
             ready += [(fd, WRITE) for fd in writable]
         self.polls += 1
         self.events_total += len(ready)
         return ready
+
+    def _around_closed_fds(self) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+        """Find the registered fds that were closed (one probe each: this is the error path),
+        report them as ready for what was registered, and select() on the others at once."""
+        closed = [fd for fd in self._interest if not _selectable(fd)]
+        ready = [(fd, self._interest[fd]) for fd in closed]
+        readers = self._readers.difference(closed)
+        writers = self._writers.difference(closed)
+        if not readers and not writers:
+            return ready, [], []
+        return ready, *_select(readers, writers, 0)
 
     def close(self) -> None:
         super().close()

@@ -27,6 +27,9 @@ What it implements, after kqueue(2) (FreeBSD; macOS behaves alike here):
 * ``control(changelist, max_events, timeout)``: None waits forever, 0 polls;
   at most max_events entries; ``close()``; ``closed``; ``fileno()``.
 
+Beyond kqueue: ``inject_error(ident, filter, errno)`` makes the next change for
+that knote fail, for errors a test cannot provoke (ENOMEM).
+
 Not emulated (never used by the backend): other filters, EV_ENABLE,
 EV_DISABLE, EV_ONESHOT, EV_CLEAR, EV_RECEIPT, udata round trips beyond
 copying, the socket error in fflags (reading SO_ERROR would consume it), and
@@ -126,7 +129,17 @@ class EmulatedKqueue:
         self._epoll = _EPOLL()
         #: fd -> (what it referred to when added, its filters)
         self._knotes: dict[int, tuple[tuple[int, int], set[int]]] = {}
+        #: (ident, filter) -> errno the next change for it fails with (inject_error)
+        self._injected: dict[tuple[int, int], int] = {}
         self.closed = False
+
+    def inject_error(self, ident: int, filter: int, error: int) -> None:
+        """Fail the next change for (ident, filter) with error, leaving the knotes as they were.
+
+        For the failures a test cannot provoke on demand, such as kqueue(2)'s ENOMEM: "The
+        kernel failed to allocate enough memory for the kernel queue."
+        """
+        self._injected[(_fileno(ident), filter)] = error
 
     def fileno(self) -> int:
         if self.closed:
@@ -161,6 +174,9 @@ class EmulatedKqueue:
         if change.flags & ~(KQ_EV_ADD | KQ_EV_DELETE) or action not in (KQ_EV_ADD, KQ_EV_DELETE):
             raise NotImplementedError(f"kqueue emulation: flags {change.flags:#x} are not emulated")
         fd = change.ident
+        injected = self._injected.pop((fd, change.filter), 0)
+        if injected:
+            return injected
         identity = _identity(fd)
         if identity is None:
             return errno.EBADF
