@@ -3,10 +3,14 @@
 One thread, one backend.  Per fd the loop keeps at most one reader and one
 writer callback; an event is dispatched with one dict lookup and one call.
 Timers live in a heap, callbacks scheduled with ``call_soon`` in a deque.  A
-socketpair is the loop's wakeup channel: ``signal.set_wakeup_fd`` writes the
-signal number into it, and ``call_soon_threadsafe``/``stop`` from another
-thread write a zero byte.  A socketpair rather than a pipe because on Windows
-select() accepts sockets only.
+socketpair is the loop's wakeup channel, and only that: its bytes carry no
+meaning.  A signal is recorded by the Python-level handler in a deque the loop
+reads, because the byte ``signal.set_wakeup_fd`` writes is dropped when the
+socket is full (CPython issue 74224; uvloop and curio met the same).  The C
+handler's byte still matters: it wakes a poll() that a signal landing just
+before it would otherwise not interrupt.  ``call_soon_threadsafe`` and
+``stop`` write a byte only when none is pending.  A socketpair rather than a
+pipe because on Windows select() accepts sockets only.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import heapq
 import logging
 import signal
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,26 +31,35 @@ log = logging.getLogger("pollserve")
 
 
 class Handle:
-    """A scheduled callback; ``cancel()`` keeps it from running."""
+    """A scheduled callback; ``cancel()`` keeps it from running and lets go of the callback."""
 
-    __slots__ = ("callback", "args", "cancelled", "when")
+    __slots__ = ("callback", "args", "cancelled", "when", "_loop")
 
-    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], when: float = 0.0) -> None:
-        self.callback = callback
+    def __init__(
+        self, callback: Callable[..., Any], args: tuple[Any, ...], when: float = 0.0, loop: EventLoop | None = None
+    ) -> None:
+        self.callback: Callable[..., Any] | None = callback
         self.args = args
         self.cancelled = False
         self.when = when
+        #: set while the handle sits in the loop's timer heap, so cancel() can count it there
+        self._loop = loop
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        # A cancelled timer stays in the heap until its deadline or a rebuild: without
+        # this, it would keep its callback (a protocol, a connection) alive that long.
+        self.callback = None
+        self.args = ()
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop._timer_cancelled()
 
     def __repr__(self) -> str:
         state = " cancelled" if self.cancelled else ""
         return f"<Handle {getattr(self.callback, '__qualname__', self.callback)}{state}>"
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """Python-level handler: the work happens when the loop reads the wakeup socket."""
 
 
 class EventLoop:
@@ -62,13 +74,18 @@ class EventLoop:
         self._ready: deque[Handle] = deque()
         self._timers: list[tuple[float, int, Handle]] = []
         self._timer_seq = 0
+        #: cancelled handles still in the heap
+        self._cancelled_timers = 0
         self._stopping = False
         self._running = False
         self._closed = False
-        self._thread_id: int | None = None
         #: how many times the loop has returned from poll()
         self.iterations = 0
         self._signal_handlers: dict[int, Handle] = {}
+        #: signal numbers the Python-level handler recorded, for the loop to dispatch
+        self._pending_signals: deque[int] = deque()
+        #: a wakeup byte was written and the loop has not drained it yet
+        self._wakeup_pending = False
         self._saved_signal_handlers: dict[int, Any] = {}
         self._saved_wakeup_fd: int | None = None
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
@@ -134,10 +151,26 @@ class EventLoop:
         return self.call_at(time.monotonic() + delay, callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Handle:
-        handle = Handle(callback, args, when)
+        handle = Handle(callback, args, when, self)
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, handle))
         return handle
+
+    #: the heap is rebuilt only past this size (asyncio's _MIN_SCHEDULED_TIMER_HANDLES)
+    _min_heap_to_rebuild = 100
+
+    def _timer_cancelled(self) -> None:
+        """Rebuild the heap once cancelled entries are more than half of it (asyncio's rule).
+
+        Rebuilding costs O(n) after n/2 cancellations, so O(1) per cancel; it runs here,
+        on cancel, so the loop's iteration pays nothing for it.
+        """
+        self._cancelled_timers += 1
+        timers = self._timers
+        if len(timers) >= self._min_heap_to_rebuild and 2 * self._cancelled_timers > len(timers):
+            timers[:] = [entry for entry in timers if not entry[2].cancelled]
+            heapq.heapify(timers)
+            self._cancelled_timers = 0
 
     def time(self) -> float:
         return time.monotonic()
@@ -150,7 +183,7 @@ class EventLoop:
             # The C-level handler writes the signal number here, waking poll().
             self._saved_wakeup_fd = signal.set_wakeup_fd(self._wakeup_send.fileno(), warn_on_full_buffer=False)
         try:
-            previous = signal.signal(signum, _ignore_signal)
+            previous = signal.signal(signum, self._record_signal)
         except (ValueError, OSError):
             if not self._signal_handlers:
                 signal.set_wakeup_fd(self._saved_wakeup_fd)
@@ -167,30 +200,43 @@ class EventLoop:
             self._saved_wakeup_fd = None
         return True
 
+    def _record_signal(self, signum: int, frame: object) -> None:
+        """The Python-level handler: runs on the main thread between bytecodes, even mid-poll."""
+        self._pending_signals.append(signum)
+        self._wake()
+
     def _wake(self) -> None:
-        # Full (the loop will wake anyway) or closed (the loop is gone): both fine.
+        if self._wakeup_pending:
+            return
+        self._wakeup_pending = True
+        # Full (a byte is pending, so the loop wakes anyway) or closed (the loop is gone): both fine.
         with contextlib.suppress(OSError):
             self._wakeup_send.send(b"\0")
 
     def _on_wakeup(self) -> None:
         while True:
             try:
-                data = self._wakeup_recv.recv(4096)
+                if not self._wakeup_recv.recv(4096):
+                    break
             except (BlockingIOError, InterruptedError):
-                return
-            if not data:
-                return
-            for signum in data:
-                handle = self._signal_handlers.get(signum)
-                if handle is not None:
-                    self._ready.append(handle)
+                break
+        # Cleared only after draining: a thread that saw the flag set has queued its
+        # callback already, and one that sees it clear writes a byte of its own.
+        self._wakeup_pending = False
+        pending = self._pending_signals
+        while pending:
+            handle = self._signal_handlers.get(pending.popleft())
+            if handle is not None:
+                self._ready.append(handle)
 
     # -- running -----------------------------------------------------------------
 
     def stop(self) -> None:
         """Make run_forever() return after the current iteration.  Safe from any thread."""
         self._stopping = True
-        if self._thread_id is not None and self._thread_id != threading.get_ident():
+        # Even on the loop's own thread: from a signal handler, stop() runs inside an
+        # interrupted poll() that Python retries (PEP 475) unless something is readable.
+        if self._running:
             self._wake()
 
     def is_running(self) -> bool:
@@ -202,7 +248,6 @@ class EventLoop:
         if self._closed:
             raise RuntimeError("the loop is closed")
         self._running = True
-        self._thread_id = threading.get_ident()
         try:
             while not self._stopping:
                 self._run_once()
@@ -211,7 +256,6 @@ class EventLoop:
         finally:
             self._stopping = False
             self._running = False
-            self._thread_id = None
 
     def _run_once(self) -> None:
         if self._ready:
@@ -246,7 +290,10 @@ class EventLoop:
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             handle = heapq.heappop(timers)[2]
-            if not handle.cancelled:
+            if handle.cancelled:
+                self._cancelled_timers -= 1
+            else:
+                handle._loop = None  # out of the heap: a late cancel() has nothing to count
                 self._ready.append(handle)
 
     def _run_ready(self) -> None:
@@ -255,10 +302,11 @@ class EventLoop:
         # so I/O cannot starve.
         for _ in range(len(ready)):
             handle = ready.popleft()
-            if handle.cancelled:
+            callback = handle.callback
+            if callback is None:  # cancelled
                 continue
             try:
-                handle.callback(*handle.args)
+                callback(*handle.args)
             except Exception:
                 log.exception("unhandled error in callback %r", handle)
 
@@ -278,6 +326,8 @@ class EventLoop:
         self._writers.clear()
         self._ready.clear()
         self._timers.clear()
+        self._cancelled_timers = 0
+        self._pending_signals.clear()
         self.backend.close()
 
     def __enter__(self) -> EventLoop:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -185,3 +186,110 @@ def test_run_forever_twice_in_a_row(loop: EventLoop) -> None:
         loop.call_soon(loop.stop)
         loop.run_forever()
     assert loop.iterations >= 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this OS")
+def test_signal_is_not_lost_when_wakeups_pile_up(loop: EventLoop) -> None:
+    """Hundreds of unread wakeups fill the wakeup socket; a signal arriving then must still run."""
+    received = []
+    loop.add_signal_handler(signal.SIGUSR1, lambda: (received.append("usr1"), loop.stop()))
+
+    def busy_while_others_wake_us() -> None:
+        waker = threading.Thread(target=lambda: [loop.call_soon_threadsafe(int) for _ in range(20_000)])
+        waker.start()
+        waker.join(30)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    loop.call_soon(busy_while_others_wake_us)
+    loop.call_later(5, loop.stop)  # guard: the handler would never run
+    try:
+        loop.run_forever()
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+    assert received == ["usr1"]
+
+
+def test_wakeups_leave_at_most_one_byte_pending(loop: EventLoop) -> None:
+    pending = []
+
+    def busy_while_others_wake_us() -> None:
+        waker = threading.Thread(target=lambda: [loop.call_soon_threadsafe(int) for _ in range(1000)])
+        waker.start()
+        waker.join(30)
+        pending.append(len(loop._wakeup_recv.recv(65536, socket.MSG_PEEK)))
+
+    loop.call_soon(busy_while_others_wake_us)
+    loop.call_later(0.2, loop.stop)
+    loop.run_forever()
+    assert pending == [1]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+def test_stop_from_a_plain_signal_handler_returns_at_once(loop: EventLoop) -> None:
+    """PEP 475 retries the interrupted poll: stop() must wake it, whatever thread it runs on."""
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: loop.stop())
+    main = threading.get_ident()
+    try:
+        threading.Timer(0.1, signal.pthread_kill, args=(main, signal.SIGUSR1)).start()
+        loop.call_later(10, loop.stop)  # guard
+        started = time.monotonic()
+        loop.run_forever()
+        elapsed = time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert elapsed < 5, f"run_forever returned after {elapsed:.1f} s"
+
+
+def test_cancelled_timers_release_their_callbacks_and_the_heap_shrinks(loop: EventLoop) -> None:
+    import gc
+    import weakref
+
+    class Payload:
+        def run(self) -> None:
+            pass
+
+    refs = []
+    for _ in range(20_000):
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        loop.call_later(300, payload.run).cancel()
+    del payload
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0
+    assert len(loop._timers) < 200
+    # Live timers survive the rebuilds, in order.
+    order = []
+    loop.call_later(0.03, order.append, "b")
+    for _ in range(500):
+        loop.call_later(300, order.append, "never").cancel()
+    loop.call_later(0.01, order.append, "a")
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert order == ["a", "b"]
+
+
+def test_cancel_after_the_timer_ran_is_harmless(loop: EventLoop) -> None:
+    ran = []
+    handle = loop.call_later(0, ran.append, 1)
+    loop.call_later(0.02, loop.stop)
+    loop.run_forever()
+    handle.cancel()
+    handle.cancel()
+    assert ran == [1] and loop._cancelled_timers == 0
+
+
+def test_loop_survives_a_reader_whose_fd_was_closed_without_remove_reader(loop: EventLoop, pair) -> None:
+    """A contract violation (close without remove_reader) must not take the loop down."""
+    a, b = pair
+    victim, peer = socket.socketpair()
+    loop.add_reader(victim.fileno(), lambda: None)
+    victim.close()
+    received = []
+    loop.add_reader(a.fileno(), lambda: (received.append(a.recv(10)), loop.stop()))
+    b.send(b"alive")
+    loop.call_later(5, loop.stop)  # guard
+    try:
+        loop.run_forever()
+    finally:
+        peer.close()
+    assert received == [b"alive"]
