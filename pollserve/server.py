@@ -5,6 +5,12 @@ take goes into a bytearray, and WRITE interest is registered only while that
 buffer is non-empty.  Past ``high_water`` buffered bytes the connection stops
 reading from its client (and tells the protocol), so a client that never reads
 cannot make the server buffer without bound; below ``low_water`` it resumes.
+
+The close path is staged (RFC 9112, section 9.6): flush the buffer, shut the
+write side, then read and drop until the client's EOF or ``linger_timeout``.
+Closing a socket with unread bytes, or one that receives bytes after close(),
+makes the kernel answer with RST, and the RST can destroy replies that send()
+had already accepted (nginx's ``lingering_close`` exists for this).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Any
 
 from .apps import Protocol, ProtocolFactory
 from .backends import CapacityError
-from .loop import EventLoop
+from .loop import EventLoop, Handle
+from .transport_socket import TransportSocket
 
 log = logging.getLogger("pollserve")
 
@@ -27,12 +34,49 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM}
 
 
-def format_address(address: Any) -> str:
-    """``host:port``, with IPv6 hosts in brackets as in URLs."""
+def format_address(address: Any, *, url: bool = False) -> str:
+    """``host:port``, with IPv6 hosts in brackets and their scope, as in URLs.
+
+    getsockname() gives a link-local address's scope apart, as a number (the
+    fourth item); without it ``fe80::1`` is not reachable as printed.  In a URL
+    the ``%`` before the scope is written ``%25`` (RFC 6874).
+    """
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if ":" not in host:
+            return f"{host}:{port}"
+        if len(address) >= 4 and address[3] and "%" not in host:
+            host = f"{host}%{_scope_name(address[3])}"
+        if url:
+            host = host.replace("%", "%25")
+        return f"[{host}]:{port}"
     return str(address)
+
+
+def _scope_name(scope_id: int) -> str:
+    try:
+        return socket.if_indextoname(scope_id)
+    except (OSError, AttributeError):  # no such interface (any more), or no if_indextoname here
+        return str(scope_id)
+
+
+def _byte_view(data: Any) -> bytes | bytearray | memoryview:
+    """data as something whose len() counts bytes, as send() does.
+
+    A memoryview or array of wider items counts items: ``array("I")`` of n items
+    is 4n bytes, so comparing send()'s count with len() would truncate it.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"write() takes bytes-like data, not {type(data).__name__}") from None
+    if not view.c_contiguous:
+        return view.tobytes()  # send() takes contiguous buffers only
+    if view.ndim == 1 and view.itemsize == 1:
+        return view
+    return view.cast("B")
 
 
 class Connection:
@@ -47,10 +91,13 @@ class Connection:
         "_peername",
         "_buffer",
         "_closing",
+        "_eof",
         "_write_eof",
+        "_write_shut",
         "_lost",
         "_paused_by_user",
         "_paused_by_backpressure",
+        "_linger_timer",
         "high_water",
         "low_water",
         "bytes_in",
@@ -69,10 +116,15 @@ class Connection:
         self._peername = peername
         self._buffer = bytearray()
         self._closing = False
+        #: the client's EOF was read: nothing more will arrive
+        self._eof = False
+        #: write_eof() was asked for; _write_shut: the FIN was sent (shutdown(SHUT_WR) done)
         self._write_eof = False
+        self._write_shut = False
         self._lost = False
         self._paused_by_user = False
         self._paused_by_backpressure = False
+        self._linger_timer: Handle | None = None
         self.high_water = server.high_water
         self.low_water = server.low_water
         self.bytes_in = 0
@@ -102,7 +154,9 @@ class Connection:
             self._on_eof()
 
     def _on_eof(self) -> None:
-        # Level-triggered: EOF stays readable, so stop asking.
+        # Level-triggered: EOF stays readable, so stop asking -- for good: a socket
+        # at EOF reports EOF again, so the reader must not come back on resume.
+        self._eof = True
         self._loop.remove_reader(self._fd)
         try:
             keep_open = self._protocol.eof_received()
@@ -111,6 +165,8 @@ class Connection:
             return
         if not keep_open:
             self.close()
+        elif self._write_shut:
+            self._finish(None)  # both directions are shut: nothing is left to do
 
     def _protocol_failed(self, method: str, exc: Exception) -> None:
         log.error("app error in %s for %s; closing it", method, format_address(self._peername), exc_info=exc)
@@ -126,20 +182,23 @@ class Connection:
         self._update_reading()
 
     def is_reading(self) -> bool:
-        return self._loop.has_reader(self._fd)
+        """Whether data_received may be called: not paused, not at EOF, not closing."""
+        return not (self._closing or self._eof or self._paused_by_user or self._paused_by_backpressure)
 
     def _update_reading(self) -> None:
-        if self._closing or self._lost:
+        if self._closing or self._eof:  # closing covers lost; a lingering close owns the reader
             return
         if self._paused_by_user or self._paused_by_backpressure:
             self._loop.remove_reader(self._fd)
-        elif not self.is_reading():
+        elif not self._loop.has_reader(self._fd):
             self._loop.add_reader(self._fd, self._on_readable)
 
     # -- writing -------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send data now; buffer whatever the kernel does not take.  Ignored once closed."""
+        if data.__class__ is not bytes:
+            data = _byte_view(data)
         if self._closing or self._write_eof or self._lost or not data:
             return
         buffer = self._buffer
@@ -178,13 +237,13 @@ class Connection:
             self._paused_by_backpressure = False
             self._update_reading()
             self._call_protocol("resume_writing")
-        if buffer:
+        if buffer or self._lost:
             return
         self._loop.remove_writer(self._fd)
-        if self._closing:
-            self._finish(None)
-        elif self._write_eof:
+        if self._write_eof:
             self._shutdown_write()
+        if self._closing:
+            self._linger()
 
     def _call_protocol(self, method: str) -> None:
         try:
@@ -195,10 +254,7 @@ class Connection:
     def write_eof(self) -> None:
         """Send FIN once the buffer is flushed, and keep reading.
 
-        A server that answers and closes while the client is still sending makes
-        the kernel reset the connection, and the reset can destroy the answer in
-        flight (RFC 9112, section 9.6: "lingering close").  write_eof() then
-        reading until the client's EOF avoids that.
+        Once the client's EOF has been read too, the connection closes itself.
         """
         if self._closing or self._write_eof or self._lost:
             return
@@ -207,10 +263,17 @@ class Connection:
             self._shutdown_write()
 
     def _shutdown_write(self) -> None:
+        """Send FIN, once: write_eof() and a lingering close may both ask for it."""
+        if self._write_shut:
+            return
+        self._write_shut = True
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._finish(exc)
+            return
+        if self._eof and not self._closing:
+            self._finish(None)  # both directions are shut
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
@@ -229,12 +292,47 @@ class Connection:
         return self._closing or self._lost
 
     def close(self) -> None:
-        """Stop reading, send what is buffered, then close."""
+        """Stop reading, send what is buffered, then close, lingering while the client may still send.
+
+        connection_lost() is called at the real close, after the linger.
+        """
         if self._closing or self._lost:
             return
         self._closing = True
         self._loop.remove_reader(self._fd)
         if not self._buffer:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Shut the write side, then read and drop until the client's EOF or linger_timeout.
+
+        A client whose EOF was read has nothing more in flight: close at once.
+        Otherwise it may have sent bytes we have not read, or send some before it
+        sees our FIN; either would make close() send RST.  Lingering happens even
+        when nothing is unread right now, because what is in flight cannot be seen.
+        """
+        if self._lost or self._linger_timer is not None:  # already closed, or lingering
+            return
+        if self._eof:
+            self._finish(None)
+            return
+        self._shutdown_write()
+        if self._lost:
+            return
+        self._loop.add_reader(self._fd, self._on_linger_readable)
+        self._linger_timer = self._loop.call_later(self._server.linger_timeout, self._finish, None)
+
+    def _on_linger_readable(self) -> None:
+        try:
+            data = self._sock.recv(self.max_read)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if data:
+            self.bytes_in += len(data)  # received, though no longer for the app
+        else:
             self._finish(None)
 
     def abort(self) -> None:
@@ -246,6 +344,9 @@ class Connection:
             return
         self._lost = True
         self._closing = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         # Unregister before close: epoll watches the open file description,
         # and the fd number may be reused at once (h2o pull request #1100).
         self._loop.remove_reader(self._fd)
@@ -256,7 +357,11 @@ class Connection:
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """``peername``, ``sockname``, ``socket`` or ``fd``, as asyncio's transports offer them."""
+        """``peername``, ``sockname``, ``socket`` or ``fd``, as asyncio's transports offer them.
+
+        ``socket`` is a TransportSocket: options and addresses, but no close(),
+        recv() or send(), which would break the loop's hold on the fd.
+        """
         if name == "peername":
             return self._peername
         if name == "sockname":
@@ -265,7 +370,7 @@ class Connection:
             except OSError:
                 return default
         if name == "socket":
-            return self._sock
+            return TransportSocket(self._sock)
         if name == "fd":
             return self._fd
         return default
@@ -285,6 +390,7 @@ class Server:
         accept_batch: int = 128,
         high_water: int = 64 * 1024,
         low_water: int = 16 * 1024,
+        linger_timeout: float = 2.0,
     ) -> None:
         self.loop = loop
         self.protocol_factory = protocol_factory
@@ -295,6 +401,8 @@ class Server:
         self.accept_batch = accept_batch
         self.high_water = high_water
         self.low_water = low_water
+        #: how long a closing connection reads and drops the client's bytes, waiting for its EOF
+        self.linger_timeout = linger_timeout
         self.sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
         # Plain counters; live connections keep their own byte counts.
@@ -342,6 +450,8 @@ class Server:
 
     def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(self.accept_batch):
+            if listener.fileno() < 0:  # closed by the connection_made before (stop_accepting)
+                return
             try:
                 sock, peername = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -380,10 +490,18 @@ class Server:
         self.loop.call_later(1.0, resume)
 
     def _serve(self, sock: socket.socket, peername: Any) -> None:
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Without it a reply split across sends waits for the client's delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Without it a reply split across sends waits for the client's delayed ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            # macOS refuses socket options with EINVAL once a socket is shut both ways,
+            # as an accepted one is when its client reset it first (XNU sosetsockopt;
+            # envoyproxy/envoy#1446).  That client is gone; the batch goes on.
+            log.debug("client %s gone before it was served: %s", format_address(peername), exc)
+            sock.close()
+            return
         try:
             protocol = self.protocol_factory()
         except Exception:
@@ -441,7 +559,7 @@ class Server:
             self._drained()
 
     def _abort_all(self) -> None:
-        log.warning("shutdown timeout: aborting %d connections still flushing", len(self.connections))
+        log.warning("shutdown timeout: aborting %d connections still flushing or lingering", len(self.connections))
         for conn in list(self.connections):
             conn.abort()
 

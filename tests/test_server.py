@@ -12,47 +12,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 from clients import connect, exchange, recv_exactly, recv_until_eof, request_rounds, reset
+from inprocess import in_loop, serving, wait_until
 
 from pollserve.apps import Echo, Hello, Protocol
 from pollserve.backends.select import FD_SETSIZE
-from pollserve.loop import EventLoop
-from pollserve.server import Server
-
-
-@contextlib.contextmanager
-def serving(backend_name: str, factory: Callable[[], Protocol], **options) -> Iterator[Server]:
-    loop = EventLoop(backend_name)
-    server = Server(loop, factory, "127.0.0.1", 0, **options)
-    server.start()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        loop.call_soon_threadsafe(lambda: (server.close(), loop.stop()))
-        thread.join(10)
-        assert not thread.is_alive(), "the loop did not stop"
-        loop.close()
-
-
-def in_loop(server: Server, function: Callable, timeout: float = 5):
-    """Run function() on the loop's thread and return its result."""
-    result = []
-    done = threading.Event()
-    server.loop.call_soon_threadsafe(lambda: (result.append(function()), done.set()))
-    assert done.wait(timeout), "the loop did not answer"
-    return result[0]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+from pollserve.server import Server, format_address
 
 
 def open_fds() -> int:
@@ -320,3 +287,388 @@ def test_select_refuses_clients_beyond_fd_setsize_and_serves_the_rest(caplog) ->
     assert any(
         "refused" in record.getMessage() and f"below {FD_SETSIZE}" in record.getMessage() for record in caplog.records
     )
+
+
+# -- EOF, closing and lingering --------------------------------------------------------
+
+
+class AnswerAtEof(Recorder):
+    """Answers the client's EOF with a reply far larger than the socket buffers, and stays open."""
+
+    size = 16 << 20
+
+    def eof_received(self):
+        self.calls.append("eof")
+        self.transport.write(b"e" * self.size)
+        return True
+
+
+def test_eof_received_runs_once_when_backpressure_lifts(backend_name: str) -> None:
+    """Draining the big answer resumes reading; a socket at EOF must not report EOF again."""
+    factory = Recorded(AnswerAtEof)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_exactly(sock, AnswerAtEof.size) == b"e" * AnswerAtEof.size
+        protocol = factory.made[0]
+        wait_until(lambda: in_loop(server, protocol.transport.get_write_buffer_size) == 0)
+        assert protocol.calls.count("eof") == 1, protocol.calls.count("eof")
+        assert in_loop(server, protocol.transport.is_reading) is False
+        sock.settimeout(0.3)
+        with pytest.raises((TimeoutError, socket.timeout)):
+            sock.recv(1)  # nothing beyond the one answer
+
+
+class PauseResumeAtEof(Recorder):
+    def eof_received(self):
+        self.calls.append("eof")
+        self.transport.pause_reading()
+        self.transport.resume_reading()
+        if self.calls.count("eof") >= 1000:  # bounds the spin when the bug is present
+            self.transport.abort()
+        return True
+
+
+def test_pause_and_resume_inside_eof_received_do_not_repeat_it(backend_name: str) -> None:
+    factory = Recorded(PauseResumeAtEof)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: factory.made and "eof" in factory.made[0].calls)
+        transport = factory.made[0].transport
+        time.sleep(0.2)  # room for a repeat to show
+        in_loop(server, transport.resume_reading)  # from outside the callback too
+        in_loop(server, lambda: None)
+        assert factory.made[0].calls.count("eof") == 1
+        assert in_loop(server, transport.is_reading) is False
+        assert in_loop(server, transport.is_closing) is False  # still open for writing
+        in_loop(server, lambda: transport.write(b"late answer"))
+        assert recv_exactly(sock, 11) == b"late answer"
+
+
+class EchoRecorder(Recorder):
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.transport.write(data)
+
+
+def fill_until_pushed_back(sock: socket.socket, limit: int = 64 << 20) -> int:
+    """Send until the server stops reading (bounded); returns the bytes sent."""
+    sock.settimeout(0.5)
+    sent = 0
+    chunk = b"x" * 65536
+    with contextlib.suppress(TimeoutError, socket.timeout):
+        while sent < limit:
+            sent += sock.send(chunk)
+    assert sent < limit, "the server never pushed back"
+    return sent
+
+
+def test_shutdown_lingers_so_unread_client_bytes_cannot_reset_the_reply(backend_name: str) -> None:
+    """Closing with unread bytes makes the kernel send RST and drop what send() accepted."""
+    factory = Recorded(EchoRecorder)
+    drained = threading.Event()
+    with serving(backend_name, factory, linger_timeout=30) as server, connect(server.address) as sock:
+        fill_until_pushed_back(sock)
+        protocol = factory.made[0]
+        assert "pause" in protocol.calls
+        in_loop(server, lambda: server.shutdown(30, drained.set))
+        sock.settimeout(10)
+        received = recv_until_eof(sock)  # ECONNRESET here is the bug
+        assert len(received) == in_loop(server, lambda: server.bytes_out)
+        assert received == b"x" * len(received)
+        # Lingering: the server reads and drops until the client's EOF; still open, not yet lost.
+        assert in_loop(server, lambda: len(server.connections)) == 1
+        assert "lost" not in protocol.calls
+        sock.shutdown(socket.SHUT_WR)
+        assert drained.wait(10)
+    assert protocol.lost == [None]
+
+
+def test_linger_is_bounded(backend_name: str) -> None:
+    """A client that never sends its EOF holds the connection for linger_timeout, no longer."""
+    factory = Recorded(EchoRecorder)
+    with serving(backend_name, factory, linger_timeout=0.3) as server, connect(server.address) as sock:
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+        in_loop(server, factory.made[0].transport.close)
+        sock.settimeout(10)
+        assert recv_until_eof(sock) == b""  # the write side is shut at once
+        assert in_loop(server, lambda: len(server.connections)) == 1  # lingering
+        wait_until(lambda: "lost" in factory.made[0].calls)
+        assert server.connections_closed == 1
+
+
+def test_close_after_the_clients_eof_does_not_linger(backend_name: str) -> None:
+    factory = Recorded()
+    with serving(backend_name, factory, linger_timeout=30) as server, connect(server.address) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""  # eof_received returned None: closed at once
+        wait_until(lambda: "lost" in factory.made[0].calls, timeout=5)
+
+
+def test_is_reading_is_false_once_closed_even_when_the_fd_is_reused(backend_name: str) -> None:
+    factory = Recorded()
+    with serving(backend_name, factory) as server, connect(server.address):
+        wait_until(lambda: len(factory.made) == 1)
+        first = factory.made[0].transport
+        fd = first.get_extra_info("fd")
+        later = socket.socket()  # takes its fd now, so the server's next accept reuses the freed one
+        with later:
+            in_loop(server, first.abort)
+            later.connect(server.address)
+            wait_until(lambda: len(factory.made) == 2)
+            second = factory.made[1].transport
+            assert second.get_extra_info("fd") == fd, "the kernel did not reuse the fd number"
+            assert in_loop(server, first.is_reading) is False
+            assert in_loop(server, second.is_reading) is True
+
+
+# -- write(): bytes, not items --------------------------------------------------------------
+
+
+def test_write_counts_bytes_of_wide_and_odd_buffers(backend_name: str) -> None:
+    import array
+
+    wide = array.array("I", range(1 << 20))  # 4 MiB, items of 4 bytes
+    doubles = array.array("d", [1.5] * 4096)
+    grid = memoryview(bytes(range(256)) * 64).cast("B", shape=[64, 256])  # 2-D
+    strided = memoryview(bytes(range(256)) * 4)[::3]  # not contiguous
+    expected = wide.tobytes() * 2 + doubles.tobytes() + grid.tobytes() + strided.tobytes()
+
+    class WritesBuffers(Recorder):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            transport.write(memoryview(wide))  # partly sent at once
+            transport.write(wide)  # appended to the buffer
+            transport.write(doubles)
+            transport.write(grid)
+            transport.write(strided)
+            transport.close()
+
+    factory = Recorded(WritesBuffers)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        assert recv_until_eof(sock) == expected
+        wait_until(lambda: server.connections_closed == 1)
+        assert server.bytes_out == len(expected)
+    assert factory.made[0].lost == [None]
+
+
+def test_write_refuses_text_with_a_clear_error(backend_name: str) -> None:
+    errors = []
+
+    class WritesText(Recorder):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            try:
+                transport.write("héllo")
+            except TypeError as exc:
+                errors.append(str(exc))
+            transport.write(b"bytes still work")
+            transport.close()
+
+    with serving(backend_name, Recorded(WritesText)) as server, connect(server.address) as sock:
+        assert recv_until_eof(sock) == b"bytes still work"
+    assert errors and "str" in errors[0]
+
+
+# -- timers do not keep protocols alive --------------------------------------------------------
+
+
+def test_cancelled_idle_timers_release_their_protocols(backend_name: str) -> None:
+    import gc
+    import weakref
+
+    refs = []
+
+    class WithIdleTimer(Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timer = loop.call_later(300, transport.abort)
+            refs.append(weakref.ref(self))
+
+        def connection_lost(self, exc) -> None:
+            self.timer.cancel()
+
+    with serving(backend_name, WithIdleTimer) as server:
+        loop = server.loop
+        for _ in range(200):
+            with connect(server.address):
+                pass
+        wait_until(lambda: server.connections_closed == 200)
+        in_loop(server, lambda: None)  # the last connection_lost calls have run
+        in_loop(server, gc.collect)
+        alive = sum(ref() is not None for ref in refs)
+        assert alive == 0, f"{alive} protocols kept alive by cancelled timers"
+        assert in_loop(server, lambda: len(loop._timers)) < 200
+
+
+# -- the accept batch -----------------------------------------------------------------------------
+
+
+def hold_loop(server: Server) -> threading.Event:
+    """Block the loop's thread until the returned event is set (at most 10 s)."""
+    release = threading.Event()
+    entered = threading.Event()
+    server.loop.call_soon_threadsafe(lambda: (entered.set(), release.wait(10)))
+    assert entered.wait(5)
+    return release
+
+
+def test_connection_made_that_stops_accepting_ends_the_batch(backend_name: str, caplog) -> None:
+    class StopsAccepting(Recorder):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            server.stop_accepting()
+
+    factory = Recorded(StopsAccepting)
+    with caplog.at_level(logging.ERROR, logger="pollserve"), serving(backend_name, factory) as server:
+        release = hold_loop(server)
+        socks = [connect(server.address) for _ in range(3)]  # queued in the backlog together
+        release.set()
+        try:
+            wait_until(lambda: factory.made)
+            assert in_loop(server, lambda: server.sockets) == []
+            socks[0].sendall(b"hi")
+            wait_until(lambda: factory.made[0].received == b"hi")
+        finally:
+            for sock in socks:
+                sock.close()
+    assert server.connections_accepted == 1
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+def test_socket_setup_failure_closes_that_client_only(backend_name: str, monkeypatch, caplog) -> None:
+    """macOS: setsockopt(TCP_NODELAY) on an accepted socket the client already reset fails
+    with EINVAL.  Linux does not fail there, so the failure is injected for the second client."""
+    import errno
+
+    calls = []
+    real_setsockopt = socket.socket.setsockopt
+    test_thread = threading.get_ident()
+
+    def setsockopt(self, level, option, value, *rest):
+        # The loop's thread sets the accepted sockets' options; this thread, the clients'.
+        if level == socket.IPPROTO_TCP and option == socket.TCP_NODELAY and threading.get_ident() != test_thread:
+            calls.append(self.fileno())
+            if len(calls) == 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_setsockopt(self, level, option, value, *rest)
+
+    factory = Recorded()
+    with caplog.at_level(logging.ERROR, logger="pollserve"), serving(backend_name, factory) as server:
+        monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+        release = hold_loop(server)
+        socks = [connect(server.address) for _ in range(3)]
+        release.set()
+        try:
+            wait_until(lambda: len(factory.made) == 2)
+            assert recv_until_eof(socks[1]) == b""  # closed, not left hanging
+            for sock in (socks[0], socks[2]):
+                sock.sendall(b"ok")
+            wait_until(lambda: [bytes(p.received) for p in factory.made] == [b"ok", b"ok"])
+        finally:
+            monkeypatch.undo()
+            for sock in socks:
+                sock.close()
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+# -- the transport's socket --------------------------------------------------------------------------
+
+
+def test_app_cannot_close_the_transport_socket_behind_the_loops_back(backend_name: str) -> None:
+    """A closed registered fd kills select() with EBADF and vanishes silently from epoll and
+    kqueue: the socket the transport hands out does not offer close()."""
+
+    class ClosesItsSocket(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.transport.get_extra_info("socket").close()
+
+    factory = Recorded(ClosesItsSocket)
+    with serving(backend_name, factory) as server:
+        with connect(server.address) as sock:
+            sock.sendall(b"x")
+            assert recv_until_eof(sock) == b""  # the app's error closed this connection
+        wait_until(lambda: "lost" in factory.made[0].calls)
+        assert isinstance(factory.made[0].lost[0], AttributeError)
+        with connect(server.address) as other:  # the loop lives on and serves the next client
+            other.sendall(b"z")
+            wait_until(lambda: len(factory.made) == 2 and factory.made[1].received == b"z")
+
+
+# -- addresses ------------------------------------------------------------------------------------
+
+
+def test_format_address_keeps_the_ipv6_scope() -> None:
+    """getsockname() of a link-local address gives the scope as a number apart from the host."""
+    if not hasattr(socket, "if_nameindex"):
+        pytest.skip("no socket.if_nameindex here")
+    index, name = socket.if_nameindex()[0]
+    address = ("fe80::1", 5001, 0, index)
+    assert format_address(address) == f"[fe80::1%{name}]:5001"
+    assert format_address(address, url=True) == f"[fe80::1%25{name}]:5001"  # RFC 6874
+    assert format_address(("fe80::1", 5001, 0, 0)) == "[fe80::1]:5001"
+    assert format_address(("::1", 5001, 0, 0), url=True) == "[::1]:5001"
+    assert format_address(("127.0.0.1", 5001)) == "127.0.0.1:5001"
+    unknown = max(index for index, _ in socket.if_nameindex()) + 1000
+    assert format_address(("fe80::1", 80, 0, unknown)) == f"[fe80::1%{unknown}]:80"
+
+
+class HalfCloser(Recorder):
+    """Answers, sends its FIN with write_eof(), and keeps the connection open at the client's EOF."""
+
+    reply = b"r" * (4 << 20)  # buffered: the FIN waits for the flush
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.transport.write(self.reply)
+        self.transport.write_eof()
+
+    def eof_received(self):
+        self.calls.append("eof")
+        return True
+
+
+def test_connection_closes_itself_once_both_sides_are_shut(backend_name: str) -> None:
+    factory = Recorded(HalfCloser)
+    with serving(backend_name, factory) as server:
+        for client_eof_first in (False, True):
+            with connect(server.address) as sock:
+                sock.sendall(b"go")
+                if client_eof_first:
+                    wait_until(lambda: factory.made[-1].received)
+                    sock.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(sock) == HalfCloser.reply
+                if not client_eof_first:
+                    sock.shutdown(socket.SHUT_WR)
+                wait_until(lambda: "lost" in factory.made[-1].calls)
+                assert factory.made[-1].lost == [None]
+        assert server.connections_closed == 2
+
+
+class CloseFromResumeWriting(Recorder):
+    """Calls back into its transport from inside the transport's own callback."""
+
+    size = 32 << 20  # more than loopback's socket buffers take at once
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        transport.write(b"w" * self.size)  # over the high-water mark: pause_writing
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.transport.write_eof()
+        self.transport.close()
+
+
+def test_close_and_write_eof_inside_resume_writing(backend_name: str) -> None:
+    factory = Recorded(CloseFromResumeWriting)
+    with serving(backend_name, factory, linger_timeout=30) as server:
+        with connect(server.address) as sock:
+            assert recv_until_eof(sock) == b"w" * CloseFromResumeWriting.size
+            assert factory.made[0].calls[1:3] == ["pause", "resume"]
+            assert in_loop(server, lambda: len(server.connections)) == 1  # lingering, once
+        wait_until(lambda: "lost" in factory.made[0].calls)
+        live_timers = in_loop(server, lambda: [entry for entry in server.loop._timers if not entry[2].cancelled])
+        assert live_timers == []  # the linger timer went with the connection
+    assert factory.made[0].lost == [None]
