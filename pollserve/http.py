@@ -19,8 +19,6 @@ from .apps import Protocol, Transport
 MAX_HEAD = 8192
 #: a connection that has not sent a whole request by then gets 408
 IDLE_TIMEOUT = 10.0
-#: bytes read and dropped after the response (a body we ignore) before we give up on the client
-MAX_DISCARD = 1 << 20
 
 REASONS = {
     200: "OK",
@@ -54,11 +52,13 @@ class Request:
 def find_head_end(buffer: bytes | bytearray) -> int:
     """Index just past the blank line ending the head, or -1 if it has not arrived.
 
-    A bare LF is accepted as a line end too (RFC 9112, section 2.2 allows it).
+    A bare LF is accepted as a line end too (RFC 9112, section 2.2 allows it), so
+    the head ends at the first LF followed by an empty line, ``\n`` or ``\r\n``;
+    ``\r\n\r\n`` is the second case.
     """
-    crlf = buffer.find(b"\r\n\r\n")
     lf = buffer.find(b"\n\n")
-    ends = [index + length for index, length in ((crlf, 4), (lf, 2)) if index >= 0]
+    crlf = buffer.find(b"\n\r\n")
+    ends = [index + length for index, length in ((lf, 2), (crlf, 3)) if index >= 0]
     return min(ends) if ends else -1
 
 
@@ -110,7 +110,12 @@ Route = Callable[[], tuple[str, bytes]]
 
 
 class HTTPEndpoint(Protocol):
-    """Serves GET (and HEAD) for a fixed set of paths; anything else is 404."""
+    """Serves GET (and HEAD) for a fixed set of paths; anything else is 404.
+
+    One request, one response, then ``close()``: the transport shuts its write
+    side and reads on until the client's EOF (a lingering close), so a client
+    still sending cannot make the kernel reset the connection over the response.
+    """
 
     def __init__(
         self,
@@ -123,7 +128,6 @@ class HTTPEndpoint(Protocol):
         self._idle_timeout = idle_timeout
         self._buffer = bytearray()
         self._responded = False
-        self._discarded = 0
         self._timer: Any = None
 
     def connection_made(self, transport: Transport) -> None:
@@ -133,19 +137,13 @@ class HTTPEndpoint(Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._responded:
-            # Reading on after the response lets the kernel close without a reset.
-            self._discarded += len(data)
-            if self._discarded > MAX_DISCARD:
-                self.transport.abort()
             return
         buffer = self._buffer
         buffer += data
         end = find_head_end(buffer)
-        if end < 0:
-            if len(buffer) > MAX_HEAD:
-                self._respond(400, f"request head larger than {MAX_HEAD} bytes\n".encode())
+        if end < 0 and len(buffer) <= MAX_HEAD:
             return
-        if end > MAX_HEAD:
+        if end < 0 or end > MAX_HEAD:
             self._respond(400, f"request head larger than {MAX_HEAD} bytes\n".encode())
             return
         try:
@@ -163,13 +161,26 @@ class HTTPEndpoint(Protocol):
             self._respond(405, b"only GET and HEAD\n", extra_headers=(("Allow", "GET, HEAD"),))
         else:
             content_type, body = route()
-            self._respond(200, body, content_type, head_only=request.method == "HEAD")
+            self._respond(200, body, content_type)
 
-    def _respond(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", **options) -> None:
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        extra_headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._responded = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # RFC 9110, section 9.3.2: no content in a response to HEAD, whatever its status.
+        # The method is read off the buffer, since a 400 or 408 has no parsed request.
+        head_only = self._buffer.startswith(b"HEAD ")
         self._buffer.clear()
-        self.transport.write(render_response(status, body, content_type, **options))
-        self.transport.write_eof()
+        response = render_response(status, body, content_type, head_only=head_only, extra_headers=extra_headers)
+        self.transport.write(response)
+        self.transport.close()
 
     def eof_received(self) -> None:
         if not self._responded and self._buffer.strip():
@@ -178,11 +189,8 @@ class HTTPEndpoint(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self._responded:
-            self.transport.abort()
-        else:
+        if not self._responded:
             self._respond(408, b"no complete request in time\n")
-            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

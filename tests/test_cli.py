@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -226,6 +227,28 @@ class TestShutdown:
         assert len(rest) == BIG_REPLY_SIZE - 1
         assert server.wait() == 0
         assert "flushing 1 connections" in server.log
+
+    def test_sigterm_delivers_every_byte_it_counts_to_a_client_still_sending(
+        self, start_server, backend_name: str
+    ) -> None:
+        """The client has sent more than the server read (backpressure): closing then would make
+        the kernel reset the connection and drop replies that send() had accepted."""
+        server = start_server("--backend", backend_name, "--app", "echo")
+        with connect(server.address) as sock:
+            sock.settimeout(0.5)
+            sent = 0
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                while sent < (64 << 20):
+                    sent += sock.send(b"x" * 65536)
+            assert sent < (64 << 20), "the server never pushed back"
+            server.signal(signal.SIGTERM)
+            sock.settimeout(10)
+            received = recv_until_eof(sock)  # ECONNRESET here is the bug
+            sock.shutdown(socket.SHUT_WR)  # ends the server's lingering read
+        assert server.wait() == 0
+        out = int(re.search(r"stopped: .* (\d+) bytes out", server.log)[1])
+        assert len(received) == out and received == b"x" * out
+        assert_no_traceback(server.log)
 
     def test_shutdown_timeout_bounds_the_flush(self, start_server) -> None:
         server = start_server(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
 from clients import connect, recv_until_eof
+from inprocess import in_loop, serving, wait_until
 
 from pollserve.http import MAX_HEAD, BadRequest, HTTPEndpoint, find_head_end, parse_head
 from pollserve.loop import EventLoop
@@ -19,22 +19,19 @@ class RecordingTransport:
 
     def __init__(self) -> None:
         self.written = bytearray()
-        self.eof = False
         self.closed = False
-        self.aborted = False
 
     def write(self, data: bytes) -> None:
-        assert not self.eof, "write after write_eof"
+        assert not self.closed, "write after close"
         self.written += data
-
-    def write_eof(self) -> None:
-        self.eof = True
 
     def close(self) -> None:
         self.closed = True
 
-    def abort(self) -> None:
-        self.aborted = True
+
+class Timer:
+    def cancel(self) -> None:
+        pass
 
 
 def feed(*chunks: bytes, routes=None) -> tuple[HTTPEndpoint, RecordingTransport]:
@@ -84,6 +81,12 @@ class TestParsing:
         assert find_head_end(b"GET / HTTP/1.1\n\n") == 16
         assert find_head_end(b"GET / HTTP/1.1\r\n") == -1
 
+    def test_head_end_after_bare_lf_lines_and_a_crlf_blank_line(self) -> None:
+        """RFC 9112 section 2.2: a recipient MAY recognize a single LF as a line terminator."""
+        assert find_head_end(b"GET / HTTP/1.1\nHost: a\n\r\nbody") == 25
+        assert find_head_end(b"GET / HTTP/1.1\r\nHost: a\n\r\n") == 26
+        assert find_head_end(b"GET / HTTP/1.1\nHost: a\n\r") == -1
+
 
 class TestEndpointProtocol:
     def test_request_in_pieces(self) -> None:
@@ -91,7 +94,7 @@ class TestEndpointProtocol:
         reply = bytes(transport.written)
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b"Content-Type: application/json\r\n" in reply and b"Content-Length: 9\r\n" in reply
-        assert reply.endswith(b'\r\n\r\n{"ok": 1}') and transport.eof
+        assert reply.endswith(b'\r\n\r\n{"ok": 1}') and transport.closed
 
     def test_head_request_has_no_body(self) -> None:
         _, transport = feed(b"HEAD /stats HTTP/1.1\r\n\r\n")
@@ -104,23 +107,53 @@ class TestEndpointProtocol:
 
     def test_oversized_head_is_400(self) -> None:
         _, transport = feed(b"GET /" + b"a" * MAX_HEAD)
-        assert status_of(transport) == 400 and transport.eof
+        assert status_of(transport) == 400 and transport.closed
 
     def test_one_response_only(self) -> None:
         endpoint, transport = feed(b"GET /stats HTTP/1.1\r\n\r\nGET /stats HTTP/1.1\r\n\r\n")
         endpoint.data_received(b"GET /stats HTTP/1.1\r\n\r\n")
         assert bytes(transport.written).count(b"HTTP/1.1 200") == 1
 
-    def test_endless_body_after_the_response_is_aborted(self) -> None:
+    def test_bytes_after_the_response_are_ignored(self) -> None:
+        """The transport's lingering close reads and drops them; the endpoint is done."""
         endpoint, transport = feed(b"GET /stats HTTP/1.1\r\n\r\n")
         for _ in range(20):
             endpoint.data_received(b"x" * 65536)
-        assert transport.aborted
+        assert bytes(transport.written).count(b"HTTP/1.1") == 1 and transport.closed
 
     def test_incomplete_request_then_eof_is_400(self) -> None:
         endpoint, transport = feed(b"GET /stats HTTP/1.1\r\n")
         assert endpoint.eof_received() is None
         assert status_of(transport) == 400
+
+    def test_mixed_line_ends_are_answered(self) -> None:
+        _, transport = feed(b"GET /stats HTTP/1.1\nHost: x\n", b"\r\n")
+        assert status_of(transport) == 200
+
+    @pytest.mark.parametrize(
+        ("request_head", "status"),
+        [
+            (b"HEAD /nope HTTP/1.1\r\n\r\n", 404),
+            (b"HEAD /stats HTTP/1.1\r\nno colon\r\n\r\n", 400),
+            (b"HEAD /" + b"a" * MAX_HEAD, 400),
+        ],
+    )
+    def test_head_gets_no_body_whatever_the_status(self, request_head: bytes, status: int) -> None:
+        """RFC 9110 section 9.3.2: the server MUST NOT send content in the response to HEAD."""
+        _, transport = feed(request_head)
+        head, _, body = bytes(transport.written).partition(b"\r\n\r\n")
+        assert status_of(transport) == status
+        assert body == b"" and b"Content-Length: 0\r\n" not in head
+
+    def test_head_timing_out_gets_a_408_without_body(self) -> None:
+        timers = []
+        endpoint = HTTPEndpoint({}, lambda delay, callback: timers.append(callback) or Timer())
+        transport = RecordingTransport()
+        endpoint.connection_made(transport)
+        endpoint.data_received(b"HEAD /stats HTTP/1.1\r\nHost: x\r\n")
+        timers[0]()
+        assert status_of(transport) == 408
+        assert bytes(transport.written).endswith(b"\r\n\r\n")
 
     def test_route_runs_per_request(self) -> None:
         calls = []
@@ -132,17 +165,17 @@ class TestEndpointProtocol:
 
 class TestOverSockets:
     @pytest.fixture
-    def endpoint_address(self, backend_name: str):
-        loop = EventLoop(backend_name)
+    def endpoint(self, backend_name: str):
         routes = {"/stats": lambda: ("application/json", b"{}")}
-        server = Server(loop, lambda: HTTPEndpoint(routes, loop.call_later, idle_timeout=0.3), "127.0.0.1", 0)
-        server.start()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        yield server.address
-        loop.call_soon_threadsafe(lambda: (server.close(), loop.stop()))
-        thread.join(10)
-        loop.close()
+        loop = EventLoop(backend_name)
+        with serving(
+            backend_name, lambda: HTTPEndpoint(routes, loop.call_later, idle_timeout=0.3), loop=loop
+        ) as server:
+            yield server
+
+    @pytest.fixture
+    def endpoint_address(self, endpoint: Server):
+        return endpoint.address
 
     def test_silent_client_gets_408_then_close(self, endpoint_address) -> None:
         with connect(endpoint_address) as sock:
@@ -157,6 +190,26 @@ class TestOverSockets:
             sock.sendall(b"X" * 200_000 + b"\r\n\r\n")
             sock.shutdown(socket.SHUT_WR)
             assert recv_until_eof(sock).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+    def test_head_404_over_a_socket_has_no_body(self, endpoint_address) -> None:
+        with connect(endpoint_address) as sock:
+            sock.sendall(b"HEAD /nope HTTP/1.1\r\n\r\n")
+            reply = recv_until_eof(sock)
+        assert reply.startswith(b"HTTP/1.1 404 Not Found\r\n") and reply.endswith(b"\r\n\r\n")
+
+    def test_408_lingers_for_a_client_still_sending(self, endpoint: Server) -> None:
+        """The 408 is followed by a half-close and reads until the client's EOF, so what the client
+        sends meanwhile cannot make the kernel reset the connection and destroy the 408."""
+        with connect(endpoint.address) as sock:
+            sock.sendall(b"GET /stats HTTP/1.1\r\nX-Slow: ")
+            sock.settimeout(10)
+            reply = recv_until_eof(sock)  # the 408 and the server's FIN
+            assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            for _ in range(5):  # still sending: the server reads and drops it
+                sock.sendall(b"a" * 1000)
+            assert in_loop(endpoint, lambda: len(endpoint.connections)) == 1
+            sock.shutdown(socket.SHUT_WR)
+            wait_until(lambda: endpoint.connections_closed == 1)
 
     def test_client_keeps_connection_open_after_reply(self, endpoint_address) -> None:
         with connect(endpoint_address) as sock:
