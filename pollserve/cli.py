@@ -233,7 +233,7 @@ def serve(args: argparse.Namespace) -> int:
         args.app,
     )
     if stats_server.sockets:
-        log.info("stats on http://%s", format_address(stats_server.address))
+        log.info("stats on http://%s", format_address(stats_server.address, url=True))
     reporter.start()
     try:
         loop.run_forever()

@@ -6,7 +6,7 @@ Timers live in a heap, callbacks scheduled with ``call_soon`` in a deque.  A
 socketpair is the loop's wakeup channel, and only that: its bytes carry no
 meaning.  A signal is recorded by the Python-level handler in a deque the loop
 reads, because the byte ``signal.set_wakeup_fd`` writes is dropped when the
-socket is full (CPython issue 74224; uvloop and curio met the same).  The C
+socket is full (CPython issue 74224; curio issue 118).  The C
 handler's byte still matters: it wakes a poll() that a signal landing just
 before it would otherwise not interrupt.  ``call_soon_threadsafe`` and
 ``stop`` write a byte only when none is pending.  A socketpair rather than a
