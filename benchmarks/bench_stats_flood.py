@@ -1,0 +1,277 @@
+"""Does a flood of stats requests hurt the app?  hello throughput with and without one.
+
+One pollserve server runs ``hello`` with its stats endpoint on.  Optionally a
+holder process keeps N idle app connections open.  Then, rep after rep, two
+windows are measured back to back: the app's closed-loop hello throughput
+alone, and the same while F concurrent clients request ``/metrics`` as fast
+as the server answers them (each connects, sends one request, reads to EOF,
+closes, and starts again).  The table shows both rates, their ratio per rep
+(paired, so machine drift cancels), what the flood got, and the server's CPU.
+
+Timings never fail the run; the exit status is 1 only when a server does not
+start or stop cleanly or a hello reply is wrong.  benchmarks/README.md says
+more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import multiprocessing
+import os
+import platform
+import re
+import resource
+import selectors
+import socket
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+from bench_backends import HOST, READY_TIMEOUT, BenchError, ServerProcess, cpu_model, generate_load, package_version
+
+STATS_RE = re.compile(r"stats on http://127\.0\.0\.1:(\d+)")
+METRICS_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+# -- children ----------------------------------------------------------------------
+
+
+def hold_idle(pipe: Connection, port: int, count: int) -> None:
+    """Open count idle app connections, report, hold them until told to stop."""
+    raise_fd_limit(count + 64)
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection((HOST, port), timeout=10))
+    except OSError as exc:
+        pipe.send(("error", f"idle connection {len(socks) + 1}: {exc}"))
+        return
+    pipe.send(("ready", len(socks)))
+    with contextlib.suppress(EOFError):
+        pipe.recv()
+    for sock in socks:
+        sock.close()
+
+
+def flood(pipe: Connection, port: int, concurrency: int) -> None:
+    """Keep `concurrency` /metrics requests in flight until told to stop; report status counts."""
+    raise_fd_limit(concurrency + 64)
+    selector = selectors.DefaultSelector()
+    statuses: Counter[str] = Counter()
+    replies: dict[socket.socket, bytearray] = {}
+
+    def open_one() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.connect((HOST, port))
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            statuses[f"connect {exc.errno}"] += 1
+            sock.close()
+            return
+        replies[sock] = bytearray()
+        selector.register(sock, selectors.EVENT_WRITE)
+
+    def finish(sock: socket.socket, outcome: str) -> None:
+        statuses[outcome] += 1
+        selector.unregister(sock)
+        del replies[sock]
+        sock.close()
+
+    pipe.send(("ready", None))
+    if pipe.recv() != "go":
+        return
+    for _ in range(concurrency):
+        open_one()
+    while not pipe.poll():
+        for key, mask in selector.select(0.2):
+            sock = key.fileobj
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(METRICS_REQUEST)
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                finish(sock, type(exc).__name__)
+                open_one()
+                continue
+            if data:
+                replies[sock] += data
+                continue
+            reply = bytes(replies[sock])
+            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
+            open_one()
+    for sock in list(replies):
+        finish(sock, "unfinished")
+    pipe.send(("result", dict(statuses)))
+
+
+# -- the parent ------------------------------------------------------------------------
+
+
+def start_child(target, *args) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe()
+    proc = context.Process(target=target, args=(child_end, *args), daemon=True)
+    proc.start()
+    child_end.close()
+    return proc, parent_end
+
+
+def expect(pipe: Connection, kind: str, timeout: float, doing: str):
+    if not pipe.poll(timeout):
+        raise BenchError(f"no answer from a helper process for {timeout:g} s while {doing}")
+    got, detail = pipe.recv()
+    if got != kind:
+        raise BenchError(f"{doing}: {detail}")
+    return detail
+
+
+def stop_child(proc: multiprocessing.process.BaseProcess, pipe: Connection) -> None:
+    pipe.close()
+    proc.join(timeout=10)
+    if proc.is_alive():
+        proc.terminate()  # this child only, by its own PID
+        proc.join(timeout=5)
+
+
+def supports(option: str) -> bool:
+    """Whether the pollserve under test has a command-line option (to compare old and new trees)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "pollserve", "--help"], capture_output=True, text=True)
+    return option in result.stdout
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="epoll", help="polling backend (default: epoll)")
+    parser.add_argument("--app-clients", type=int, default=20, help="hello connections, closed loop (default: 20)")
+    parser.add_argument("--idle", type=int, default=10000, help="idle app connections held open (default: 10000)")
+    parser.add_argument("--flood", type=int, default=1000, help="concurrent /metrics clients (default: 1000)")
+    parser.add_argument("--flood-procs", type=int, default=2, help="processes sharing the flood (default: 2)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per window (default: 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per window (default: 1)")
+    parser.add_argument("--reps", type=int, default=3, help="baseline/flood pairs (default: 3)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    raise_fd_limit(args.idle + args.flood + 256)
+    command = [sys.executable, "-m", "pollserve", "--backend", args.backend, "--host", HOST, "--port", "0"]
+    command += ["--stats-port", "0", "--log-level", "info"]
+    if supports("--idle-timeout"):
+        command += ["--idle-timeout", "0"]  # the idle connections are the point
+    server = ServerProcess("pollserve", command)
+    port = server.start()
+    stats_port = None
+    deadline = time.monotonic() + 10
+    while stats_port is None and time.monotonic() < deadline:
+        line = server.lines.get(timeout=10)
+        found = STATS_RE.search(line or "")
+        if found:
+            stats_port = int(found.group(1))
+    if stats_port is None:
+        server.kill()
+        raise BenchError("no 'stats on' line")
+    assert server.proc is not None
+    load = argparse.Namespace(
+        clients=args.app_clients,
+        client_procs=1,
+        size=64,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        max_requests=50_000_000,
+    )
+    rows = []
+    holder = None
+    try:
+        if args.idle:
+            holder = start_child(hold_idle, port, args.idle)
+            expect(holder[1], "ready", READY_TIMEOUT + args.idle / 500, f"opening {args.idle} idle connections")
+        for rep in range(1, args.reps + 1):
+            alone = generate_load(port, "hello", load, server.proc.pid)
+            flooders = [
+                start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs
+            ]
+            try:
+                for _, pipe in flooders:
+                    expect(pipe, "ready", READY_TIMEOUT, "starting the flood")
+                for _, pipe in flooders:
+                    pipe.send("go")
+                time.sleep(1.0)  # let the flood reach its steady state
+                flooded = generate_load(port, "hello", load, server.proc.pid)
+                outcomes: Counter[str] = Counter()
+                for _, pipe in flooders:
+                    pipe.send("stop")
+                for _, pipe in flooders:
+                    outcomes.update(expect(pipe, "result", 30, "stopping the flood"))
+            finally:
+                for proc, pipe in flooders:
+                    stop_child(proc, pipe)
+            if alone.errors or flooded.errors:
+                raise BenchError(f"hello errors: {(alone.messages + flooded.messages)[:3]}")
+            rows.append((rep, alone, flooded, outcomes))
+    except BaseException:
+        server.kill()
+        raise
+    finally:
+        if holder is not None:
+            stop_child(*holder)
+    server.stop()
+
+    print("pollserve stats-flood benchmark: hello replies/s with and without a /metrics flood")
+    print(f"date:       {started:%Y-%m-%d %H:%M:%S} UTC (start)")
+    print(f"machine:    {platform.platform()}")
+    print(f"cpu:        {cpu_model()}, {os.cpu_count()} logical CPUs")
+    print(f"python:     {platform.python_implementation()} {platform.python_version()}")
+    print(f"pollserve:  {package_version('pollserve')}; psutil {package_version('psutil')}")
+    print(
+        f"parameters: backend {args.backend}, {args.app_clients} hello clients, {args.idle} idle app connections, "
+        f"{args.flood} concurrent /metrics clients in {args.flood_procs} processes, {args.seconds:g} s windows"
+    )
+    print()
+    head = f"{'rep':>3}  {'alone req/s':>11}  {'flooded req/s':>13}  {'ratio':>6}  {'srv cpu alone':>13}"
+    head += f"  {'srv cpu flood':>13}  flood answers (whole flood window)"
+    print(head)
+    print("-" * len(head))
+    ratios = []
+    for rep, alone, flooded, outcomes in rows:
+        ratio = flooded.rate / alone.rate if alone.rate else 0.0
+        ratios.append(ratio)
+        answers = ", ".join(f"{key} {value:,}" for key, value in sorted(outcomes.items()))
+        cpu_alone = alone.server_cpu / alone.server_cpu_seconds if alone.server_cpu_seconds else 0
+        cpu_flood = flooded.server_cpu / flooded.server_cpu_seconds if flooded.server_cpu_seconds else 0
+        print(
+            f"{rep:>3}  {alone.rate:>11,.0f}  {flooded.rate:>13,.0f}  {ratio:>6.3f}  {cpu_alone:>12.0%}  "
+            f"{cpu_flood:>12.0%}  {answers}"
+        )
+    print(f"median ratio flooded/alone: {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench_stats_flood: {exc}", file=sys.stderr)
+        sys.exit(1)
