@@ -7,11 +7,10 @@ in use) are one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
+import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,19 +18,22 @@ from collections.abc import Sequence
 from . import __version__
 from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BACKENDS, BackendError, auto_backend, get_backend
-from .http import HTTPEndpoint, Route
-from .loop import EventLoop
+from .limits import LimitError
 from .probe import ProbeError, fetch_stats, probe_process
-from .server import Server, format_address
-from .stats import StatsCollector, StatsReporter, prometheus_text, table
-
-log = logging.getLogger("pollserve")
+from .service import ListenError, ServeOptions
+from .service import serve as run_server
+from .stats import table
 
 ENV_BACKEND = "POLLSERVE_BACKEND"
 BACKEND_CHOICES = ["auto", *BACKENDS]
 
 #: exit status for usage errors, as argparse uses it
 EXIT_USAGE = 2
+#: closes a connection idle this long by default: long enough for an interactive client or a
+#: request/reply client between requests, short enough that connections whose client vanished
+#: without a FIN (a host that lost power, a NAT that dropped the mapping: TCP alone never notices)
+#: are reclaimed within minutes, before the ~350 s idle timeouts of common NATs and cloud balancers
+DEFAULT_IDLE_TIMEOUT = 300.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats-port",
         type=int,
         metavar="PORT",
-        help="serve GET /stats (JSON) and /metrics (Prometheus) on --host:PORT; 0 picks a port (default: off)",
+        help="serve GET /stats (JSON) and /metrics (Prometheus) on --stats-host:PORT; 0 picks a port (default: off)",
+    )
+    parser.add_argument(
+        "--stats-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the stats endpoint, whatever --host is (default: 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--max-fds",
+        type=int,
+        metavar="N",
+        help="set the soft fd limit (RLIMIT_NOFILE) to N at start (default: raise it to the hard limit)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="refuse clients past N open connections (default: what the fd limit allows after a reserve)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"close a connection that has neither sent nor received for SECONDS; 0 disables "
+        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("backends", help="list the backends, whether this OS has them, and which auto picks")
@@ -94,20 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON (one object per line with --watch)")
     stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     return parser
-
-
-#: the Content-Type Prometheus expects for text exposition format 0.0.4
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
-
-
-def stats_routes(collector: StatsCollector) -> dict[str, Route]:
-    def stats() -> tuple[str, bytes]:
-        return "application/json", collector.snapshot().to_json().encode() + b"\n"
-
-    def metrics() -> tuple[str, bytes]:
-        return PROMETHEUS_CONTENT_TYPE, prometheus_text(collector.snapshot()).encode()
-
-    return {"/stats": stats, "/metrics": metrics}
 
 
 def fail(message: str, status: int = 1) -> int:
@@ -170,6 +184,22 @@ def check_port(option: str, port: int | None) -> str | None:
     return None
 
 
+def check_seconds(option: str, value: float | None, *, zero_ok: bool) -> str | None:
+    """A finite number of seconds, positive (or zero where zero means "off")."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        kind = "a non-negative" if zero_ok else "a positive"
+        return f"{option} needs {kind} number of seconds, not {value}"
+    return None
+
+
+def check_count(option: str, value: int | None) -> str | None:
+    if value is not None and value < 1:
+        return f"{option} needs a positive number, not {value}"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -182,71 +212,35 @@ def serve(args: argparse.Namespace) -> int:
         factory = load_app(args.app)
     except (BackendError, AppError) as exc:
         return fail(str(exc), EXIT_USAGE)
-    problem = check_port("port", args.port) or check_port("--stats-port", args.stats_port)
-    if args.stats_interval is not None and not args.stats_interval > 0:
-        problem = "--stats-interval needs a positive number of seconds"
+    problem = (
+        check_port("port", args.port)
+        or check_port("--stats-port", args.stats_port)
+        or check_seconds("--shutdown-timeout", args.shutdown_timeout, zero_ok=True)
+        or check_seconds("--stats-interval", args.stats_interval, zero_ok=False)
+        or check_seconds("--idle-timeout", args.idle_timeout, zero_ok=True)
+        or check_count("--max-fds", args.max_fds)
+        or check_count("--max-connections", args.max_connections)
+    )
     if problem:
         return fail(problem, EXIT_USAGE)
-
-    loop = EventLoop(backend_class())
-    server = Server(loop, factory, args.host, args.port)
-    collector = StatsCollector(loop, server)
-    # The endpoint's own connections are kept out of the app's counters: a Server of its own.
-    endpoint = functools.partial(HTTPEndpoint, stats_routes(collector), loop.call_later)
-    stats_server = Server(loop, endpoint, args.host, args.stats_port or 0)
-    try:
-        for listener, port in ((server, args.port), (stats_server, args.stats_port)):
-            if port is not None:
-                listener.start()
-    except OSError as exc:
-        server.close()
-        stats_server.close()
-        loop.close()
-        where = format_address((args.host, port))
-        return fail(f"cannot listen on {where}: {exc.strerror or exc}")
-
-    stopping = False
-
-    def on_stop_signal(signame: str) -> None:
-        nonlocal stopping
-        if stopping:  # a second signal: do not wait for slow clients
-            log.warning("%s again: closing now", signame)
-            server.close()
-            loop.stop()
-            return
-        stopping = True
-        log.info("%s: no longer accepting; flushing %d connections", signame, len(server.connections))
-        stats_server.close()
-        server.shutdown(args.shutdown_timeout, loop.stop)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
-
-    reporter = StatsReporter(collector, log, args.stats_interval)
-    if hasattr(signal, "SIGUSR1"):
-        loop.add_signal_handler(signal.SIGUSR1, reporter.log_now)
-
-    log.info(
-        "listening on %s (backend %s, app %s)",
-        format_address(server.address),
-        loop.backend.name,
-        args.app,
+    options = ServeOptions(
+        backend=backend_class,
+        factory=factory,
+        app=args.app,
+        host=args.host,
+        port=args.port,
+        shutdown_timeout=args.shutdown_timeout,
+        stats_interval=args.stats_interval,
+        stats_port=args.stats_port,
+        stats_host=args.stats_host,
+        max_fds=args.max_fds,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout or None,
     )
-    if stats_server.sockets:
-        log.info("stats on http://%s", format_address(stats_server.address, url=True))
-    reporter.start()
     try:
-        loop.run_forever()
-    finally:
-        server.close()
-        stats_server.close()
-        loop.close()
-    log.info(
-        "stopped: %d connections accepted, %d refused, %d bytes in, %d bytes out, %d loop iterations",
-        server.connections_accepted,
-        server.connections_refused,
-        server.bytes_in,
-        server.bytes_out,
-        loop.iterations,
-    )
+        run_server(options)
+    except LimitError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except ListenError as exc:
+        return fail(str(exc))
     return 0

@@ -9,6 +9,7 @@ encoding -- a scrape or a curl needs none of them.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from .apps import Protocol, Transport
 #: a request head larger than this is refused with 400
 MAX_HEAD = 8192
 #: a connection that has not sent a whole request by then gets 408
-IDLE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 5.0
 
 REASONS = {
     200: "OK",
@@ -26,11 +27,15 @@ REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    503: "Service Unavailable",
 }
 
 # RFC 9110, section 5.6.2: token = 1*tchar
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
+# RFC 9110, section 5.5: a field value is VCHAR, obs-text, SP and HTAB.  CR, LF and NUL are
+# "invalid and dangerous"; the recipient must reject the message or replace them (we reject).
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class BadRequest(ValueError):
@@ -71,8 +76,9 @@ def parse_head(head: bytes) -> Request:
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
         raise BadRequest("invalid method")
-    if not target.startswith(b"/") or any(byte <= 0x20 or byte == 0x7F for byte in target):
-        raise BadRequest("target must be an absolute path")
+    if not target.startswith(b"/") or any(byte <= 0x20 or byte >= 0x7F for byte in target):
+        # RFC 3986: a URI is printable ASCII; anything else must be percent-encoded.
+        raise BadRequest("target must be an absolute path of printable ASCII")
     if not _VERSION.fullmatch(version):
         raise BadRequest("only HTTP/1.0 and HTTP/1.1 are spoken here")
     headers: dict[str, str] = {}
@@ -81,6 +87,8 @@ def parse_head(head: bytes) -> Request:
         if not colon or not _TOKEN.fullmatch(name):
             # Also refuses obsolete line folding (a line starting with white space).
             raise BadRequest("malformed header field")
+        if _BAD_VALUE_BYTE.search(value):
+            raise BadRequest("control character in a header field value")
         headers[name.decode("ascii").lower()] = value.strip(b" \t").decode("latin-1")
     return Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
 
@@ -109,6 +117,29 @@ def render_response(
 Route = Callable[[], tuple[str, bytes]]
 
 
+class RateLimit:
+    """A token bucket shared by every connection of an endpoint: ``rate`` requests a second,
+    ``burst`` at once.  A request over the bound is answered 503 with Retry-After."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        #: requests answered 503
+        self.refused = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.refused += 1
+        return False
+
+
 class HTTPEndpoint(Protocol):
     """Serves GET (and HEAD) for a fixed set of paths; anything else is 404.
 
@@ -122,10 +153,12 @@ class HTTPEndpoint(Protocol):
         routes: dict[str, Route],
         call_later: Callable[..., Any] | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.routes = routes
         self._call_later = call_later
         self._idle_timeout = idle_timeout
+        self._rate_limit = rate_limit
         self._buffer = bytearray()
         self._responded = False
         self._timer: Any = None
@@ -155,7 +188,9 @@ class HTTPEndpoint(Protocol):
 
     def _handle(self, request: Request) -> None:
         route = self.routes.get(request.path)
-        if route is None:
+        if self._rate_limit is not None and not self._rate_limit.take():
+            self._respond(503, b"too many requests; try again in a second\n", extra_headers=(("Retry-After", "1"),))
+        elif route is None:
             self._respond(404, f"not found; try {', '.join(self.routes)}\n".encode())
         elif request.method not in ("GET", "HEAD"):
             self._respond(405, b"only GET and HEAD\n", extra_headers=(("Allow", "GET, HEAD"),))

@@ -81,6 +81,9 @@ class EventLoop:
         self._closed = False
         #: how many times the loop has returned from poll()
         self.iterations = 0
+        #: the monotonic clock, read once per iteration right after poll() returns: a
+        #: timestamp for handlers that need one per event without a clock call each
+        self.now = time.monotonic()
         self._signal_handlers: dict[int, Handle] = {}
         #: signal numbers the Python-level handler recorded, for the loop to dispatch
         self._pending_signals: deque[int] = deque()
@@ -173,6 +176,7 @@ class EventLoop:
             self._cancelled_timers = 0
 
     def time(self) -> float:
+        """The monotonic clock, read now (``now`` is the reading of this iteration)."""
         return time.monotonic()
 
     # -- signals -----------------------------------------------------------------
@@ -248,6 +252,7 @@ class EventLoop:
         if self._closed:
             raise RuntimeError("the loop is closed")
         self._running = True
+        self.now = time.monotonic()
         try:
             while not self._stopping:
                 self._run_once()
@@ -258,13 +263,17 @@ class EventLoop:
             self._running = False
 
     def _run_once(self) -> None:
+        # One clock reading per iteration, taken after poll(): the timeout is reckoned
+        # from the previous one, so a timer may fire late by the time the previous
+        # iteration's callbacks took, never early.
         if self._ready:
             timeout: float | None = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = max(0.0, self._timers[0][0] - self.now)
         else:
             timeout = None
         events = self.backend.poll(timeout)
+        self.now = time.monotonic()
         self.iterations += 1
         readers = self._readers
         writers = self._writers
@@ -287,7 +296,7 @@ class EventLoop:
 
     def _collect_due_timers(self) -> None:
         timers = self._timers
-        now = time.monotonic()
+        now = self.now
         while timers and timers[0][0] <= now:
             handle = heapq.heappop(timers)[2]
             if handle.cancelled:

@@ -16,6 +16,7 @@ had already accepted (nginx's ``lingering_close`` exists for this).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 from .apps import Protocol, ProtocolFactory
 from .backends import CapacityError
 from .loop import EventLoop, Handle
+from .ratelog import EpisodeLog
 from .transport_socket import TransportSocket
 
 log = logging.getLogger("pollserve")
@@ -98,6 +100,7 @@ class Connection:
         "_paused_by_user",
         "_paused_by_backpressure",
         "_linger_timer",
+        "_last_active",
         "high_water",
         "low_water",
         "bytes_in",
@@ -125,6 +128,8 @@ class Connection:
         self._paused_by_user = False
         self._paused_by_backpressure = False
         self._linger_timer: Handle | None = None
+        #: the loop's clock when bytes last moved either way (the idle sweep reads it)
+        self._last_active = self._loop.now
         self.high_water = server.high_water
         self.low_water = server.low_water
         self.bytes_in = 0
@@ -146,6 +151,7 @@ class Connection:
             return
         if data:
             self.bytes_in += len(data)
+            self._last_active = self._loop.now
             try:
                 self._protocol.data_received(data)
             except Exception as exc:
@@ -204,6 +210,7 @@ class Connection:
         buffer = self._buffer
         if buffer:
             buffer += data
+            self._server.write_buffer_bytes += len(data)
         else:
             try:
                 sent = self._sock.send(data)
@@ -212,10 +219,13 @@ class Connection:
             except OSError as exc:  # EPIPE, ECONNRESET: the client is gone
                 self._finish(exc)
                 return
-            self.bytes_out += sent
-            if sent == len(data):
-                return
+            if sent:
+                self.bytes_out += sent
+                self._last_active = self._loop.now
+                if sent == len(data):
+                    return
             buffer += memoryview(data)[sent:]
+            self._server.write_buffer_bytes += len(data) - sent
             self._loop.add_writer(self._fd, self._on_writable)
         if len(buffer) > self.high_water and not self._paused_by_backpressure:
             self._paused_by_backpressure = True
@@ -232,6 +242,8 @@ class Connection:
             self._finish(exc)
             return
         self.bytes_out += sent
+        self._last_active = self._loop.now
+        self._server.write_buffer_bytes -= sent
         del buffer[:sent]  # O(1) for a prefix: bytearray moves its start
         if self._paused_by_backpressure and len(buffer) <= self.low_water:
             self._paused_by_backpressure = False
@@ -339,6 +351,13 @@ class Connection:
         """Close now, dropping whatever is buffered."""
         self._finish(None)
 
+    def _close_idle(self) -> None:
+        """The idle timeout: a client that has not read for that long will not read what is buffered."""
+        if self._buffer:
+            self.abort()
+        else:
+            self.close()
+
     def _finish(self, exc: Exception | None) -> None:
         if self._lost:
             return
@@ -351,6 +370,7 @@ class Connection:
         # and the fd number may be reused at once (h2o pull request #1100).
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
+        self._server.write_buffer_bytes -= len(self._buffer)
         self._buffer.clear()
         self._sock.close()
         self._server._connection_closed(self)
@@ -377,7 +397,17 @@ class Connection:
 
 
 class Server:
-    """Listening sockets bound to one address, and the connections they accepted."""
+    """Listening sockets bound to one address, and the connections they accepted.
+
+    ``max_connections`` bounds the open connections.  Past it a client is, by
+    default, accepted and closed at once: a quick, clean refusal rather than a
+    client left waiting in the backlog.  With ``refuse_excess=False`` the
+    listeners are not watched until a connection closes, so the excess waits
+    in the kernel's backlog at no cost to the loop (the stats endpoint's choice).
+    ``idle_timeout`` closes a connection that has neither sent nor received for
+    that long, found by a coarse periodic sweep: the hot path only stores the
+    loop's clock reading on each transfer.
+    """
 
     def __init__(
         self,
@@ -386,16 +416,22 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 5001,
         *,
+        name: str = "app",
         backlog: int = 1024,
         accept_batch: int = 128,
         high_water: int = 64 * 1024,
         low_water: int = 16 * 1024,
         linger_timeout: float = 2.0,
+        max_connections: int | None = None,
+        refuse_excess: bool = True,
+        idle_timeout: float | None = None,
     ) -> None:
         self.loop = loop
         self.protocol_factory = protocol_factory
         self.host = host
         self.port = port
+        #: names the listener in log lines ("app", "stats")
+        self.name = name
         self.backlog = backlog
         #: at most this many accept() calls per wakeup, so a connect storm cannot starve clients
         self.accept_batch = accept_batch
@@ -403,17 +439,28 @@ class Server:
         self.low_water = low_water
         #: how long a closing connection reads and drops the client's bytes, waiting for its EOF
         self.linger_timeout = linger_timeout
+        self.max_connections = max_connections
+        self.refuse_excess = refuse_excess
+        self.idle_timeout = idle_timeout or None
         self.sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
         # Plain counters; live connections keep their own byte counts.
         self.connections_accepted = 0
         self.connections_closed = 0
         self.connections_refused = 0
+        self.connections_idle_closed = 0
+        #: bytes waiting in the connections' write buffers, all together
+        self.write_buffer_bytes = 0
         self._bytes_in_closed = 0
         self._bytes_out_closed = 0
+        #: called (no arguments) when accept() fails for lack of fds: the fd-usage warning listens
+        self.on_fd_exhausted: Callable[[], Any] | None = None
         self._accept_paused = False
+        self._waiting_for_room = False
+        self._refusals = EpisodeLog(log, loop, f"{name}: connections refused")
+        self._idle_timer: Handle | None = None
         self._on_drained: Callable[[], Any] | None = None
-        self._drain_timer = None
+        self._drain_timer: Handle | None = None
 
     # -- listening -------------------------------------------------------------
 
@@ -430,16 +477,21 @@ class Server:
             sock.bind(address)
             sock.listen(self.backlog)
             sock.setblocking(False)
-            self.loop.add_reader(sock.fileno(), lambda: self._on_acceptable(sock))
+            self._watch(sock)
         except BaseException:
             sock.close()
             raise
         self.sockets.append(sock)
+        if self.idle_timeout is not None and self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
 
     @property
     def address(self) -> Any:
         """The bound address of the first listening socket (the real port after port 0)."""
         return self.sockets[0].getsockname()
+
+    def _watch(self, listener: socket.socket) -> None:
+        self.loop.add_reader(listener.fileno(), functools.partial(self._on_acceptable, listener))
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; established connections go on."""
@@ -448,9 +500,15 @@ class Server:
             sock.close()
         self.sockets.clear()
 
+    def _full(self) -> bool:
+        return self.max_connections is not None and len(self.connections) >= self.max_connections
+
     def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(self.accept_batch):
             if listener.fileno() < 0:  # closed by the connection_made before (stop_accepting)
+                return
+            if not self.refuse_excess and self._full():
+                self._wait_for_room()
                 return
             try:
                 sock, peername = listener.accept()
@@ -465,27 +523,46 @@ class Server:
                 raise
             if self._accept_paused:
                 self._accept_paused = False
-                log.info("accepting again (%d connections open)", len(self.connections))
+                log.info("%s: accepting again (%d connections open)", self.name, len(self.connections))
+            if self._full():
+                self._refuse(sock, f"{len(self.connections)} connections open, the limit of {self.max_connections}")
+                continue
             self._serve(sock, peername)
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """Close an accepted client at once: it sees EOF (or a reset, if it had sent bytes)."""
+        sock.close()
+        self.connections_refused += 1
+        self._refusals.event(reason)
+
+    def _wait_for_room(self) -> None:
+        """Stop watching the listeners until a connection closes; the kernel's backlog holds the rest."""
+        self._waiting_for_room = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         # Level-triggered: a pending client we cannot accept keeps the listener
         # readable, so stop watching it for a second rather than spin (asyncio's
         # choice; Twisted and libuv keep a reserve fd instead).  One warning per
-        # episode, not one per second.
+        # episode, not one per second.  With the fd budget this is the last line
+        # of defence: the connection limit is reached first.
         if not self._accept_paused:
             self._accept_paused = True
             log.warning(
-                "accept failed: %s; pausing accepts for 1 s at a time until it succeeds (%d connections open)",
+                "%s: accept failed: %s; pausing accepts for 1 s at a time until it succeeds (%d connections open)",
+                self.name,
                 exc.strerror or exc,
                 len(self.connections),
             )
+            if self.on_fd_exhausted is not None and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.on_fd_exhausted()
         fd = listener.fileno()
         self.loop.remove_reader(fd)
 
         def resume() -> None:
-            if listener.fileno() == fd:  # not closed meanwhile
-                self.loop.add_reader(fd, lambda: self._on_acceptable(listener))
+            if listener.fileno() == fd and not self._waiting_for_room:  # not closed meanwhile
+                self._watch(listener)
 
         self.loop.call_later(1.0, resume)
 
@@ -499,13 +576,13 @@ class Server:
             # macOS refuses socket options with EINVAL once a socket is shut both ways,
             # as an accepted one is when its client reset it first (XNU sosetsockopt;
             # envoyproxy/envoy#1446).  That client is gone; the batch goes on.
-            log.debug("client %s gone before it was served: %s", format_address(peername), exc)
+            log.debug("%s: client %s gone before it was served: %s", self.name, format_address(peername), exc)
             sock.close()
             return
         try:
             protocol = self.protocol_factory()
         except Exception:
-            log.exception("app factory failed for %s; closing it", format_address(peername))
+            log.exception("%s: app factory failed for %s; closing it", self.name, format_address(peername))
             sock.close()
             self.connections_refused += 1
             return
@@ -513,9 +590,7 @@ class Server:
         try:
             self.loop.add_reader(conn._fd, conn._on_readable)
         except CapacityError as exc:
-            log.warning("refused %s: %s", format_address(peername), exc)
-            sock.close()
-            self.connections_refused += 1
+            self._refuse(sock, str(exc))
             return
         self.connections.add(conn)
         self.connections_accepted += 1
@@ -524,6 +599,22 @@ class Server:
         except Exception as exc:
             conn._protocol_failed("connection_made", exc)
 
+    # -- idle connections -----------------------------------------------------------
+
+    def _sweep_interval(self) -> float:
+        """A quarter of the timeout, within [0.05 s, 5 s]: idle clients go within 1.25 timeouts."""
+        assert self.idle_timeout is not None
+        return min(max(self.idle_timeout / 4, 0.05), 5.0)
+
+    def _sweep_idle(self) -> None:
+        assert self.idle_timeout is not None
+        deadline = self.loop.now - self.idle_timeout
+        idle = [conn for conn in self.connections if conn._last_active <= deadline and not conn._closing]
+        for conn in idle:
+            self.connections_idle_closed += 1
+            conn._close_idle()
+        self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
+
     # -- accounting --------------------------------------------------------------
 
     def _connection_closed(self, conn: Connection) -> None:
@@ -531,6 +622,10 @@ class Server:
         self.connections_closed += 1
         self._bytes_in_closed += conn.bytes_in
         self._bytes_out_closed += conn.bytes_out
+        if self._waiting_for_room and not self._full():
+            self._waiting_for_room = False
+            for sock in self.sockets:
+                self._watch(sock)
         if self._on_drained is not None and not self.connections:
             self._drained()
 
@@ -547,7 +642,7 @@ class Server:
     def shutdown(self, timeout: float, on_done: Callable[[], Any]) -> None:
         """Stop accepting, close every connection after flushing it, then call on_done().
 
-        Connections still flushing after timeout seconds are aborted.
+        Connections still flushing or lingering after timeout seconds are aborted.
         """
         self.stop_accepting()
         self._on_drained = on_done
@@ -559,7 +654,11 @@ class Server:
             self._drained()
 
     def _abort_all(self) -> None:
-        log.warning("shutdown timeout: aborting %d connections still flushing or lingering", len(self.connections))
+        log.warning(
+            "%s: shutdown timeout: aborting %d connections still flushing or lingering",
+            self.name,
+            len(self.connections),
+        )
         for conn in list(self.connections):
             conn.abort()
 
@@ -576,3 +675,7 @@ class Server:
         self.stop_accepting()
         for conn in list(self.connections):
             conn.abort()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._refusals.close()

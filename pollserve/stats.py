@@ -1,13 +1,17 @@
 """File-descriptor and loop statistics: one snapshot type, rendered by every view.
 
 The loop, the backend and the server keep plain integer counters on the hot
-path; psutil is asked only when a view wants a snapshot (the periodic log
-line, the HTTP endpoint, SIGUSR1, the fd-usage watch), never per event.
+path, read exactly by every snapshot.  psutil is asked at most once a second,
+and less often when counting the fds takes longer than 1% of that: its
+figures are shared by every view (the periodic log line, the HTTP endpoint,
+SIGUSR1, the fd-usage watch), so a request to the stats endpoint costs
+microseconds, not a scan of ``/proc``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -47,8 +51,13 @@ class Snapshot:
     connections_accepted: int
     connections_closed: int
     connections_refused: int
+    #: the connection limit (--max-connections or the fd budget); None when there is none
+    connections_limit: int | None
+    connections_idle_closed: int
     bytes_in: int
     bytes_out: int
+    #: bytes waiting in write buffers, all connections together
+    write_buffer_bytes: int
     loop_iterations: int
     events_total: int
     uptime_s: float
@@ -102,26 +111,47 @@ def usage(fds: int | None, soft_limit: int | None) -> float | None:
 class StatsCollector:
     """Builds snapshots of one loop and the server of the app's clients."""
 
+    #: psutil figures are reused for at least this long...
+    fd_refresh_interval = 1.0
+    #: ...and longer when counting would take more than this share of the time
+    fd_count_budget = 0.01
+
     def __init__(self, loop: EventLoop, server: Server) -> None:
         self.loop = loop
         self.server = server
         self.process = psutil.Process()
         self.started = time.monotonic()
+        self._fd_cache: tuple[int | None, int | None, int | None] | None = None
+        self._fd_next_count = 0.0
 
     def fd_figures(self) -> tuple[int | None, int | None, int | None]:
-        """(open fds, soft limit, hard limit); None where the OS will not say.
+        """(open fds, soft limit, hard limit), counted at most once per refresh interval.
 
-        Counting fds opens /proc/PID/fd on Linux, which fails with EMFILE exactly
-        when the figure matters most: then it is unknown, not an error.
+        Counting lists /proc/PID/fd on Linux, whose cost grows with the count (74 ms
+        for 19,000 fds on a 2-core machine): the next count waits long enough to keep
+        within fd_count_budget of the time.
         """
-        try:
-            fds: int | None = count_fds(self.process)
-        except (OSError, psutil.Error):
-            fds = None
+        now = time.monotonic()
+        if self._fd_cache is None or now >= self._fd_next_count:
+            started = time.perf_counter()
+            self._fd_cache = self._count_fds()
+            cost = time.perf_counter() - started
+            self._fd_next_count = now + max(self.fd_refresh_interval, cost / self.fd_count_budget)
+        return self._fd_cache
+
+    def _count_fds(self) -> tuple[int | None, int | None, int | None]:
+        """Counting opens /proc/PID/fd on Linux, which fails with EMFILE exactly when the
+        figure matters most: then the process is at its limit, and says so."""
         try:
             soft, hard = fd_limits(self.process)
         except (OSError, psutil.Error):
             soft = hard = None
+        try:
+            fds: int | None = count_fds(self.process)
+        except OSError as exc:
+            fds = soft if exc.errno in (errno.EMFILE, errno.ENFILE) else None
+        except psutil.Error:
+            fds = None
         return fds, soft, hard
 
     def snapshot(self) -> Snapshot:
@@ -141,8 +171,11 @@ class StatsCollector:
             connections_accepted=server.connections_accepted,
             connections_closed=server.connections_closed,
             connections_refused=server.connections_refused,
+            connections_limit=server.max_connections,
+            connections_idle_closed=server.connections_idle_closed,
             bytes_in=server.bytes_in,
             bytes_out=server.bytes_out,
+            write_buffer_bytes=server.write_buffer_bytes,
             loop_iterations=self.loop.iterations,
             events_total=backend.events_total,
             uptime_s=round(time.monotonic() - self.started, 3),
@@ -195,8 +228,16 @@ _METRICS: list[tuple[str, str, str, str]] = [
     ("connections_accepted", "pollserve_connections_accepted_total", "counter", "Client connections accepted."),
     ("connections_closed", "pollserve_connections_closed_total", "counter", "Client connections closed."),
     ("connections_refused", "pollserve_connections_refused_total", "counter", "Client connections refused."),
+    ("connections_limit", "pollserve_connections_limit", "gauge", "Client connections allowed open at once."),
+    (
+        "connections_idle_closed",
+        "pollserve_connections_idle_closed_total",
+        "counter",
+        "Client connections closed by the idle timeout.",
+    ),
     ("bytes_in", "pollserve_received_bytes_total", "counter", "Bytes received from clients."),
     ("bytes_out", "pollserve_sent_bytes_total", "counter", "Bytes sent to clients."),
+    ("write_buffer_bytes", "pollserve_write_buffer_bytes", "gauge", "Bytes waiting to be sent, all clients together."),
     ("loop_iterations", "pollserve_loop_iterations_total", "counter", "Returns from the backend's poll call."),
     ("events_total", "pollserve_events_total", "counter", "Readiness events returned by the backend."),
     ("uptime_s", "pollserve_uptime_seconds", "gauge", "Seconds since the server started."),
@@ -265,10 +306,8 @@ class FdUsageWatch:
 class StatsReporter:
     """The loop-driven views: the periodic log line, the on-demand line, the fd-usage warning."""
 
-    #: how often fd usage is checked for the warning (a psutil call, so not per event), at the most
+    #: how often fd usage is checked for the warning; the collector counts less often if that is costly
     fd_check_interval = 1.0
-    #: the check may take at most this share of the loop's time
-    fd_check_budget = 0.01
 
     def __init__(self, collector: StatsCollector, log: logging.Logger, interval: float | None = None) -> None:
         self.collector = collector
@@ -295,20 +334,21 @@ class StatsReporter:
         self.collector.loop.call_later(self.interval, self._log_periodic)
 
     def _check_fds(self) -> None:
-        started = time.perf_counter()
         fds, soft, _ = self.collector.fd_figures()
-        # Counting lists /proc/PID/fd, whose cost grows with the count (74 ms for
-        # 19,000 fds on a 2-core machine): space the checks out so they stay
-        # within fd_check_budget of the loop's time.
-        cost = time.perf_counter() - started
-        delay = max(self.fd_check_interval, cost / self.fd_check_budget)
-        fd_usage = usage(fds, soft)
+        self._warn_if_crossed(usage(fds, soft), fds, soft)
+        self.collector.loop.call_later(self.fd_check_interval, self._check_fds)
+
+    def fds_exhausted(self) -> None:
+        """accept() failed for lack of fds: usage is 100%, whatever the last count said."""
+        _, soft, _ = self.collector.fd_figures()
+        self._warn_if_crossed(1.0, soft, soft)
+
+    def _warn_if_crossed(self, fd_usage: float | None, fds: int | None, soft: int | None) -> None:
         if self.watch.crossed(fd_usage):
             self.log.warning(
-                "fd usage at %.0f%% of the soft limit (%d of %d): new connections fail at the limit; "
+                "fd usage at %.0f%% of the soft limit (%s of %s): new connections fail at the limit; "
                 "raise it (ulimit -n, or LimitNOFILE= under systemd)",
                 100 * (fd_usage or 0),
-                fds,
-                soft,
+                "?" if fds is None else fds,
+                "?" if soft is None else soft,
             )
-        self.collector.loop.call_later(delay, self._check_fds)

@@ -167,22 +167,24 @@ class TestUserErrors:
 @pytest.mark.skipif(not POSIX, reason="RLIMIT_NOFILE is POSIX")
 class TestFdExhaustion:
     def test_accept_emfile_backs_off_and_recovers(self, start_server, backend_name: str) -> None:
-        """accept() failing with EMFILE must neither spin nor kill the server."""
-        import resource
+        """accept() failing with EMFILE must neither spin nor kill the server.
 
-        def low_limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (32, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-
-        server = start_server("--backend", backend_name, preexec_fn=low_limit)
+        The connection limit keeps a server within its fds; an app that takes fds of its
+        own (two per connection here) overruns the budget, and EMFILE is the last defence.
+        """
+        server = start_server(
+            "--backend", backend_name, "--max-fds", "64", "--app", "sample_apps:FdHog", env={"PYTHONPATH": TESTS_DIR}
+        )
         socks = [connect(server.address) for _ in range(40)]  # the kernel queues what cannot be accepted
         try:
-            server.wait_for_log(r"WARNING accept failed: Too many open files; pausing accepts")
+            server.wait_for_log(r"WARNING app: accept failed: Too many open files; pausing accepts")
+            server.wait_for_log(r"WARNING fd usage at 100% of the soft limit")
             socks[0].sendall(b"hi")
             assert recv_exactly(socks[0], len(HELLO)) == HELLO  # the accepted ones are served
             cpu_before = psutil_cpu(server.proc.pid)
             time.sleep(1.0)
             assert psutil_cpu(server.proc.pid) - cpu_before < 0.5, "the server spins while out of fds"
-            for sock in socks[:20]:
+            for sock in socks[:30]:  # frees 3 fds per accepted client: room for the 10 still queued
                 sock.close()
             last = socks[-1]
             last.sendall(b"hi")
@@ -192,7 +194,9 @@ class TestFdExhaustion:
             for sock in socks:
                 sock.close()
         assert server.alive()
-        assert sum("accept failed" in line for line in server.lines) == 1, server.log
+        # One warning per episode, not one per second: each but the last is followed by "accepting again".
+        failed = sum("accept failed" in line for line in server.lines)
+        assert 1 <= failed <= sum("accepting again" in line for line in server.lines) + 1, server.log
         assert_no_traceback(server.log)
 
 
