@@ -300,9 +300,10 @@ class BenchError(Exception):
 class ServerProcess:
     """A target server subprocess whose stderr a thread drains, so the pipe never fills."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], **popen_kwargs: Any) -> None:
         self.name = name
         self.argv = argv
+        self.popen_kwargs = popen_kwargs  # preexec_fn, env
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.tail: deque[str] = deque(maxlen=20)  # for error messages
@@ -323,7 +324,7 @@ class ServerProcess:
     def start(self) -> int:
         """Start the server and return its port, once it logged its listening line."""
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **self.popen_kwargs
         )
         self.reader = threading.Thread(target=self._drain, name=f"stderr-{self.name}", daemon=True)
         self.reader.start()

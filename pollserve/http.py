@@ -9,12 +9,12 @@ encoding -- a scrape or a curl needs none of them.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .apps import Protocol, Transport
+from .rates import RateLimit
 
 #: a request head larger than this is refused with 400
 MAX_HEAD = 8192
@@ -115,29 +115,6 @@ def render_response(
 
 #: a route returns (content type, body); it is called once per request
 Route = Callable[[], tuple[str, bytes]]
-
-
-class RateLimit:
-    """A token bucket shared by every connection of an endpoint: ``rate`` requests a second,
-    ``burst`` at once.  A request over the bound is answered 503 with Retry-After."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-        #: requests answered 503
-        self.refused = 0
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        self.refused += 1
-        return False
 
 
 class HTTPEndpoint(Protocol):

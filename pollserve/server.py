@@ -25,7 +25,7 @@ from typing import Any
 from .apps import Protocol, ProtocolFactory
 from .backends import CapacityError
 from .loop import EventLoop, Handle
-from .ratelog import EpisodeLog
+from .rates import EpisodeLog, RateLimit
 from .transport_socket import TransportSocket
 
 log = logging.getLogger("pollserve")
@@ -404,9 +404,12 @@ class Server:
     client left waiting in the backlog.  With ``refuse_excess=False`` the
     listeners are not watched until a connection closes, so the excess waits
     in the kernel's backlog at no cost to the loop (the stats endpoint's choice).
-    ``idle_timeout`` closes a connection that has neither sent nor received for
-    that long, found by a coarse periodic sweep: the hot path only stores the
-    loop's clock reading on each transfer.
+    ``accept_rate`` paces accepts: when its bucket is empty the listeners are
+    not watched until the next token, so a connect flood waits in the backlog
+    instead of taking a share of every loop iteration (the stats endpoint's
+    protection).  ``idle_timeout`` closes a connection that has neither sent nor
+    received for that long, found by a coarse periodic sweep: the hot path only
+    stores the loop's clock reading on each transfer.
     """
 
     def __init__(
@@ -424,6 +427,7 @@ class Server:
         linger_timeout: float = 2.0,
         max_connections: int | None = None,
         refuse_excess: bool = True,
+        accept_rate: RateLimit | None = None,
         idle_timeout: float | None = None,
     ) -> None:
         self.loop = loop
@@ -441,6 +445,7 @@ class Server:
         self.linger_timeout = linger_timeout
         self.max_connections = max_connections
         self.refuse_excess = refuse_excess
+        self.accept_rate = accept_rate
         self.idle_timeout = idle_timeout or None
         self.sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
@@ -457,6 +462,7 @@ class Server:
         self.on_fd_exhausted: Callable[[], Any] | None = None
         self._accept_paused = False
         self._waiting_for_room = False
+        self._pacing = False
         self._refusals = EpisodeLog(log, loop, f"{name}: connections refused")
         self._idle_timer: Handle | None = None
         self._on_drained: Callable[[], Any] | None = None
@@ -510,6 +516,9 @@ class Server:
             if not self.refuse_excess and self._full():
                 self._wait_for_room()
                 return
+            if self.accept_rate is not None and not self.accept_rate.take():
+                self._pace()
+                return
             try:
                 sock, peername = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -534,6 +543,20 @@ class Server:
         sock.close()
         self.connections_refused += 1
         self._refusals.event(reason)
+
+    def _pace(self) -> None:
+        """Stop watching the listeners until the accept rate allows the next client."""
+        self._pacing = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+        assert self.accept_rate is not None
+        self.loop.call_later(self.accept_rate.wait(), self._end_pacing)
+
+    def _end_pacing(self) -> None:
+        self._pacing = False
+        if not self._waiting_for_room:
+            for sock in self.sockets:
+                self._watch(sock)
 
     def _wait_for_room(self) -> None:
         """Stop watching the listeners until a connection closes; the kernel's backlog holds the rest."""
@@ -561,7 +584,7 @@ class Server:
         self.loop.remove_reader(fd)
 
         def resume() -> None:
-            if listener.fileno() == fd and not self._waiting_for_room:  # not closed meanwhile
+            if listener.fileno() == fd and not (self._waiting_for_room or self._pacing):  # not closed meanwhile
                 self._watch(listener)
 
         self.loop.call_later(1.0, resume)
@@ -624,8 +647,9 @@ class Server:
         self._bytes_out_closed += conn.bytes_out
         if self._waiting_for_room and not self._full():
             self._waiting_for_room = False
-            for sock in self.sockets:
-                self._watch(sock)
+            if not self._pacing:
+                for sock in self.sockets:
+                    self._watch(sock)
         if self._on_drained is not None and not self.connections:
             self._drained()
 

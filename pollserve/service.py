@@ -19,9 +19,10 @@ import psutil
 
 from .apps import ProtocolFactory
 from .backends import Backend
-from .http import HTTPEndpoint, RateLimit, Route
+from .http import HTTPEndpoint, Route
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
 from .loop import EventLoop
+from .rates import RateLimit
 from .server import Server, format_address
 from .stats import StatsCollector, StatsReporter, count_fds, prometheus_text
 
@@ -38,6 +39,11 @@ STATS_MAX_CONNECTIONS = 16
 #: a dashboard polling every second and a balancer's health checks; the excess gets 503
 STATS_RATE = 50.0
 STATS_BURST = 50
+#: stats connections accepted per second (and at once); past that the listener is not watched
+#: until the next token, so a connect flood waits in the kernel's backlog and costs the loop
+#: nothing -- answering each of its requests, even with a 503, took most of a core
+STATS_ACCEPT_RATE = 2 * STATS_RATE
+STATS_ACCEPT_BURST = 2 * STATS_BURST
 #: accepts per wakeup on the stats listener, so a connect storm there takes a small share
 STATS_ACCEPT_BATCH = 8
 
@@ -126,6 +132,7 @@ def serve(options: ServeOptions) -> None:
         max_connections=STATS_MAX_CONNECTIONS,
         refuse_excess=False,
         accept_batch=STATS_ACCEPT_BATCH,
+        accept_rate=RateLimit(STATS_ACCEPT_RATE, STATS_ACCEPT_BURST),
     )
 
     def close_all() -> None:

@@ -672,3 +672,20 @@ def test_close_and_write_eof_inside_resume_writing(backend_name: str) -> None:
         live_timers = in_loop(server, lambda: [entry for entry in server.loop._timers if not entry[2].cancelled])
         assert live_timers == []  # the linger timer went with the connection
     assert factory.made[0].lost == [None]
+
+
+def test_write_buffer_bytes_is_the_sum_of_the_buffers(backend_name: str) -> None:
+    factory = Recorded(EchoRecorder)
+    with serving(backend_name, factory) as server, connect(server.address) as a, connect(server.address) as b:
+        fill_until_pushed_back(a)
+        fill_until_pushed_back(b)
+        total, buffers = in_loop(
+            server,
+            lambda: (server.write_buffer_bytes, [p.transport.get_write_buffer_size() for p in factory.made]),
+        )
+        assert total == sum(buffers) > 0
+        in_loop(server, factory.made[0].transport.abort)  # dropped, not sent
+        assert in_loop(server, lambda: server.write_buffer_bytes) == buffers[1]
+        b.settimeout(10)
+        assert recv_exactly(b, 1 << 20)  # draining the echo empties the buffer
+        wait_until(lambda: in_loop(server, lambda: server.write_buffer_bytes) < buffers[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import os
@@ -16,6 +15,7 @@ import time
 import pytest
 from clients import connect, request_rounds
 from serverproc import pollserve_command, pollserve_env, run_pollserve
+from statsclient import get_stats, http_get, stats_address, wait_for
 
 from pollserve.stats import METRIC_FIELDS, FdUsageWatch, Snapshot
 
@@ -45,27 +45,6 @@ SNAPSHOT_KEYS = [
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})? (?P<value>\S+)$")
 
 
-def stats_address(server) -> tuple[str, int]:
-    found = server.wait_for_log(r"stats on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
-    return found[1].strip("[]"), int(found[2])
-
-
-def http_get(address: tuple[str, int], path: str) -> tuple[int, str, bytes]:
-    conn = http.client.HTTPConnection(*address, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.getheader("Content-Type", ""), response.read()
-    finally:
-        conn.close()
-
-
-def get_stats(address: tuple[str, int]) -> dict:
-    status, content_type, body = http_get(address, "/stats")
-    assert status == 200 and content_type == "application/json"
-    return json.loads(body)
-
-
 def parse_metrics(text: str) -> dict[str, float]:
     values = {}
     for line in text.splitlines():
@@ -77,13 +56,6 @@ def parse_metrics(text: str) -> dict[str, float]:
         assert match["name"].startswith("pollserve_")
         values[match["name"]] = float(match["value"])
     return values
-
-
-def wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        time.sleep(0.05)
 
 
 def test_snapshot_fields_are_the_documented_keys() -> None:
@@ -321,3 +293,28 @@ class TestStatsCommand:
         assert watcher.returncode == 0, err
         assert all(json.loads(line)["pid"] == server.proc.pid for line in lines)
         assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil counts fds through /proc only on Linux")
+def test_counting_fds_at_the_limit_reports_100_percent_not_unknown() -> None:
+    """Listing /proc/self/fd needs an fd: at the limit, counting fails with EMFILE."""
+    import resource
+
+    import psutil
+
+    from pollserve.loop import EventLoop
+    from pollserve.server import Server
+    from pollserve.stats import StatsCollector, count_fds
+
+    loop = EventLoop("poll" if "poll" in dir(__import__("select")) else "select")
+    collector = StatsCollector(loop, Server(loop, lambda: None))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = count_fds(psutil.Process())
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+        fds, soft_now, _ = collector.fd_figures()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        loop.close()
+    assert soft_now == in_use
+    assert fds == soft_now  # at the limit: usage 100%

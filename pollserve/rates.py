@@ -1,4 +1,6 @@
-"""EpisodeLog: one warning when trouble starts, a count while it lasts, one line when it ends.
+"""Bounding how often things happen: log lines about trouble (EpisodeLog) and requests (RateLimit).
+
+EpisodeLog: one warning when trouble starts, a count while it lasts, one line when it ends.
 
 A server refusing a flood of clients must not log a line per client: 2,000
 refusals a second would fill a disk and hide everything else.  So refusals
@@ -12,6 +14,7 @@ runs during an episode.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,3 +81,30 @@ class EpisodeLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class RateLimit:
+    """A token bucket: ``rate`` events a second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        #: events refused since creation
+        self.refused = 0
+
+    def take(self) -> bool:
+        """Spend a token if there is one."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.refused += 1
+        return False
+
+    def wait(self) -> float:
+        """Seconds until the next token."""
+        return max(0.0, (1 - self._tokens) / self.rate)

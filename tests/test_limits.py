@@ -1,0 +1,389 @@
+"""Limits and hardening, end to end: the fd budget, refusals, the idle timeout, churn, and the stats
+endpoint under load -- the real ``pollserve`` command over loopback.
+
+Bounds here catch a spin or a hang (CPU per second of wall time, refusal within seconds); speed is
+measured in benchmarks/, never asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+from clients import connect, recv_exactly, recv_until_eof, request_rounds, reset
+from conftest import AVAILABLE
+from serverproc import run_pollserve
+from statsclient import get_stats, http_get, stats_address, wait_for
+
+POSIX = sys.platform != "win32"
+HELLO = b"Hello world\n"
+
+pytestmark = pytest.mark.skipif(not POSIX, reason="RLIMIT_NOFILE and signals are POSIX")
+
+if POSIX:
+    import resource
+
+
+def hard_limit() -> int | None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+def start_at_soft_limit(soft: int):
+    """preexec_fn: the child starts with soft limit `soft`, as a shell with `ulimit -Sn` would give it."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    return apply
+
+
+def raise_own_limit(need: int) -> None:
+    """The test process holds the client sockets: raise its soft limit, or skip."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard fd limit {hard} is below the {need} this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    psutil = pytest.importorskip("psutil")
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def connections_limit(server) -> int:
+    return int(server.wait_for_log(r"at most (\d+) connections at once")[1])
+
+
+def sees_end(sock: socket.socket, timeout: float = 5) -> bool:
+    """True once the server has closed this connection: EOF or a reset within timeout."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+class TestFdBudget:
+    def test_raises_its_own_soft_limit_and_plans_connections(self, start_server) -> None:
+        hard = hard_limit()
+        if hard is None or hard <= 1024:
+            pytest.skip(f"the hard fd limit ({hard}) leaves nothing to raise from 1024")
+        server = start_server("--stats-port", "0", preexec_fn=start_at_soft_limit(1024))
+        found = server.wait_for_log(r"fd limit (\d+) \(raised from 1024\), hard limit (\d+); at most (\d+) connections")
+        assert int(found[1]) == hard == int(found[2])
+        stats = get_stats(stats_address(server))
+        assert stats["fd_soft_limit"] == hard
+        assert stats["connections_limit"] == int(found[3])
+        assert hard - 100 < stats["connections_limit"] < hard  # a reserve of tens of fds, no more
+
+    def test_max_fds_above_the_hard_limit_is_one_line_exit_2(self) -> None:
+        hard = hard_limit()
+        if hard is None:
+            pytest.skip("the hard fd limit is unlimited")
+        result = run_pollserve("--port", "0", "--max-fds", str(hard + 1))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"pollserve: --max-fds {hard + 1} is above the hard fd limit {hard}; raise the hard limit first "
+            "(ulimit -Hn as root, or LimitNOFILE= under systemd)"
+        ]
+
+    def test_max_fds_below_the_soft_limit_lowers_it(self, start_server) -> None:
+        server = start_server("--max-fds", "200", "--stats-port", "0")
+        server.wait_for_log(r"fd limit 200 \(lowered from \d+\)")
+        stats = get_stats(stats_address(server))
+        assert stats["fd_soft_limit"] == 200 and stats["connections_limit"] < 200
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--max-connections", "5000", "--max-fds", "256"], r"--max-connections 5000 is more than the fds allow"),
+            (["--max-fds", "20"], r"no fds left for connections"),
+            (["--max-connections", "0"], r"--max-connections needs a positive number, not 0"),
+            (["--idle-timeout", "-1"], r"--idle-timeout needs a non-negative number of seconds, not -1.0"),
+            (["--idle-timeout", "nan"], r"--idle-timeout needs a non-negative number of seconds, not nan"),
+        ],
+    )
+    def test_impossible_limits_are_one_line_exit_2(self, args: list[str], message: str) -> None:
+        result = run_pollserve("--port", "0", *args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+
+    @pytest.mark.skipif("select" not in AVAILABLE, reason="no select backend")
+    def test_select_budget_stays_below_fd_setsize(self, start_server) -> None:
+        server = start_server("--backend", "select")
+        found = server.wait_for_log(r"at most (\d+) connections at once.*FD_SETSIZE \(1024\) of the select backend")
+        assert 900 < int(found[1]) < 1024
+
+
+class TestRefusal:
+    def test_clients_past_the_limit_are_refused_at_once_and_counted(self, start_server, backend_name: str) -> None:
+        server = start_server("--backend", backend_name, "--max-connections", "5", "--stats-port", "0")
+        stats = stats_address(server)
+        served = [connect(server.address) for _ in range(5)]
+        extra = []
+        try:
+            wait_for(lambda: get_stats(stats)["connections_open"] == 5, what="5 connections")
+            extra = [connect(server.address) for _ in range(10)]
+            assert all(sees_end(sock) for sock in extra), "a client past the limit was left hanging"
+            snap = get_stats(stats)
+            assert snap["connections_refused"] == 10 and snap["connections_limit"] == 5
+            for sock in served:  # the ones inside the limit are untouched
+                sock.sendall(b"hi")
+                assert recv_exactly(sock, len(HELLO)) == HELLO
+        finally:
+            for sock in served + extra:
+                sock.close()
+        wait_for(lambda: get_stats(stats)["connections_open"] == 0, what="clients gone")
+        assert request_rounds(server.address, 5, 2, b"again", HELLO) == 10  # room again
+        # One warning for the episode, then one line once it has stopped (5 s of quiet).
+        server.wait_for_log(r"INFO app: connections refused: 10 in all over [\d.]+ s; it has stopped", timeout=15)
+        warnings = [line for line in server.lines if "WARNING app: connections refused:" in line]
+        assert len(warnings) == 1 and "5 connections open, the limit of 5" in warnings[0], server.log
+
+    def test_saturated_small_budget(self, start_server, backend_name: str) -> None:
+        """Offered 3x its connection limit: no spin, the established served, the rest refused
+        quickly, the stats endpoint reachable, newcomers served once others leave."""
+        server = start_server("--backend", backend_name, "--max-fds", "128", "--stats-port", "0")
+        stats = stats_address(server)
+        limit = connections_limit(server)
+        socks = [connect(server.address) for _ in range(3 * limit)]
+        try:
+            wait_for(lambda: get_stats(stats)["connections_refused"] == 2 * limit, what="the excess refused")
+            assert all(sees_end(sock) for sock in socks[limit:])
+            before = cpu_seconds(server.proc.pid)
+            time.sleep(2)
+            assert cpu_seconds(server.proc.pid) - before < 1.0, "the server spins while saturated"
+            for sock in socks[:limit]:
+                sock.sendall(b"hi")
+            for sock in socks[:limit]:
+                assert recv_exactly(sock, len(HELLO)) == HELLO
+            assert get_stats(stats)["connections_open"] == limit
+        finally:
+            for sock in socks:
+                sock.close()
+        wait_for(lambda: get_stats(stats)["connections_open"] == 0, what="the clients gone")
+        assert request_rounds(server.address, limit, 2, b"next", HELLO) == 2 * limit
+        assert "Traceback" not in server.log
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("backend", [name for name in ("epoll", "poll") if name in AVAILABLE] or ["none"])
+    def test_10000_clients_from_a_soft_limit_of_1024(self, start_server, backend: str) -> None:
+        if backend == "none":
+            pytest.skip("neither epoll nor poll here")
+        hard = hard_limit()
+        if hard is not None and hard < 10_200:
+            pytest.skip(f"the hard fd limit {hard} is below the 10,200 this test needs")
+        raise_own_limit(10_300)
+        server = start_server("--backend", backend, "--idle-timeout", "0", preexec_fn=start_at_soft_limit(1024))
+        server.wait_for_log(r"fd limit \d+ \(raised from 1024\)")
+        assert request_rounds(server.address, 10_000, 1, b"hi", HELLO, timeout=240) == 10_000
+        assert server.alive() and "Traceback" not in server.log
+
+    @pytest.mark.slow
+    @pytest.mark.skipif("select" not in AVAILABLE, reason="no select backend")
+    def test_select_with_1100_clients(self, start_server) -> None:
+        raise_own_limit(1400)
+        server = start_server("--backend", "select", "--stats-port", "0")
+        stats = stats_address(server)
+        limit = connections_limit(server)
+        socks = [connect(server.address) for _ in range(1100)]
+        try:
+            wait_for(lambda: get_stats(stats)["connections_refused"] == 1100 - limit, what="the excess refused")
+            assert all(sees_end(sock) for sock in socks[limit:])
+            for sock in socks[:limit]:
+                sock.sendall(b"hi")
+            for sock in socks[:limit]:
+                assert recv_exactly(sock, len(HELLO)) == HELLO
+        finally:
+            for sock in socks:
+                sock.close()
+        assert sum("WARNING app: connections refused:" in line for line in server.lines) == 1, server.log
+
+
+class TestIdleTimeout:
+    def test_idle_clients_are_closed_and_active_ones_spared(self, start_server, backend_name: str) -> None:
+        server = start_server("--backend", backend_name, "--idle-timeout", "1", "--stats-port", "0")
+        stats = stats_address(server)
+        with connect(server.address) as idle, connect(server.address) as active:
+            started = time.monotonic()
+            while time.monotonic() - started < 3:
+                active.sendall(b"still here")
+                assert recv_exactly(active, len(HELLO)) == HELLO
+                time.sleep(0.25)
+            assert sees_end(idle, timeout=1), "the idle client is still connected after 3 s"
+            active.sendall(b"and now")
+            assert recv_exactly(active, len(HELLO)) == HELLO
+        snap = get_stats(stats)
+        assert snap["connections_idle_closed"] == 1
+        server.wait_for_log(r"stopped|listening")  # the log is readable; no traceback
+        assert "Traceback" not in server.log
+
+    def test_zero_disables_it(self, start_server) -> None:
+        server = start_server("--idle-timeout", "0")
+        with connect(server.address) as sock:
+            time.sleep(1.5)
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, len(HELLO)) == HELLO
+
+
+@pytest.mark.slow
+def test_churn_of_20000_short_connections_leaves_no_fd_behind(start_server, backend_name: str) -> None:
+    server = start_server("--backend", backend_name, "--stats-port", "0")
+    stats = stats_address(server)
+    wait_for(lambda: get_stats(stats)["process_fds"] is not None, what="an fd count")
+    time.sleep(1.2)  # a count taken after start-up settled
+    idle_fds = get_stats(stats)["process_fds"]
+    deadline = time.monotonic() + 240
+    for batch in range(200):
+        socks = [connect(server.address) for _ in range(100)]
+        for index, sock in enumerate(socks):
+            if index % 2:
+                reset(sock)
+            else:
+                sock.sendall(b"bye")
+                sock.close()
+        assert time.monotonic() < deadline, f"churn too slow: {batch} batches in 240 s"
+    wait_for(lambda: get_stats(stats)["connections_open"] == 0, timeout=30, what="every connection closed")
+    wait_for(lambda: abs(get_stats(stats)["process_fds"] - idle_fds) <= 5, timeout=10, what="fds back to idle")
+    assert get_stats(stats)["connections_accepted"] == 20_000
+    assert "Traceback" not in server.log
+
+
+class TestStatsEndpoint:
+    def test_stays_on_loopback_when_the_app_is_public(self, start_server) -> None:
+        server = start_server("--host", "0.0.0.0", "--stats-port", "0")
+        server.wait_for_log(r"stats on http://127\.0\.0\.1:\d+")
+        assert not any("not loopback" in line for line in server.lines)
+        public = start_server("--stats-host", "0.0.0.0", "--stats-port", "0")
+        public.wait_for_log(r"WARNING the stats endpoint listens on 0\.0\.0\.0:\d+, not loopback")
+
+    def test_any_bytes_get_a_well_formed_4xx_and_no_traceback(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        for raw in (b"GET /\xff HTTP/1.1\r\n\r\n", b"GET /stats HTTP/1.1\r\nX: a\rb\r\n\r\n", b"\x00\xff\r\n\r\n"):
+            for _ in range(20):
+                with connect(stats) as sock:
+                    sock.sendall(raw)
+                    reply = recv_until_eof(sock)
+                assert re.match(rb"HTTP/1\.1 4\d\d [A-Za-z ]+\r\n", reply), reply[:80]
+        assert "Traceback" not in server.log
+        assert sum(len(line) for line in server.lines) < 2000  # no log line per bad request
+
+    def test_flood_of_metrics_clients_leaves_the_app_serving(self, start_server) -> None:
+        """A bound, not a speed target (benchmarks/bench_stats_flood.py measures the ratio):
+        the app answers during a flood, the endpoint answers only 200 or 503, and stays reachable."""
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        stop = threading.Event()
+        outcomes: dict[str, int] = {}
+        flooder = threading.Thread(target=flood_metrics, args=(stats, 300, stop, outcomes), daemon=True)
+        flooder.start()
+        try:
+            time.sleep(0.5)
+            assert request_rounds(server.address, 20, 50, b"hi", HELLO, timeout=60) == 1000
+        finally:
+            stop.set()
+            flooder.join(30)
+        assert not flooder.is_alive()
+        assert set(outcomes) <= {"200", "503", "unfinished"}, outcomes
+        assert outcomes.get("200", 0) > 0 and outcomes.get("503", 0) > 0, outcomes
+        wait_for(lambda: http_get(stats, "/stats")[0] == 200, timeout=15, what="the endpoint answering 200 again")
+        assert "Traceback" not in server.log
+
+
+def flood_metrics(address: tuple[str, int], concurrency: int, stop: threading.Event, outcomes: dict[str, int]) -> None:
+    """Keep `concurrency` GET /metrics in flight until stop is set; count answers by status."""
+    selector = selectors.DefaultSelector()
+    replies: dict[socket.socket, bytearray] = {}
+
+    def open_one() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(address)
+        replies[sock] = bytearray()
+        selector.register(sock, selectors.EVENT_WRITE)
+
+    def finish(sock: socket.socket, outcome: str) -> None:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        selector.unregister(sock)
+        del replies[sock]
+        sock.close()
+
+    for _ in range(concurrency):
+        open_one()
+    while not stop.is_set():
+        for key, mask in selector.select(0.1):
+            sock = key.fileobj
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                finish(sock, type(exc).__name__)
+                open_one()
+                continue
+            if data:
+                replies[sock] += data
+                continue
+            reply = bytes(replies[sock])
+            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
+            open_one()
+    for sock in list(replies):
+        finish(sock, "unfinished")
+    selector.close()
+
+
+def test_sigterm_while_100_clients_are_mid_transfer(start_server, backend_name: str) -> None:
+    """Everything the server produced reaches its client, then EOF; exit 0."""
+    server = start_server("--backend", backend_name, "--app", "echo")
+    payload = bytes(range(256)) * 1024  # 256 KiB per client
+    received = [bytearray() for _ in range(100)]
+    socks = [connect(server.address) for _ in range(100)]
+    errors: list[str] = []
+
+    def send_all(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the server stops reading, then closes after its linger
+            sock.sendall(payload)
+
+    def client(index: int, sock: socket.socket) -> None:
+        threading.Thread(target=send_all, args=(sock,), daemon=True).start()
+        try:
+            while chunk := sock.recv(65536):
+                received[index] += chunk
+        except OSError as exc:
+            errors.append(f"client {index}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=pair, daemon=True) for pair in enumerate(socks)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: sum(len(r) > 0 for r in received) >= 50, what="transfers under way")
+    server.signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    for sock in socks:
+        sock.close()
+    assert server.wait() == 0
+    assert errors == []
+    for data in received:
+        assert payload.startswith(bytes(data))
+    out = int(re.search(r"stopped: .* (\d+) bytes out", server.log)[1])
+    assert sum(len(data) for data in received) == out
