@@ -300,21 +300,20 @@ def test_counting_fds_at_the_limit_reports_100_percent_not_unknown() -> None:
     """Listing /proc/self/fd needs an fd: at the limit, counting fails with EMFILE."""
     import resource
 
-    import psutil
-
     from pollserve.loop import EventLoop
     from pollserve.server import Server
-    from pollserve.stats import StatsCollector, count_fds
+    from pollserve.stats import StatsCollector
 
-    loop = EventLoop("poll" if "poll" in dir(__import__("select")) else "select")
+    loop = EventLoop()
     collector = StatsCollector(loop, Server(loop, lambda: None))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    in_use = count_fds(psutil.Process())
+    lowest_free = os.dup(0)  # new fds take the lowest free number: a limit at it fails them all
+    os.close(lowest_free)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
         fds, soft_now, _ = collector.fd_figures()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         loop.close()
-    assert soft_now == in_use
-    assert fds == soft_now  # at the limit: usage 100%
+    assert soft_now == lowest_free
+    assert fds == soft_now  # at the limit: usage 100%, not unknown
