@@ -103,8 +103,6 @@ class Connection:
         "_last_active",
         "high_water",
         "low_water",
-        "bytes_in",
-        "bytes_out",
     )
 
     #: bytes asked of each recv(); one recv per readiness event
@@ -132,8 +130,6 @@ class Connection:
         self._last_active = self._loop.now
         self.high_water = server.high_water
         self.low_water = server.low_water
-        self.bytes_in = 0
-        self.bytes_out = 0
 
     def __repr__(self) -> str:
         state = "lost" if self._lost else "closing" if self._closing else "open"
@@ -150,7 +146,7 @@ class Connection:
             self._finish(exc)
             return
         if data:
-            self.bytes_in += len(data)
+            self._server.bytes_in += len(data)
             self._last_active = self._loop.now
             try:
                 self._protocol.data_received(data)
@@ -220,7 +216,7 @@ class Connection:
                 self._finish(exc)
                 return
             if sent:
-                self.bytes_out += sent
+                self._server.bytes_out += sent
                 self._last_active = self._loop.now
                 if sent == len(data):
                     return
@@ -241,9 +237,10 @@ class Connection:
         except OSError as exc:
             self._finish(exc)
             return
-        self.bytes_out += sent
         self._last_active = self._loop.now
-        self._server.write_buffer_bytes -= sent
+        server = self._server
+        server.bytes_out += sent
+        server.write_buffer_bytes -= sent
         del buffer[:sent]  # O(1) for a prefix: bytearray moves its start
         if self._paused_by_backpressure and len(buffer) <= self.low_water:
             self._paused_by_backpressure = False
@@ -343,7 +340,7 @@ class Connection:
             self._finish(exc)
             return
         if data:
-            self.bytes_in += len(data)  # received, though no longer for the app
+            self._server.bytes_in += len(data)  # received, though no longer for the app
         else:
             self._finish(None)
 
@@ -449,15 +446,16 @@ class Server:
         self.idle_timeout = idle_timeout or None
         self.sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
-        # Plain counters; live connections keep their own byte counts.
+        # Plain counters, running totals: a snapshot reads them in O(1).
         self.connections_accepted = 0
         self.connections_closed = 0
         self.connections_refused = 0
         self.connections_idle_closed = 0
         #: bytes waiting in the connections' write buffers, all together
         self.write_buffer_bytes = 0
-        self._bytes_in_closed = 0
-        self._bytes_out_closed = 0
+        #: bytes received from and sent to the clients
+        self.bytes_in = 0
+        self.bytes_out = 0
         #: called (no arguments) when accept() fails for lack of fds: the fd-usage warning listens
         self.on_fd_exhausted: Callable[[], Any] | None = None
         self._accept_paused = False
@@ -643,8 +641,6 @@ class Server:
     def _connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.connections_closed += 1
-        self._bytes_in_closed += conn.bytes_in
-        self._bytes_out_closed += conn.bytes_out
         if self._waiting_for_room and not self._full():
             self._waiting_for_room = False
             if not self._pacing:
@@ -652,14 +648,6 @@ class Server:
                     self._watch(sock)
         if self._on_drained is not None and not self.connections:
             self._drained()
-
-    @property
-    def bytes_in(self) -> int:
-        return self._bytes_in_closed + sum(conn.bytes_in for conn in self.connections)
-
-    @property
-    def bytes_out(self) -> int:
-        return self._bytes_out_closed + sum(conn.bytes_out for conn in self.connections)
 
     # -- shutdown ------------------------------------------------------------------
 
