@@ -87,7 +87,10 @@ class TestFdBudget:
         stats = get_stats(stats_address(server))
         assert stats["fd_soft_limit"] == hard
         assert stats["connections_limit"] == int(found[3])
-        assert hard - 100 < stats["connections_limit"] < hard  # a reserve of tens of fds, no more
+        if server.backend == "select":  # POLLSERVE_BACKEND=select: FD_SETSIZE is the tighter bound
+            assert 900 < stats["connections_limit"] < 1024
+        else:
+            assert hard - 100 < stats["connections_limit"] < hard  # a reserve of tens of fds, no more
 
     def test_max_fds_above_the_hard_limit_is_one_line_exit_2(self) -> None:
         hard = hard_limit()
