@@ -19,7 +19,7 @@ from . import __version__
 from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BACKENDS, BackendError, auto_backend, get_backend
 from .limits import LimitError
-from .probe import ProbeError, fetch_stats, probe_process
+from .probe import ProbeArgumentError, ProbeError, fetch_stats, probe_process
 from .service import ListenError, ServeOptions
 from .service import serve as run_server
 from .stats import table
@@ -39,6 +39,8 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pollserve",
+        # One line: argparse's generated synopsis of every option would bury the error below it.
+        usage="%(prog)s [OPTIONS] | %(prog)s backends | %(prog)s stats (--pid PID | --url URL) ... (see --help)",
         description="A TCP server on one event loop over select, poll, epoll, kqueue or devpoll.",
         epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent.",
     )
@@ -129,8 +131,31 @@ def fail(message: str, status: int = 1) -> int:
     return status
 
 
+#: options of the server itself: meaningless with a command such as `backends`
+SERVER_OPTIONS = (
+    "backend",
+    "host",
+    "port",
+    "app",
+    "log_level",
+    "shutdown_timeout",
+    "stats_interval",
+    "stats_port",
+    "stats_host",
+    "max_fds",
+    "max_connections",
+    "idle_timeout",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is not None:
+        given = [name for name in SERVER_OPTIONS if getattr(args, name) != parser.get_default(name)]
+        if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            return fail(f"{options} applies to the server, not to 'pollserve {args.command}'", EXIT_USAGE)
     if args.command == "backends":
         return show_backends()
     if args.command == "stats":
@@ -157,12 +182,15 @@ def show_backends() -> int:
 
 
 def show_stats(args: argparse.Namespace) -> int:
-    if args.watch is not None and not args.watch > 0:
-        return fail("--watch needs a positive number of seconds", EXIT_USAGE)
+    problem = check_seconds("--watch", args.watch, zero_ok=False)
+    if problem:
+        return fail(problem, EXIT_USAGE)
     try:
         while True:
             try:
                 data = probe_process(args.pid) if args.pid is not None else fetch_stats(args.url)
+            except ProbeArgumentError as exc:
+                return fail(str(exc), EXIT_USAGE)
             except ProbeError as exc:
                 return fail(str(exc))
             if args.json:
@@ -194,6 +222,11 @@ def check_seconds(option: str, value: float | None, *, zero_ok: bool) -> str | N
     return None
 
 
+def unbracket(host: str) -> str:
+    """``[::1]`` as URLs write it is the host ``::1``."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def check_count(option: str, value: int | None) -> str | None:
     if value is not None and value < 1:
         return f"{option} needs a positive number, not {value}"
@@ -221,18 +254,20 @@ def serve(args: argparse.Namespace) -> int:
         or check_count("--max-fds", args.max_fds)
         or check_count("--max-connections", args.max_connections)
     )
+    if not problem and args.stats_port and args.stats_port == args.port:
+        problem = f"--port and --stats-port are both {args.port}; give the stats endpoint a port of its own"
     if problem:
         return fail(problem, EXIT_USAGE)
     options = ServeOptions(
         backend=backend_class,
         factory=factory,
         app=args.app,
-        host=args.host,
+        host=unbracket(args.host),
         port=args.port,
         shutdown_timeout=args.shutdown_timeout,
         stats_interval=args.stats_interval,
         stats_port=args.stats_port,
-        stats_host=args.stats_host,
+        stats_host=unbracket(args.stats_host),
         max_fds=args.max_fds,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout or None,

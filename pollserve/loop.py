@@ -154,10 +154,17 @@ class EventLoop:
         return self.call_at(time.monotonic() + delay, callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Handle:
+        """Run callback(*args) at loop time ``when``; an infinite time is a timer that never fires."""
+        if when != when:
+            raise ValueError("a timer cannot be set for NaN seconds")
         handle = Handle(callback, args, when, self)
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, handle))
         return handle
+
+    #: poll() waits at most this long, so an infinite or far-off timer (which epoll, poll and
+    #: select refuse with OverflowError) only costs a wakeup an hour
+    max_poll_timeout = 3600.0
 
     #: the heap is rebuilt only past this size (asyncio's _MIN_SCHEDULED_TIMER_HANDLES)
     _min_heap_to_rebuild = 100
@@ -190,7 +197,8 @@ class EventLoop:
             previous = signal.signal(signum, self._record_signal)
         except (ValueError, OSError):
             if not self._signal_handlers:
-                signal.set_wakeup_fd(self._saved_wakeup_fd)
+                signal.set_wakeup_fd(self._saved_wakeup_fd if self._saved_wakeup_fd is not None else -1)
+                self._saved_wakeup_fd = None
             raise
         self._saved_signal_handlers.setdefault(signum, previous)
         self._signal_handlers[signum] = Handle(callback, args)
@@ -269,7 +277,7 @@ class EventLoop:
         if self._ready:
             timeout: float | None = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - self.now)
+            timeout = min(max(0.0, self._timers[0][0] - self.now), self.max_poll_timeout)
         else:
             timeout = None
         events = self.backend.poll(timeout)

@@ -7,6 +7,7 @@ one-line message for the user.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import urllib.error
@@ -25,8 +26,14 @@ class ProbeError(Exception):
     """The process or endpoint cannot be read; the message is for the user as it is."""
 
 
+class ProbeArgumentError(ProbeError):
+    """The --pid or --url given cannot name anything (a malformed URL, a negative pid)."""
+
+
 def probe_process(pid: int) -> dict[str, Any]:
     """fd count, limits, usage, TCP sockets by state and listening addresses of a process."""
+    if pid <= 0:
+        raise ProbeArgumentError(f"--pid {pid} is not a process id (those are positive numbers)")
     try:
         process = psutil.Process(pid)
         with process.oneshot():
@@ -54,12 +61,21 @@ def probe_process(pid: int) -> dict[str, Any]:
 
 
 def stats_url(url: str) -> str:
-    """Accept ``http://host:port`` as well as the full ``.../stats`` URL."""
-    if "://" not in url:
-        url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
+    """Accept ``http://host:port`` as well as the full ``.../stats`` URL; ProbeArgumentError if malformed."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", a port that is not a number or out of range
+        raise ProbeArgumentError(f"--url {url!r} is not a valid URL: {exc}") from None
     if parts.scheme != "http":
-        raise ProbeError(f"only http:// URLs are supported, not {parts.scheme}://")
+        raise ProbeArgumentError(f"--url {url!r}: only http:// URLs are supported, not {parts.scheme}://")
+    if not parts.hostname or any(char.isspace() for char in text):
+        raise ProbeArgumentError(f"--url {url!r} is not a valid URL: expected http://HOST:PORT")
+    if port is None:
+        raise ProbeArgumentError(f"--url {url!r} has no port: the stats endpoint is on --stats-port")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/stats")
     return urllib.parse.urlunsplit(parts)
@@ -75,6 +91,11 @@ def fetch_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:
         raise ProbeError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise ProbeError(f"cannot reach {url}: {getattr(exc.reason, 'strerror', None) or exc.reason}") from None
+    except http.client.HTTPException:
+        # The likeliest mistake: the app's port.  hello answers "Hello world", echo the request.
+        raise ProbeError(
+            f"{url} answered, but not with HTTP: is this the app's port rather than --stats-port?"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ProbeError(f"cannot read {url}: {exc}") from None
     try:

@@ -50,8 +50,8 @@ class EpisodeLog:
     def active(self) -> bool:
         return self._timer is not None
 
-    def event(self, reason: str) -> None:
-        """One more event; ``reason`` is logged only if it starts an episode."""
+    def event(self, reason: str, exc: BaseException | None = None) -> None:
+        """One more event; ``reason`` (and the traceback of ``exc``) is logged only if it starts an episode."""
         now = self.loop.now
         self.count += 1
         self._unlogged += 1
@@ -59,7 +59,7 @@ class EpisodeLog:
         if self._timer is None:
             self._started = self._last_line = now
             self._unlogged = 0
-            self.log.warning("%s: %s", self.what, reason)
+            self.log.warning("%s: %s", self.what, reason, exc_info=exc)
             self._timer = self.loop.call_later(self.quiet, self._check)
 
     def _check(self) -> None:

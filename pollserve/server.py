@@ -294,6 +294,11 @@ class Connection:
         if not 0 <= low <= high:
             raise ValueError(f"need 0 <= low <= high, got high={high} low={low}")
         self.high_water, self.low_water = high, low
+        if len(self._buffer) > high and not self._paused_by_backpressure and not self._lost:
+            # Already over the new mark: pause now, as asyncio does, not at the next write().
+            self._paused_by_backpressure = True
+            self._update_reading()
+            self._call_protocol("pause_writing")
 
     # -- closing -------------------------------------------------------------
 
@@ -348,12 +353,12 @@ class Connection:
         """Close now, dropping whatever is buffered."""
         self._finish(None)
 
-    def _close_idle(self) -> None:
+    def _close_idle(self, why: str) -> None:
         """The idle timeout: a client that has not read for that long will not read what is buffered."""
         if self._buffer:
-            self.abort()
+            self._server_abort(why)
         else:
-            self.close()
+            self._server_close(why)
 
     def _finish(self, exc: Exception | None) -> None:
         if self._lost:
@@ -374,10 +379,11 @@ class Connection:
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """``peername``, ``sockname``, ``socket`` or ``fd``, as asyncio's transports offer them.
+        """``peername``, ``sockname``, ``socket``, ``fd`` or ``loop``, as asyncio's transports offer them.
 
         ``socket`` is a TransportSocket: options and addresses, but no close(),
-        recv() or send(), which would break the loop's hold on the fd.
+        recv() or send(), which would break the loop's hold on the fd.  ``loop``
+        is the EventLoop, for a protocol that needs a timer (call_later).
         """
         if name == "peername":
             return self._peername
@@ -390,7 +396,89 @@ class Connection:
             return TransportSocket(self._sock)
         if name == "fd":
             return self._fd
+        if name == "loop":
+            return self._loop
         return default
+
+    # Closes the server decides on (the idle timeout, a shutdown): a traced connection
+    # records why; an ordinary one just closes.
+    def _server_close(self, why: str) -> None:
+        self.close()
+
+    def _server_abort(self, why: str) -> None:
+        self.abort()
+
+
+class TracedConnection(Connection):
+    """A Connection that logs its life at debug level: when it was accepted, and when and why it
+    closed, with its byte counts and duration.  The server picks it once, when it is created with
+    debug logging on, so an ordinary Connection's hot path pays nothing for it."""
+
+    __slots__ = ("bytes_in", "bytes_out", "_started", "_why")
+
+    def __init__(self, server: Server, sock: socket.socket, peername: Any, protocol: Protocol) -> None:
+        super().__init__(server, sock, peername, protocol)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._started = self._loop.now
+        self._why = ""
+        log.debug("%s: accepted %s (fd %d)", server.name, format_address(peername), self._fd)
+
+    # The server's running totals move only inside these calls for this connection's bytes.
+    def _on_readable(self) -> None:
+        before = self._server.bytes_in
+        super()._on_readable()
+        self.bytes_in += self._server.bytes_in - before
+
+    def _on_linger_readable(self) -> None:
+        before = self._server.bytes_in
+        super()._on_linger_readable()
+        self.bytes_in += self._server.bytes_in - before
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        before = self._server.bytes_out
+        super().write(data)
+        self.bytes_out += self._server.bytes_out - before
+
+    def _on_writable(self) -> None:
+        before = self._server.bytes_out
+        super()._on_writable()
+        self.bytes_out += self._server.bytes_out - before
+
+    def _on_eof(self) -> None:
+        self._why = self._why or "the client closed"
+        super()._on_eof()
+
+    def close(self) -> None:
+        self._why = self._why or "closed by the app"
+        super().close()
+
+    def abort(self) -> None:
+        self._why = self._why or "aborted by the app"
+        super().abort()
+
+    def _server_close(self, why: str) -> None:
+        self._why = self._why or why
+        super().close()
+
+    def _server_abort(self, why: str) -> None:
+        self._why = self._why or why
+        super().abort()
+
+    def _finish(self, exc: Exception | None) -> None:
+        if not self._lost:
+            why = f"{type(exc).__name__}: {exc}" if exc is not None else self._why or "closed"
+            log.debug(
+                "%s: closed %s (fd %d) after %.3f s, %d bytes in, %d bytes out: %s",
+                self._server.name,
+                format_address(self._peername),
+                self._fd,
+                self._loop.now - self._started,
+                self.bytes_in,
+                self.bytes_out,
+                why,
+            )
+        super()._finish(exc)
 
 
 class Server:
@@ -417,6 +505,7 @@ class Server:
         port: int = 5001,
         *,
         name: str = "app",
+        app: str | None = None,
         backlog: int = 1024,
         accept_batch: int = 128,
         high_water: int = 64 * 1024,
@@ -433,6 +522,8 @@ class Server:
         self.port = port
         #: names the listener in log lines ("app", "stats")
         self.name = name
+        #: names the app in log lines (the --app spec)
+        self.app = app or getattr(protocol_factory, "__qualname__", repr(protocol_factory))
         self.backlog = backlog
         #: at most this many accept() calls per wakeup, so a connect storm cannot starve clients
         self.accept_batch = accept_batch
@@ -462,6 +553,11 @@ class Server:
         self._waiting_for_room = False
         self._pacing = False
         self._refusals = EpisodeLog(log, loop, f"{name}: connections refused")
+        self._app_failures = EpisodeLog(log, loop, f"{name}: connections closed because the app failed")
+        #: the type the factory's product was last found to be a protocol of: checked once per type
+        self._protocol_type: type | None = None
+        # Chosen once: with debug logging on, connections log their life (TracedConnection).
+        self._connection_class = TracedConnection if log.isEnabledFor(logging.DEBUG) else Connection
         self._idle_timer: Handle | None = None
         self._on_drained: Callable[[], Any] | None = None
         self._drain_timer: Handle | None = None
@@ -469,30 +565,72 @@ class Server:
     # -- listening -------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind, listen and start accepting.  Raises OSError if the address is unusable."""
-        infos = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        family, type_, proto, _, address = infos[0]
+        """Bind every address the host stands for, listen, and start accepting.
+
+        A name such as ``localhost`` may stand for 127.0.0.1 and ::1: each gets a
+        listener, as with asyncio.create_server (IPv6 ones with IPV6_V6ONLY, so the
+        IPv4 one is not shadowed).  With port 0 the port the kernel picks for the
+        first address is asked for the others.  ``host`` may also be a list.
+        Raises OSError (``filename`` names the address) if one cannot be bound;
+        then none is kept.
+        """
+        hosts = [self.host] if self.host is None or isinstance(self.host, str) else list(self.host)
+        addresses: list[tuple[int, int, int, Any]] = []
+        for host in hosts:
+            for family, type_, proto, _, sockaddr in socket.getaddrinfo(
+                host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            ):
+                if (family, type_, proto, sockaddr) not in addresses:
+                    addresses.append((family, type_, proto, sockaddr))
+        opened: list[socket.socket] = []
+        address: Any = None
+        try:
+            for sock_family, sock_type, sock_proto, address in addresses:
+                if self.port == 0 and opened:
+                    address = (address[0], opened[0].getsockname()[1], *address[2:])
+                opened.append(self._listen(sock_family, sock_type, sock_proto, address))
+        except OSError as exc:
+            for sock in opened:
+                sock.close()
+            if exc.filename is None and exc.errno is not None:
+                exc = OSError(exc.errno, exc.strerror, format_address(address))
+            raise exc from None
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            raise
+        for sock in opened:
+            self._watch(sock)
+        self.sockets.extend(opened)
+        if self.idle_timeout is not None and self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
+
+    def _listen(self, family: int, type_: int, proto: int, address: Any) -> socket.socket:
         sock = socket.socket(family, type_, proto)
         try:
             if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: SO_REUSEADDR would allow port stealing
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
             sock.listen(self.backlog)
             sock.setblocking(False)
-            self._watch(sock)
         except BaseException:
             sock.close()
             raise
-        self.sockets.append(sock)
-        if self.idle_timeout is not None and self._idle_timer is None:
-            self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
+        return sock
 
     @property
     def address(self) -> Any:
         """The bound address of the first listening socket (the real port after port 0)."""
         return self.sockets[0].getsockname()
+
+    @property
+    def addresses(self) -> list[Any]:
+        """The bound addresses of every listening socket."""
+        return [sock.getsockname() for sock in self.sockets]
 
     def _watch(self, listener: socket.socket) -> None:
         self.loop.add_reader(listener.fileno(), functools.partial(self._on_acceptable, listener))
@@ -602,12 +740,25 @@ class Server:
             return
         try:
             protocol = self.protocol_factory()
-        except Exception:
-            log.exception("%s: app factory failed for %s; closing it", self.name, format_address(peername))
+        except Exception as exc:
             sock.close()
             self.connections_refused += 1
+            self._app_failures.event(f"app {self.app!r} failed to make a protocol: {type(exc).__name__}: {exc}", exc)
             return
-        conn = Connection(self, sock, peername, protocol)
+        if type(protocol) is not self._protocol_type:
+            # Duck typing, as asyncio: a protocol is anything with these two.  Checked once per type.
+            if not (hasattr(protocol, "connection_made") and hasattr(protocol, "data_received")):
+                sock.close()
+                self.connections_refused += 1
+                shown = repr(protocol)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                self._app_failures.event(
+                    f"app {self.app!r} returned {type(protocol).__name__} ({shown}), not a protocol "
+                    "(one has connection_made and data_received)"
+                )
+                return
+            self._protocol_type = type(protocol)
+        conn = self._connection_class(self, sock, peername, protocol)
         try:
             self.loop.add_reader(conn._fd, conn._on_readable)
         except CapacityError as exc:
@@ -633,7 +784,7 @@ class Server:
         idle = [conn for conn in self.connections if conn._last_active <= deadline and not conn._closing]
         for conn in idle:
             self.connections_idle_closed += 1
-            conn._close_idle()
+            conn._close_idle(f"idle for {self.idle_timeout:g} s")
         self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
 
     # -- accounting --------------------------------------------------------------
@@ -659,7 +810,7 @@ class Server:
         self.stop_accepting()
         self._on_drained = on_done
         for conn in list(self.connections):
-            conn.close()
+            conn._server_close("server shutting down")
         if self.connections:
             self._drain_timer = self.loop.call_later(timeout, self._abort_all)
         elif self._on_drained is not None:
@@ -672,7 +823,7 @@ class Server:
             len(self.connections),
         )
         for conn in list(self.connections):
-            conn.abort()
+            conn._server_abort("shutdown timeout")
 
     def _drained(self) -> None:
         if self._drain_timer is not None:
@@ -686,8 +837,9 @@ class Server:
         """Abort every connection and close the listening sockets, now."""
         self.stop_accepting()
         for conn in list(self.connections):
-            conn.abort()
+            conn._server_abort("server closed")
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
         self._refusals.close()
+        self._app_failures.close()

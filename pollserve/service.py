@@ -117,7 +117,9 @@ def serve(options: ServeOptions) -> None:
     """Run until SIGINT/SIGTERM has drained the app's connections; raises LimitError or ListenError."""
     fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
     loop = EventLoop(options.backend())
-    server = Server(loop, options.factory, options.host, options.port, idle_timeout=options.idle_timeout)
+    server = Server(
+        loop, options.factory, options.host, options.port, app=options.app, idle_timeout=options.idle_timeout
+    )
     collector = StatsCollector(loop, server)
     # The endpoint's own connections are kept out of the app's counters: a Server of its own.
     endpoint = functools.partial(
@@ -140,9 +142,9 @@ def serve(options: ServeOptions) -> None:
         stats_server.close()
         loop.close()
 
-    for listener, host, port in (
-        (server, options.host, options.port),
-        (stats_server, options.stats_host, options.stats_port),
+    for listener, host, port, option in (
+        (server, options.host, options.port, "--port"),
+        (stats_server, options.stats_host, options.stats_port, "--stats-port"),
     ):
         if port is None:
             continue
@@ -150,7 +152,8 @@ def serve(options: ServeOptions) -> None:
             listener.start()
         except OSError as exc:
             close_all()
-            raise ListenError(f"cannot listen on {format_address((host, port))}: {exc.strerror or exc}") from None
+            where = exc.filename or format_address((host, port))
+            raise ListenError(f"cannot listen on {where} ({option}): {exc.strerror or exc}") from None
 
     stats_reserve = STATS_MAX_CONNECTIONS if stats_server.sockets else 0
     budget = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, loop.backend.capacity)
@@ -184,6 +187,10 @@ def serve(options: ServeOptions) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
+    if hasattr(signal, "SIGHUP"):
+        # "Reload", by the convention of nginx and gunicorn, and never "stop": the default
+        # action would kill the server without draining it.
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: reload: nothing to reload; still serving")
 
     reporter = StatsReporter(collector, log, options.stats_interval)
     server.on_fd_exhausted = stats_server.on_fd_exhausted = reporter.fds_exhausted
@@ -191,7 +198,10 @@ def serve(options: ServeOptions) -> None:
         loop.add_signal_handler(signal.SIGUSR1, reporter.log_now)
 
     log.info("%s", describe_budget(fd_limit, budget, max_connections))
+    # Scripts look for exactly one "listening on" line: the first address.
     log.info("listening on %s (backend %s, app %s)", format_address(server.address), loop.backend.name, options.app)
+    if len(server.sockets) > 1:
+        log.info("also on %s", ", ".join(format_address(address) for address in server.addresses[1:]))
     if stats_server.sockets:
         log.info("stats on http://%s", format_address(stats_server.address, url=True))
         if not is_loopback(stats_server.address):

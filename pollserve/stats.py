@@ -331,6 +331,7 @@ class StatsReporter:
         snap = self.collector.snapshot()
         self.log.info("%s", log_line(snap, self._previous))
         self._previous = snap
+        assert self.interval is not None  # armed by start() only when there is one
         self.collector.loop.call_later(self.interval, self._log_periodic)
 
     def _check_fds(self) -> None:

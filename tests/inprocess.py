@@ -14,11 +14,16 @@ from pollserve.server import Server
 
 @contextlib.contextmanager
 def serving(
-    backend_name: str, factory: Callable[[], Protocol], *, loop: EventLoop | None = None, **options
+    backend_name: str,
+    factory: Callable[[], Protocol],
+    *,
+    loop: EventLoop | None = None,
+    server: Server | None = None,
+    **options,
 ) -> Iterator[Server]:
-    """A started Server on 127.0.0.1, port 0; closed with its loop when the block ends."""
+    """A started Server (on 127.0.0.1, port 0, unless one is given); closed with its loop when the block ends."""
     loop = loop or EventLoop(backend_name)
-    server = Server(loop, factory, "127.0.0.1", 0, **options)
+    server = server or Server(loop, factory, "127.0.0.1", 0, **options)
     server.start()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -55,3 +55,8 @@ class FdHog(Protocol):
 
         for fd in self.fds:
             os.close(fd)
+
+
+def not_a_protocol() -> int:
+    """A factory that returns something that is not a protocol."""
+    return 42

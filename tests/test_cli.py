@@ -154,7 +154,7 @@ class TestUserErrors:
             result = run_pollserve("--port", str(port))
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"pollserve: cannot listen on 127.0.0.1:{port}: ")
+        assert len(lines) == 1 and lines[0].startswith(f"pollserve: cannot listen on 127.0.0.1:{port} (--port): ")
         if sys.platform.startswith("linux"):
             assert lines[0].endswith(": Address already in use")
 
@@ -291,3 +291,137 @@ def test_console_script() -> None:
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert re.fullmatch(r"pollserve \d+\.\d+\.\d+\n", result.stdout)
+
+
+def one_line(result, status: int) -> str:
+    """The single stderr line of a command that failed with `status`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert_no_traceback(result.stderr)
+    return lines[0]
+
+
+class TestOneLineErrors:
+    def test_stats_url_at_the_apps_port_says_what_it_found(self, start_server) -> None:
+        server = start_server()
+        line = one_line(run_pollserve("stats", "--url", f"http://127.0.0.1:{server.port}"), 1)
+        assert "answered, but not with HTTP: is this the app's port rather than --stats-port?" in line, line
+
+    @pytest.mark.parametrize("url", ["not a url", "http://127.0.0.1:abc", "http://[::1", "ftp://127.0.0.1:1"])
+    def test_malformed_stats_url_is_exit_2(self, url: str) -> None:
+        line = one_line(run_pollserve("stats", "--url", url), 2)
+        assert line.startswith("pollserve: ") and "URL" in line, line
+
+    @pytest.mark.parametrize("pid", ["-5", "0"])
+    def test_impossible_pid_is_exit_2(self, pid: str) -> None:
+        line = one_line(run_pollserve("stats", "--pid", pid), 2)
+        assert f"--pid {pid}" in line, line
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["--shutdown-timeout", "nan"],
+            ["--shutdown-timeout", "-1"],
+            ["--shutdown-timeout", "inf"],
+            ["--stats-interval", "nan"],
+            ["--stats-interval", "0"],
+            ["--idle-timeout", "inf"],
+            ["--max-fds", "0"],
+        ],
+    )
+    def test_numeric_options_are_checked(self, args: list[str]) -> None:
+        line = one_line(run_pollserve("--port", "0", *args), 2)
+        assert args[0] in line, line
+
+    @pytest.mark.parametrize("value", ["nan", "0", "-1", "inf"])
+    def test_watch_is_checked(self, value: str) -> None:
+        line = one_line(run_pollserve("stats", "--pid", str(os.getpid()), "--watch", value), 2)
+        assert "--watch" in line, line
+
+    def test_equal_ports_are_refused_before_binding(self) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = str(probe.getsockname()[1])
+        line = one_line(run_pollserve("--port", port, "--stats-port", port), 2)
+        assert line == f"pollserve: --port and --stats-port are both {port}; give the stats endpoint a port of its own"
+
+    def test_bind_errors_name_the_option(self) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            line = one_line(run_pollserve("--port", "0", "--stats-port", str(port)), 1)
+        assert line.startswith(f"pollserve: cannot listen on 127.0.0.1:{port} (--stats-port): "), line
+
+    def test_server_options_with_a_subcommand_are_an_error(self) -> None:
+        line = one_line(run_pollserve("--port", "0", "backends"), 2)
+        assert "--port" in line and "backends" in line, line
+
+    def test_usage_error_ends_with_the_one_line_error(self) -> None:
+        result = run_pollserve("--backend", "nope")
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("pollserve: error: argument --backend: invalid choice: 'nope'"), result.stderr
+        assert len(lines) <= 3, result.stderr  # a short usage line, not the whole synopsis
+
+    def test_factory_returning_a_non_protocol_closes_the_connection_once_per_episode(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:not_a_protocol", env={"PYTHONPATH": TESTS_DIR})
+        for _ in range(5):
+            with connect(server.address) as sock:
+                assert recv_until_eof(sock) == b""  # closed at once (a client that had sent bytes gets a reset)
+        server.wait_for_log(r"app 'sample_apps:not_a_protocol' returned int \(42\), not a protocol")
+        assert sum("not a protocol" in line for line in server.lines) == 1, server.log
+        assert_no_traceback(server.log)
+        assert server.alive()
+
+
+class TestAddresses:
+    def test_bracketed_ipv6_host_is_accepted(self, start_server) -> None:
+        try:
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        server = start_server("--host", "[::1]")
+        assert server.host == "::1"
+        assert request_rounds(server.address, 2, 2, b"v6", HELLO) == 4
+
+    def test_localhost_binds_every_address(self, start_server) -> None:
+        addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+        if not {"127.0.0.1", "::1"} <= addresses:
+            pytest.skip(f"localhost is not both 127.0.0.1 and ::1 here: {sorted(addresses)}")
+        try:
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        server = start_server("--host", "localhost")
+        assert sum("listening on" in line for line in server.lines) == 1
+        also = server.wait_for_log(r"also on (\S+)")
+        for host in ("127.0.0.1", "::1"):
+            assert request_rounds((host, server.port), 2, 2, b"hi", HELLO) == 4
+        assert str(server.port) in also[1]
+
+
+@pytest.mark.skipif(not POSIX, reason="signals are POSIX")
+class TestSignalsAndLogs:
+    def test_sighup_reloads_and_keeps_serving(self, start_server) -> None:
+        server = start_server()
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"INFO SIGHUP: reload: nothing to reload; still serving")
+        assert request_rounds(server.address, 2, 2, b"hi", HELLO) == 4
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+
+    def test_debug_logs_each_connection(self, start_server) -> None:
+        server = start_server("--log-level", "debug", "--app", "echo")
+        with connect(server.address) as sock:
+            sock.sendall(b"12345")
+            assert recv_exactly(sock, 5) == b"12345"
+        found = server.wait_for_log(r"DEBUG app: accepted 127\.0\.0\.1:(\d+) \(fd (\d+)\)")
+        closed = server.wait_for_log(
+            rf"DEBUG app: closed 127\.0\.0\.1:{found[1]} \(fd {found[2]}\) after [\d.]+ s, 5 bytes in, 5 bytes out: "
+            r"the client closed"
+        )
+        assert closed
+        quiet = start_server("--app", "echo")
+        with connect(quiet.address) as sock:
+            sock.sendall(b"x")
+            recv_exactly(sock, 1)
+        assert not any("DEBUG" in line for line in quiet.lines)

@@ -293,3 +293,26 @@ def test_loop_survives_a_reader_whose_fd_was_closed_without_remove_reader(loop: 
     finally:
         peer.close()
     assert received == [b"alive"]
+
+
+def test_nan_delay_is_refused(loop: EventLoop) -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        loop.call_later(float("nan"), print)
+    with pytest.raises(ValueError, match="NaN"):
+        loop.call_at(float("nan"), print)
+    assert loop._timers == []
+
+
+@pytest.mark.parametrize("delay", [float("inf"), 1e12, 1e300])
+def test_a_timer_that_never_comes_does_not_break_the_wait(loop: EventLoop, delay: float) -> None:
+    fired = []
+    loop.call_later(delay, fired.append, "never")  # the earliest timer: it sets poll()'s timeout
+    stopper = threading.Timer(0.1, loop.stop)
+    stopper.start()
+    try:
+        loop.run_forever()  # OverflowError from epoll/poll/select would end up here
+    finally:
+        stopper.cancel()
+    assert fired == []
+    loop.call_soon(loop.stop)
+    loop.run_forever()

@@ -19,6 +19,7 @@ from inprocess import in_loop, serving, wait_until
 
 from pollserve.apps import Echo, Hello, Protocol
 from pollserve.backends.select import FD_SETSIZE
+from pollserve.loop import EventLoop
 from pollserve.server import Server, format_address
 
 
@@ -71,6 +72,11 @@ class Recorded:
         self.made.append(protocol)
         return protocol
 
+    def connected(self, count: int = 1) -> bool:
+        """True once `count` protocols have had connection_made: the factory runs first, on the
+        loop's thread, so a protocol in `made` may not have its transport yet."""
+        return sum("made" in protocol.calls for protocol in list(self.made)) >= count
+
 
 def test_hello_replies_once_per_chunk(backend_name: str) -> None:
     with serving(backend_name, Hello) as server:
@@ -88,7 +94,7 @@ def test_echo_large_payload_through_partial_sends(backend_name: str) -> None:
 def test_accepted_sockets_are_non_blocking_with_tcp_nodelay(backend_name: str) -> None:
     factory = Recorded()
     with serving(backend_name, factory) as server, connect(server.address):
-        wait_until(lambda: factory.made)
+        wait_until(factory.connected)
         sock = factory.made[0].transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert sock.getblocking() is False
@@ -123,7 +129,7 @@ def test_write_is_buffered_and_flushed_in_order(backend_name: str) -> None:
     factory = Recorded(BigReply)
     with serving(backend_name, factory) as server:
         with connect(server.address) as sock:
-            wait_until(lambda: factory.made)
+            wait_until(factory.connected)
             time.sleep(0.1)  # let the server fill the socket buffers
             assert in_loop(server, lambda: factory.made[0].transport.get_write_buffer_size()) > 0
             assert recv_until_eof(sock) == payload
@@ -408,14 +414,14 @@ def test_close_after_the_clients_eof_does_not_linger(backend_name: str) -> None:
 def test_is_reading_is_false_once_closed_even_when_the_fd_is_reused(backend_name: str) -> None:
     factory = Recorded()
     with serving(backend_name, factory) as server, connect(server.address):
-        wait_until(lambda: len(factory.made) == 1)
+        wait_until(factory.connected)
         first = factory.made[0].transport
         fd = first.get_extra_info("fd")
         later = socket.socket()  # takes its fd now, so the server's next accept reuses the freed one
         with later:
             in_loop(server, first.abort)
             later.connect(server.address)
-            wait_until(lambda: len(factory.made) == 2)
+            wait_until(lambda: factory.connected(2))
             second = factory.made[1].transport
             assert second.get_extra_info("fd") == fd, "the kernel did not reuse the fd number"
             assert in_loop(server, first.is_reading) is False
@@ -689,3 +695,108 @@ def test_write_buffer_bytes_is_the_sum_of_the_buffers(backend_name: str) -> None
         b.settimeout(10)
         assert recv_exactly(b, 1 << 20)  # draining the echo empties the buffer
         wait_until(lambda: in_loop(server, lambda: server.write_buffer_bytes) < buffers[1])
+
+
+# -- what users reach for ------------------------------------------------------------------------------
+
+
+def test_a_server_listens_on_every_address_it_is_given(backend_name: str) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    loop = EventLoop(backend_name)
+    server = Server(loop, Hello, ["127.0.0.1", "::1"], 0)
+    with serving(backend_name, Hello, loop=loop, server=server):
+        hosts = [address[0] for address in server.addresses]
+        ports = {address[1] for address in server.addresses}
+        assert hosts == ["127.0.0.1", "::1"] and len(ports) == 1  # port 0: the first one's port for all
+        (port,) = ports
+        for host in hosts:
+            assert request_rounds((host, port), 2, 2, b"hi", b"Hello world\n") == 4
+        v6 = next(sock for sock in server.sockets if sock.family == socket.AF_INET6)
+        assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
+def test_a_failed_bind_keeps_no_listener_and_names_the_address(backend_name: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken, EventLoop(backend_name) as loop:
+        port = taken.getsockname()[1]
+        server = Server(loop, Hello, ["127.0.0.1"], port)
+        with pytest.raises(OSError) as caught:
+            server.start()
+        assert caught.value.filename == f"127.0.0.1:{port}"
+        assert server.sockets == [] and len(loop.backend) == 1  # only the loop's wakeup socket
+
+
+def test_protocol_reaches_the_loop_to_resume_later(backend_name: str) -> None:
+    class Sleepy(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.transport.pause_reading()
+            self.transport.get_extra_info("loop").call_later(0.05, self.wake)
+
+        def wake(self) -> None:
+            self.calls.append("woke")
+            self.transport.write(b"awake")
+            self.transport.resume_reading()
+
+    factory = Recorded(Sleepy)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        sock.sendall(b"one")
+        assert recv_exactly(sock, 5) == b"awake"
+        sock.sendall(b"two")
+        assert recv_exactly(sock, 5) == b"awake"
+    assert factory.made[0].calls.count("woke") == 2
+
+
+def test_lowering_the_write_buffer_limits_pauses_at_once(backend_name: str) -> None:
+    class Buffered(Recorder):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            transport.set_write_buffer_limits(high=1 << 30)  # no pause while filling
+            transport.write(b"b" * (32 << 20))  # far more than the socket buffers take
+
+    factory = Recorded(Buffered)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        wait_until(factory.connected)
+        transport = factory.made[0].transport
+        assert "pause" not in factory.made[0].calls
+        buffered = in_loop(server, transport.get_write_buffer_size)
+        assert buffered > 1 << 20
+        in_loop(server, lambda: transport.set_write_buffer_limits(high=1 << 20))
+        assert "pause" in factory.made[0].calls  # before any further write()
+        assert in_loop(server, transport.is_reading) is False
+        sock.settimeout(10)
+        assert recv_exactly(sock, 32 << 20) == b"b" * (32 << 20)
+        wait_until(lambda: "resume" in factory.made[0].calls)
+
+
+def test_a_failing_factory_is_logged_once_per_episode(backend_name: str, caplog) -> None:
+    def factory() -> Protocol:
+        raise RuntimeError("no protocol today")
+
+    with caplog.at_level(logging.WARNING, logger="pollserve"), serving(backend_name, factory) as server:
+        for _ in range(5):
+            with connect(server.address) as sock:
+                assert recv_until_eof(sock) == b""
+        wait_until(lambda: server.connections_refused == 5)
+    lines = [record for record in caplog.records if "failed to make a protocol" in record.getMessage()]
+    assert len(lines) == 1 and "RuntimeError: no protocol today" in lines[0].getMessage()
+    assert lines[0].exc_info is not None  # the traceback, once
+
+
+def test_the_transport_protocol_declares_what_connection_offers() -> None:
+    """Users type against apps.Transport: it must list every public method of the real transport."""
+    from pollserve.apps import Transport
+    from pollserve.server import Connection
+
+    public = {name for name in dir(Connection) if not name.startswith("_") and callable(getattr(Connection, name))}
+    declared = {name for name in dir(Transport) if not name.startswith("_")}
+    assert public <= declared, f"missing from Transport: {sorted(public - declared)}"
+
+
+def test_the_package_ships_its_type_hints() -> None:
+    """PEP 561: py.typed tells users' type checkers to read the package's own hints."""
+    import importlib.resources
+
+    assert importlib.resources.files("pollserve").joinpath("py.typed").is_file()

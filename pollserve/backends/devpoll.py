@@ -9,6 +9,7 @@ the backend is created -- pollserve creates it at start-up.
 from __future__ import annotations
 
 import select
+from typing import Any
 
 from .poll import PollBackend
 
@@ -17,7 +18,7 @@ class DevpollBackend(PollBackend):
     name = "devpoll"
 
     @staticmethod
-    def _create():  # type: ignore[no-untyped-def]
+    def _create() -> Any:
         return select.devpoll()
 
     def close(self) -> None:

@@ -80,7 +80,7 @@ class KqueueBackend(Backend):
         if changes:
             self._changes = []
         kevents = self._kqueue.control(changes, self.max_events + len(changes), timeout)
-        ready = []
+        ready: list[tuple[int, int]] = []
         for kev in kevents:
             if kev.flags & select.KQ_EV_ERROR:
                 self._change_failed(kev, ready)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import select
+from typing import Any
 
 from .base import Backend
 
@@ -34,7 +35,7 @@ class PollBackend(Backend):
         self._poller = self._create()
 
     @staticmethod
-    def _create():  # type: ignore[no-untyped-def]
+    def _create() -> Any:
         return select.poll()
 
     def register(self, fd: int, events: int) -> None:
