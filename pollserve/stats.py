@@ -177,7 +177,7 @@ class StatsCollector:
             bytes_out=server.bytes_out,
             write_buffer_bytes=server.write_buffer_bytes,
             loop_iterations=self.loop.iterations,
-            events_total=backend.events_total,
+            events_total=self.loop.events_total,
             uptime_s=round(time.monotonic() - self.started, 3),
         )
 

@@ -3,17 +3,22 @@
 A backend maps raw file descriptors to an interest mask of READ and WRITE and
 reports which of them are ready.  It is deliberately smaller than
 ``selectors.BaseSelector``: no key objects, no attached data, so ``poll()``
-allocates nothing beyond the list of ``(fd, events)`` pairs it returns.
+allocates nothing beyond the list of ``(fd, events)`` pairs it returns -- for
+poll, epoll and /dev/poll not even that: the kernel's list is handed through.
 
 Error and hang-up conditions (``POLLHUP``, ``EPOLLERR``, ``EV_EOF``...) are
-reported as readiness of whatever was registered, so the handler's own
-``recv()``/``send()`` meets the error and the event loop never needs to know
-about them.
+readiness of whatever was registered, so the handler's own ``recv()``/``send()``
+meets the error.  Backends whose kernel reports them as bits of their own say
+so in ``read_bits`` and ``write_bits``: a mask with any of ``read_bits`` means
+"call the reader", any of ``write_bits`` "call the writer" (a handler that is
+not registered is simply not called).  Rewriting every mask in Python to spare
+the reader of the result two class attributes cost a pass over each result.
 """
 
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import ClassVar
 
 # READ and WRITE have the values of POLLIN and POLLOUT on every POSIX system
@@ -49,17 +54,6 @@ class NotRegisteredError(BackendError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def errors_as_interest(
-    ready: list[tuple[int, int]], interest: dict[int, int], error_bits: int
-) -> list[tuple[int, int]]:
-    """Rewrite a poll-style result so error/hang-up bits read as the fd's registered interest.
-
-    Called only when some entry has an error bit, so the common case (no errors)
-    returns the kernel's list untouched.
-    """
-    return [(fd, interest.get(fd, 0) if events & error_bits else events & (READ | WRITE)) for fd, events in ready]
-
-
 def _check_events(events: int) -> None:
     if not events or events & ~(READ | WRITE):
         raise ValueError(f"events must be a non-empty mask of READ and WRITE, got {events!r}")
@@ -80,13 +74,17 @@ class Backend:
     capacity: ClassVar[int | None] = None
     #: what to suggest when the capacity is exceeded
     capacity_hint: ClassVar[str] = ""
+    #: bits of a poll() mask that mean "readable": READ, and the backend's error and hang-up bits
+    read_bits: ClassVar[int] = READ
+    #: bits of a poll() mask that mean "writable": WRITE, and the backend's error and hang-up bits
+    write_bits: ClassVar[int] = WRITE
 
     def __init__(self) -> None:
         self._interest: dict[int, int] = {}
-        #: how many times poll() returned, and how many (fd, events) pairs in all
-        self.polls = 0
-        self.events_total = 0
         self._closed = False
+        #: the event loop's way in: poll() for a timeout that is None or >= 0, with nothing to
+        #: check, so a backend may point it at the kernel call itself (epoll does)
+        self.wait: Callable[[float | None], list[tuple[int, int]]] = self.poll
 
     @classmethod
     def is_available(cls) -> bool:
@@ -143,15 +141,6 @@ class Backend:
         except KeyError:
             raise NotRegisteredError(f"fd {fd} is not registered with the {self.name} backend") from None
 
-    def _finish_poll(self, ready: list[tuple[int, int]], error_bits: int) -> list[tuple[int, int]]:
-        """Count a poll-style result and turn its error bits into interest (poll, epoll, devpoll)."""
-        self.polls += 1
-        self.events_total += len(ready)
-        for _fd, events in ready:
-            if events & error_bits:
-                return errors_as_interest(ready, self._interest, error_bits)
-        return ready
-
     # -- the interface --------------------------------------------------------
 
     def register(self, fd: int, events: int) -> None:
@@ -169,7 +158,8 @@ class Backend:
     def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
         """Wait up to timeout seconds (None: forever, 0: not at all).
 
-        Returns ``(fd, events)`` pairs; events is a mask of READ and WRITE.
+        Returns ``(fd, events)`` pairs: ``events & read_bits`` means readable,
+        ``events & write_bits`` writable (an error or hang-up sets bits of both).
         An fd may appear twice (once per direction) on backends with one
         filter per direction.
         """

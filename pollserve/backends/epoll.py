@@ -14,7 +14,8 @@ Quirks that shape this module:
 * EPOLL_CTL_ADD on a regular file fails with EPERM (epoll_ctl(2)); that error
   is raised to the caller unchanged.
 * EPOLLERR and EPOLLHUP are always reported, asked for or not
-  (epoll_ctl(2)); they become readiness of what was registered.
+  (epoll_ctl(2)); they are in read_bits and write_bits, so they mean
+  readiness of what was registered and the kernel's list is handed through.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _PASS_THROUGH = getattr(select, "EPOLLIN", None) == READ and getattr(select, "EP
 
 class EpollBackend(Backend):
     name = "epoll"
+    read_bits = READ | _ERROR_BITS
+    write_bits = WRITE | _ERROR_BITS
 
     #: at most this many events per poll(); the rest wait for the next call
     max_events = 1024
@@ -42,6 +45,10 @@ class EpollBackend(Backend):
         if not _PASS_THROUGH:
             raise AttributeError("select.epoll is missing or has unexpected constants")
         self._epoll = select.epoll()
+        # The loop's path, with no Python frame: epoll.poll takes None (wait forever) or
+        # seconds.  Its default maxevents is FD_SETSIZE - 1 (1023, CPython's selectmodule.c);
+        # passing max_events as a keyword would cost a keyword parse per call.
+        self.wait = self._epoll.poll
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -71,7 +78,7 @@ class EpollBackend(Backend):
             timeout = -1
         elif timeout < 0:
             timeout = 0
-        return self._finish_poll(self._epoll.poll(timeout, self.max_events), _ERROR_BITS)
+        return self._epoll.poll(timeout, self.max_events)
 
     def close(self) -> None:
         super().close()

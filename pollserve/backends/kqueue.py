@@ -88,8 +88,6 @@ class KqueueBackend(Backend):
                 ready.append((kev.ident, READ))
             else:
                 ready.append((kev.ident, WRITE))
-        self.polls += 1
-        self.events_total += len(ready)
         return ready
 
     def _change_failed(self, kev: select.kevent, ready: list[tuple[int, int]]) -> None:

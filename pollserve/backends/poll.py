@@ -1,7 +1,7 @@
 """poll(2): no fd-number limit, still O(n) per call (the whole array is passed in).
 
-READ and WRITE equal POLLIN and POLLOUT, so a result without error bits is
-handed through as the kernel returned it.
+READ and WRITE equal POLLIN and POLLOUT, and the error bits are in read_bits
+and write_bits, so a result is handed through as the kernel returned it.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import math
 import select
 from typing import Any
 
-from .base import Backend
+from .base import READ, WRITE, Backend
 
 # POLLHUP, POLLERR and POLLNVAL are reported even when not asked for (poll(2)).
-# They mean "the next recv()/send() will tell you", so they become readiness of
-# what was registered.
+# They mean "the next recv()/send() will tell you": readiness of what was
+# registered, so they are in read_bits and write_bits.
 _ERROR_BITS = getattr(select, "POLLHUP", 0x10) | getattr(select, "POLLERR", 0x8) | getattr(select, "POLLNVAL", 0x20)
 
 
@@ -29,6 +29,8 @@ def _milliseconds(timeout: float | None) -> int | None:
 
 class PollBackend(Backend):
     name = "poll"
+    read_bits = READ | _ERROR_BITS
+    write_bits = WRITE | _ERROR_BITS
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,7 +53,7 @@ class PollBackend(Backend):
         self._poller.unregister(fd)
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
-        return self._finish_poll(self._poller.poll(_milliseconds(timeout)), _ERROR_BITS)
+        return self._poller.poll(_milliseconds(timeout))
 
     def close(self) -> None:
         super().close()

@@ -96,7 +96,6 @@ class SelectBackend(Backend):
         if _WINDOWS and not self._interest:
             # Windows select() fails with WSAEINVAL on three empty sets.
             time.sleep(timeout if timeout is not None else 3600)
-            self.polls += 1
             return []
         try:
             readable, writable = _select(self._readers, self._writers, timeout)
@@ -108,8 +107,6 @@ class SelectBackend(Backend):
             ready += [(fd, READ) for fd in readable]
         if writable:
             ready += [(fd, WRITE) for fd in writable]
-        self.polls += 1
-        self.events_total += len(ready)
         return ready
 
     def _around_closed_fds(self) -> tuple[list[tuple[int, int]], list[int], list[int]]:
