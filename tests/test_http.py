@@ -126,6 +126,17 @@ class TestEndpointProtocol:
         assert endpoint.eof_received() is None
         assert status_of(transport) == 400
 
+    @pytest.mark.parametrize("blank", [b"\r\n", b"\n", b" \t", b"\r\n\r\n"])
+    def test_only_blank_bytes_then_eof_is_400(self, blank: bytes) -> None:
+        endpoint, transport = feed(blank)
+        endpoint.eof_received()
+        assert status_of(transport) == 400
+
+    def test_nothing_sent_then_eof_is_a_plain_close(self) -> None:
+        endpoint, transport = feed()
+        endpoint.eof_received()
+        assert bytes(transport.written) == b""
+
     def test_mixed_line_ends_are_answered(self) -> None:
         _, transport = feed(b"GET /stats HTTP/1.1\nHost: x\n", b"\r\n")
         assert status_of(transport) == 200
@@ -196,6 +207,26 @@ class TestOverSockets:
             sock.sendall(b"HEAD /nope HTTP/1.1\r\n\r\n")
             reply = recv_until_eof(sock)
         assert reply.startswith(b"HTTP/1.1 404 Not Found\r\n") and reply.endswith(b"\r\n\r\n")
+
+    @pytest.mark.parametrize(
+        ("request_head", "status"),
+        [(b"HEAD /stats HTTP/1.1\r\nno colon\r\n\r\n", 400), (b"HEAD /stats HTTP/1.1\r\nX: slow", 408)],
+    )
+    def test_head_400_and_408_over_a_socket_have_no_body(self, endpoint_address, request_head, status) -> None:
+        with connect(endpoint_address) as sock:
+            sock.sendall(request_head)
+            sock.settimeout(10)
+            reply = recv_until_eof(sock)
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode()) and reply.endswith(b"\r\n\r\n"), reply
+        assert b"Content-Length: " in reply and not reply.endswith(b"\r\n\r\n\r\n")
+
+    def test_bare_lf_lines_then_a_crlf_blank_line_are_answered_at_once(self, endpoint_address) -> None:
+        """Answered when the head ends, not after the 0.3 s request timeout with a 408."""
+        with connect(endpoint_address) as sock:
+            sock.sendall(b"GET /stats HTTP/1.1\nHost: x\n\r\n")
+            sock.settimeout(10)
+            reply = recv_until_eof(sock)
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"{}"), reply
 
     def test_408_lingers_for_a_client_still_sending(self, endpoint: Server) -> None:
         """The 408 is followed by a half-close and reads until the client's EOF, so what the client

@@ -403,6 +403,26 @@ def test_linger_is_bounded(backend_name: str) -> None:
         assert server.connections_closed == 1
 
 
+def test_shutdown_timeout_cuts_a_linger_short(backend_name: str) -> None:
+    """A connection already flushed and lingering (its client never sends EOF) is closed when the
+    shutdown timeout ends, well before its own linger bound."""
+    factory = Recorded(EchoRecorder)
+    drained = threading.Event()
+    with serving(backend_name, factory, linger_timeout=60) as server, connect(server.address) as sock:
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+        in_loop(server, factory.made[0].transport.close)
+        sock.settimeout(10)
+        assert recv_until_eof(sock) == b""  # flushed, write side shut: lingering now
+        assert in_loop(server, lambda: len(server.connections)) == 1
+        started = time.monotonic()
+        in_loop(server, lambda: server.shutdown(0.3, drained.set))
+        assert drained.wait(30), "shutdown waited for the 60 s linger"
+        assert time.monotonic() - started < 30
+        wait_until(lambda: "lost" in factory.made[0].calls)
+        assert in_loop(server, lambda: len(server.connections)) == 0
+
+
 def test_close_after_the_clients_eof_does_not_linger(backend_name: str) -> None:
     factory = Recorded()
     with serving(backend_name, factory, linger_timeout=30) as server, connect(server.address) as sock:
@@ -638,17 +658,18 @@ class HalfCloser(Recorder):
 def test_connection_closes_itself_once_both_sides_are_shut(backend_name: str) -> None:
     factory = Recorded(HalfCloser)
     with serving(backend_name, factory) as server:
-        for client_eof_first in (False, True):
+        for index, client_eof_first in enumerate((False, True)):
             with connect(server.address) as sock:
                 sock.sendall(b"go")
+                # This round's protocol, not the last round's: wait until it exists and has the bytes.
+                wait_until(lambda index=index: len(factory.made) > index and factory.made[index].received)
                 if client_eof_first:
-                    wait_until(lambda: factory.made[-1].received)
                     sock.shutdown(socket.SHUT_WR)
                 assert recv_until_eof(sock) == HalfCloser.reply
                 if not client_eof_first:
                     sock.shutdown(socket.SHUT_WR)
-                wait_until(lambda: "lost" in factory.made[-1].calls)
-                assert factory.made[-1].lost == [None]
+                wait_until(lambda index=index: "lost" in factory.made[index].calls)
+                assert factory.made[index].lost == [None]
         assert server.connections_closed == 2
 
 
@@ -692,9 +713,13 @@ def test_write_buffer_bytes_is_the_sum_of_the_buffers(backend_name: str) -> None
         assert total == sum(buffers) > 0
         in_loop(server, factory.made[0].transport.abort)  # dropped, not sent
         assert in_loop(server, lambda: server.write_buffer_bytes) == buffers[1]
-        b.settimeout(10)
-        assert recv_exactly(b, 1 << 20)  # draining the echo empties the buffer
-        wait_until(lambda: in_loop(server, lambda: server.write_buffer_bytes) < buffers[1])
+        # Draining b lets the server read (and echo) the rest b sent; once b has shut its side and
+        # read everything to EOF, nothing waits for any socket.  (Reading a fixed amount was racy: the
+        # server resumed reading and buffered new echoes meanwhile.)
+        b.shutdown(socket.SHUT_WR)
+        b.settimeout(30)
+        assert len(recv_until_eof(b)) > buffers[1]
+        wait_until(lambda: in_loop(server, lambda: server.write_buffer_bytes) == 0)
 
 
 # -- what users reach for ------------------------------------------------------------------------------
