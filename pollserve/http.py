@@ -195,7 +195,10 @@ class HTTPEndpoint(Protocol):
         self.transport.close()
 
     def eof_received(self) -> None:
-        if not self._responded and self._buffer.strip():
+        # Any byte the client sent gets an answer, blank lines too (RFC 9112 section 2.2 lets a server
+        # skip empty lines before a request line, but here no request line ever came).  A client that
+        # connected and sent nothing at all gets a plain close: there is nothing to answer.
+        if not self._responded and self._buffer:
             self._respond(400, b"bad request: incomplete request head\n")
         return None  # the transport closes once the response is flushed
 

@@ -77,8 +77,10 @@ def set_fd_limit(max_fds: int | None = None) -> FdLimit:
         )
     if max_fds is None:
         target = hard if hard is not None else UNLIMITED_TARGET
-        if soft is None or soft >= target:
-            return FdLimit(soft, soft, hard)  # never lowered unasked
+        # A finite soft limit is never lowered unasked.  An unlimited one (macOS and the BSDs allow
+        # it) is brought down to the target: the connection budget needs a number to plan with.
+        if soft is not None and soft >= target:
+            return FdLimit(soft, soft, hard)
     else:
         target = max_fds
         if target == soft:

@@ -204,10 +204,11 @@ def serve(options: ServeOptions) -> None:
         log.info("also on %s", ", ".join(format_address(address) for address in server.addresses[1:]))
     if stats_server.sockets:
         log.info("stats on http://%s", format_address(stats_server.address, url=True))
-        if not is_loopback(stats_server.address):
+        public = [address for address in stats_server.addresses if not is_loopback(address)]
+        if public:
             log.warning(
                 "the stats endpoint listens on %s, not loopback: anyone who can reach it sees the server's figures",
-                format_address(stats_server.address),
+                ", ".join(format_address(address) for address in public),
             )
     reporter.start()
     try:
