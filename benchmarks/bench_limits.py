@@ -24,8 +24,10 @@ import sys
 import time
 
 import psutil
-from bench_backends import BenchError, ServerProcess, cpu_model, package_version
-from bench_stats_flood import raise_fd_limit
+from bench_backends import cpu_model, package_version
+
+from pollserve.bench import BenchError, ServerProcess
+from pollserve.load import raise_fd_limit
 
 HOST = "127.0.0.1"
 

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import platform
 import re
-import resource
 import selectors
 import socket
 import statistics
@@ -32,17 +31,17 @@ from collections import Counter
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
-from bench_backends import HOST, READY_TIMEOUT, BenchError, ServerProcess, cpu_model, generate_load, package_version
+from bench_backends import cpu_model, package_version
+
+from pollserve.bench import BenchError, Measurement, ServerProcess, drive
+from pollserve.load import LoadSpec, raise_fd_limit
+
+HOST = "127.0.0.1"
+#: connecting a helper process's sockets; generous for slow machines
+READY_TIMEOUT = 30.0
 
 STATS_RE = re.compile(r"stats on http://127\.0\.0\.1:(\d+)")
 METRICS_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-
-
-def raise_fd_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 # -- children ----------------------------------------------------------------------
@@ -152,6 +151,11 @@ def stop_child(proc: multiprocessing.process.BaseProcess, pipe: Connection) -> N
         proc.join(timeout=5)
 
 
+def cpu_share(row: Measurement) -> float:
+    """The server's CPU time over the window, as a share of one core."""
+    return (row.cpu_us_per_request or 0.0) * row.requests / 1e6 / row.seconds
+
+
 def supports(option: str) -> bool:
     """Whether the pollserve under test has a command-line option (to compare old and new trees)."""
     import subprocess
@@ -193,15 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stats_port is None:
         server.kill()
         raise BenchError("no 'stats on' line")
-    assert server.proc is not None
-    load = argparse.Namespace(
-        clients=args.app_clients,
-        client_procs=1,
-        size=64,
-        warmup=args.warmup,
-        seconds=args.seconds,
-        max_requests=50_000_000,
-    )
+    spec = LoadSpec(port=port, connections=args.app_clients, warmup=args.warmup, seconds=args.seconds)
     rows = []
     holder = None
     try:
@@ -209,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             holder = start_child(hold_idle, port, args.idle)
             expect(holder[1], "ready", READY_TIMEOUT + args.idle / 500, f"opening {args.idle} idle connections")
         for rep in range(1, args.reps + 1):
-            alone = generate_load(port, "hello", load, server.proc.pid)
+            alone = drive(server, spec)
             flooders = [
                 start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs
             ]
@@ -219,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for _, pipe in flooders:
                     pipe.send("go")
                 time.sleep(1.0)  # let the flood reach its steady state
-                flooded = generate_load(port, "hello", load, server.proc.pid)
+                flooded = drive(server, spec)
                 outcomes: Counter[str] = Counter()
                 for _, pipe in flooders:
                     pipe.send("stop")
@@ -259,8 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = flooded.rate / alone.rate if alone.rate else 0.0
         ratios.append(ratio)
         answers = ", ".join(f"{key} {value:,}" for key, value in sorted(outcomes.items()))
-        cpu_alone = alone.server_cpu / alone.server_cpu_seconds if alone.server_cpu_seconds else 0
-        cpu_flood = flooded.server_cpu / flooded.server_cpu_seconds if flooded.server_cpu_seconds else 0
+        cpu_alone, cpu_flood = cpu_share(alone), cpu_share(flooded)
         print(
             f"{rep:>3}  {alone.rate:>11,.0f}  {flooded.rate:>13,.0f}  {ratio:>6.3f}  {cpu_alone:>12.0%}  "
             f"{cpu_flood:>12.0%}  {answers}"

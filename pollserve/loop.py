@@ -1,7 +1,9 @@
-"""EventLoop: the only caller of ``backend.poll()``.
+"""EventLoop: the only caller of the backend's ``wait()`` (``poll()`` without the checks).
 
 One thread, one backend.  Per fd the loop keeps at most one reader and one
-writer callback; an event is dispatched with one dict lookup and one call.
+writer callback; an event is dispatched with one dict lookup and one call,
+reading the kernel's mask through the backend's ``read_bits`` and
+``write_bits``.  The loop counts its passes and the events they brought.
 Timers live in a heap, callbacks scheduled with ``call_soon`` in a deque.  A
 socketpair is the loop's wakeup channel, and only that: its bytes carry no
 meaning.  A signal is recorded by the Python-level handler in a deque the loop
@@ -129,6 +131,9 @@ class EventLoop:
         """Call ``callback()`` whenever fd is writable.  May raise CapacityError."""
         self._set_interest(fd, self.backend.interest(fd) | WRITE)
         self._writers[fd] = callback
+
+    def has_writer(self, fd: int) -> bool:
+        return fd in self._writers
 
     def remove_writer(self, fd: int) -> bool:
         if self._writers.pop(fd, None) is None:

@@ -1,0 +1,71 @@
+"""``pollserve bench`` end to end: a short real run against real servers, its outputs and its errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import AVAILABLE
+from serverproc import run_pollserve
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the bench stops its servers with SIGTERM")
+
+SHORT = ["--seconds", "0.5", "--warmup", "0.2", "--rate", "400", "--connections", "4"]
+
+
+def test_json_has_a_row_per_target_and_idle_count() -> None:
+    backends = [name for name in ("epoll", "kqueue", "poll", "select") if name in AVAILABLE][:2]
+    result = run_pollserve("bench", "--backends", ",".join(backends), "--idle", "0,50", "--json", *SHORT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["machine"]["python"] and record["load"]["rate"] == 400
+    rows = record["results"]
+    assert [(row["target"], row["idle"]) for row in rows] == [(name, idle) for name in backends for idle in (0, 50)]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] > 0, row
+        assert 0 < row["cpu_us_per_request"] < 100_000, row
+        assert 0 < row["p50_us"] <= row["p99_us"], row
+        assert row["rss_mib"] > 1
+    # Progress goes to stderr, one line per run when stderr is not a terminal.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("pollserve bench: [")]
+    assert len(progress) == len(rows) and "s left" in progress[0]
+
+
+@pytest.mark.skipif("select" not in AVAILABLE, reason="no select backend")
+def test_table_and_the_select_cap() -> None:
+    result = run_pollserve("bench", "--backends", "select", "--idle", "0,2000,3000", *SHORT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["select", "0"] for line in lines), result.stdout
+    capped = [line for line in lines if line.startswith("select") and "*" in line]
+    assert len(capped) == 1 and int(capped[0].split()[1].rstrip("*")) < 1024, result.stdout
+    assert any(line.startswith("* capped at") and "FD_SETSIZE" in line for line in lines), result.stdout
+    assert "Least CPU per request" in result.stdout
+
+
+def test_plot_is_written(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.png"
+    backend = AVAILABLE[0]
+    result = run_pollserve("bench", "--backends", backend, "--idle", "0,20", "--plot", str(out), *SHORT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backends", "nope"], "--backends: 'nope' is not available here"),
+        (["--idle", "0,x"], "--idle needs comma-separated numbers"),
+        (["--idle", "-1"], "--idle needs counts of 0 or more"),
+        (["--rate", "0"], "--rate needs a positive number"),
+        (["--seconds", "nan"], "--seconds needs a positive number"),
+        (["--connections", "0"], "--connections needs a positive number"),
+    ],
+)
+def test_bad_arguments_are_one_line_exit_2(args: list[str], message: str) -> None:
+    result = run_pollserve("bench", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
