@@ -26,6 +26,7 @@ from typing import Any
 
 from .apps import Protocol, ProtocolFactory
 from .backends import CapacityError
+from .listeners import bind_tcp, format_address
 from .loop import EventLoop, Handle
 from .rates import EpisodeLog, RateLimit
 from .transport_socket import TransportSocket
@@ -45,32 +46,6 @@ _write = os.write
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: accept() failures about one pending client only: skip it
 _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM}
-
-
-def format_address(address: Any, *, url: bool = False) -> str:
-    """``host:port``, with IPv6 hosts in brackets and their scope, as in URLs.
-
-    getsockname() gives a link-local address's scope apart, as a number (the
-    fourth item); without it ``fe80::1`` is not reachable as printed.  In a URL
-    the ``%`` before the scope is written ``%25`` (RFC 6874).
-    """
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if ":" not in host:
-            return f"{host}:{port}"
-        if len(address) >= 4 and address[3] and "%" not in host:
-            host = f"{host}%{_scope_name(address[3])}"
-        if url:
-            host = host.replace("%", "%25")
-        return f"[{host}]:{port}"
-    return str(address)
-
-
-def _scope_name(scope_id: int) -> str:
-    try:
-        return socket.if_indextoname(scope_id)
-    except (OSError, AttributeError):  # no such interface (any more), or no if_indextoname here
-        return str(scope_id)
 
 
 def _byte_view(data: Any) -> bytes | bytearray | memoryview:
@@ -387,6 +362,12 @@ class Connection:
         """Close now, dropping whatever is buffered."""
         self._finish(None)
 
+    def _read_pending(self) -> None:
+        """One read, if the connection is reading: bytes that already arrived reach the protocol
+        before a shutdown closes the connection (the read meets EAGAIN when there are none)."""
+        if self.is_reading():
+            self._on_readable()
+
     def _close_idle(self, why: str) -> None:
         """The idle timeout: a client that has not read for that long will not read what is buffered."""
         if self._buffer:
@@ -412,6 +393,14 @@ class Connection:
         self._sock.close()
         self._server._connection_closed(self)
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def set_protocol(self, protocol: Protocol) -> None:
+        """Send later events to ``protocol``, as asyncio's transports do: a layer that has done
+        its part (pollserve.proxy) steps aside, and the app is called with nothing in between."""
+        self._protocol = protocol
+
+    def get_protocol(self) -> Protocol:
+        return self._protocol
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """``peername``, ``sockname``, ``socket``, ``fd`` or ``loop``, as asyncio's transports offer them.
@@ -449,7 +438,7 @@ class TracedConnection(Connection):
     closed, with its byte counts and duration.  The server picks it once, when it is created with
     debug logging on, so an ordinary Connection's hot path pays nothing for it."""
 
-    __slots__ = ("bytes_in", "bytes_out", "_started", "_why")
+    __slots__ = ("bytes_in", "bytes_out", "_started", "_why", "_read_base")
 
     def __init__(self, server: Server, sock: socket.socket, peername: Any, protocol: Protocol) -> None:
         super().__init__(server, sock, peername, protocol)
@@ -457,18 +446,32 @@ class TracedConnection(Connection):
         self.bytes_out = 0
         self._started = self._loop.now
         self._why = ""
+        #: the server's bytes_in when the read under way began, or None outside a read
+        self._read_base: int | None = None
         log.debug("%s: accepted %s (fd %d)", server.name, format_address(peername), self._fd)
 
-    # The server's running totals move only inside these calls for this connection's bytes.
+    # The server's running totals move only inside these calls for this connection's bytes.  A read
+    # can end in _finish (the app raised or aborted in data_received): _take_read counts it there too.
+    def _take_read(self) -> None:
+        if self._read_base is not None:
+            self.bytes_in += self._traffic.bytes_in - self._read_base
+            self._read_base = self._traffic.bytes_in
+
     def _on_readable(self) -> None:
-        before = self._traffic.bytes_in
-        super()._on_readable()
-        self.bytes_in += self._traffic.bytes_in - before
+        self._read_base = self._traffic.bytes_in
+        try:
+            super()._on_readable()
+        finally:
+            self._take_read()
+            self._read_base = None
 
     def _on_linger_readable(self) -> None:
-        before = self._traffic.bytes_in
-        super()._on_linger_readable()
-        self.bytes_in += self._traffic.bytes_in - before
+        self._read_base = self._traffic.bytes_in
+        try:
+            super()._on_linger_readable()
+        finally:
+            self._take_read()
+            self._read_base = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         before = self._traffic.bytes_out
@@ -502,6 +505,7 @@ class TracedConnection(Connection):
 
     def _finish(self, exc: Exception | None) -> None:
         if not self._lost:
+            self._take_read()
             why = f"{type(exc).__name__}: {exc}" if exc is not None else self._why or "closed"
             log.debug(
                 "%s: closed %s (fd %d) after %.3f s, %d bytes in, %d bytes out: %s",
@@ -596,63 +600,16 @@ class Server:
 
     # -- listening -------------------------------------------------------------
 
-    def start(self) -> None:
-        """Bind every address the host stands for, listen, and start accepting.
-
-        A name such as ``localhost`` may stand for 127.0.0.1 and ::1: each gets a
-        listener, as with asyncio.create_server (IPv6 ones with IPV6_V6ONLY, so the
-        IPv4 one is not shadowed).  With port 0 the port the kernel picks for the
-        first address is asked for the others.  ``host`` may also be a list.
-        Raises OSError (``filename`` names the address) if one cannot be bound;
-        then none is kept.
-        """
-        hosts = [self.host] if self.host is None or isinstance(self.host, str) else list(self.host)
-        addresses: list[tuple[int, int, int, Any]] = []
-        for host in hosts:
-            for family, type_, proto, _, sockaddr in socket.getaddrinfo(
-                host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-            ):
-                if (family, type_, proto, sockaddr) not in addresses:
-                    addresses.append((family, type_, proto, sockaddr))
-        opened: list[socket.socket] = []
-        address: Any = None
-        try:
-            for sock_family, sock_type, sock_proto, address in addresses:
-                if self.port == 0 and opened:
-                    address = (address[0], opened[0].getsockname()[1], *address[2:])
-                opened.append(self._listen(sock_family, sock_type, sock_proto, address))
-        except OSError as exc:
-            for sock in opened:
-                sock.close()
-            if exc.filename is None and exc.errno is not None:
-                exc = OSError(exc.errno, exc.strerror, format_address(address))
-            raise exc from None
-        except BaseException:
-            for sock in opened:
-                sock.close()
-            raise
+    def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen and start accepting: on ``sockets`` made elsewhere (a supervisor's, systemd's),
+        else on every address ``host`` stands for (listeners.bind_tcp), which may raise OSError."""
+        opened = sockets if sockets is not None else bind_tcp(self.host, self.port, backlog=self.backlog)
         for sock in opened:
+            sock.setblocking(False)
             self._watch(sock)
         self.sockets.extend(opened)
         if self.idle_timeout is not None and self._idle_timer is None:
             self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
-
-    def _listen(self, family: int, type_: int, proto: int, address: Any) -> socket.socket:
-        sock = socket.socket(family, type_, proto)
-        try:
-            if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):  # Windows: SO_REUSEADDR would allow port stealing
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-            else:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     @property
     def address(self) -> Any:
@@ -854,14 +811,50 @@ class Server:
 
         Connections still flushing or lingering after timeout seconds are aborted.
         """
+        self._accept_backlog()
         self.stop_accepting()
         self._on_drained = on_done
         for conn in list(self.connections):
+            # What a client had sent before the shutdown gets its answer, then the close.
+            conn._read_pending()
             conn._server_close("server shutting down")
         if self.connections:
             self._drain_timer = self.loop.call_later(timeout, self._abort_all)
         elif self._on_drained is not None:
             self._drained()
+
+    def _accept_backlog(self) -> None:
+        """Accept the clients the kernel has queued, past any connection limit: closing a
+        listening socket resets every connection still in its backlog (tcp(7): the queue is
+        the listener's), and those clients did nothing wrong.  Bounded by the backlog size."""
+        for listener in self.sockets:
+            for _ in range(self.backlog):
+                try:
+                    sock, peername = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno in _CLIENT_GONE:
+                        continue
+                    break  # out of fds: what is left is reset, as it would have been
+                self._serve(sock, peername)
+
+    def retire(self, timeout: float, on_done: Callable[[], Any]) -> None:
+        """Stop accepting and let the connections end on their own (a worker replaced by a rolling
+        restart); those still open after timeout seconds are shut down as by shutdown()."""
+        self.stop_accepting()
+        self._on_drained = on_done
+        if not self.connections:
+            self._drained()
+            return
+
+        def expired() -> None:
+            self._drain_timer = None
+            if self._on_drained is not None:
+                callback, self._on_drained = self._on_drained, None
+                self.shutdown(self.linger_timeout, callback)
+
+        self._drain_timer = self.loop.call_later(timeout, expired)
 
     def _abort_all(self) -> None:
         log.warning(

@@ -403,6 +403,31 @@ def test_linger_is_bounded(backend_name: str) -> None:
         assert server.connections_closed == 1
 
 
+def test_shutdown_answers_the_clients_still_in_the_backlog(backend_name: str) -> None:
+    """Closing a listener resets the connections queued on it: shutdown accepts them first, and
+    what they had sent gets its answer before the close."""
+    drained = threading.Event()
+    with serving(backend_name, Hello, max_connections=1, refuse_excess=False) as server:
+        with connect(server.address) as first:
+            wait_until(lambda: in_loop(server, lambda: len(server.connections)) == 1)
+            queued = [connect(server.address) for _ in range(3)]  # the server is full: they wait in the backlog
+            try:
+                for sock in queued:
+                    sock.sendall(b"hi")
+                time.sleep(0.2)
+                assert in_loop(server, lambda: len(server.connections)) == 1
+                in_loop(server, lambda: server.shutdown(10, drained.set))
+                for sock in queued:
+                    sock.settimeout(10)
+                    assert recv_until_eof(sock) == b"Hello world\n"  # answered, then EOF: not reset
+            finally:
+                for sock in queued:
+                    sock.close()
+            first.close()
+            assert drained.wait(10)
+        assert server.connections_accepted == 4
+
+
 def test_shutdown_timeout_cuts_a_linger_short(backend_name: str) -> None:
     """A connection already flushed and lingering (its client never sends EOF) is closed when the
     shutdown timeout ends, well before its own linger bound."""
