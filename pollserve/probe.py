@@ -41,14 +41,26 @@ def probe_process(pid: int) -> dict[str, Any]:
             fds = count_fds(process)
             soft, hard = fd_limits(process)
             connections = getattr(process, "net_connections", process.connections)(kind="inet")
+        children = process.children(recursive=True)
     except psutil.NoSuchProcess:
         raise ProbeError(f"no process with PID {pid}") from None
     except psutil.AccessDenied:
         raise ProbeError(f"cannot read process {pid}: permission denied (run as its user or as root)") from None
     tcp = [conn for conn in connections if conn.type == socket.SOCK_STREAM]
+    # A supervisor's workers (--workers) are its children: their fds and sockets are the server's too.
+    child_rows = []
+    for child in children:
+        try:
+            with child.oneshot():
+                child_fds = count_fds(child)
+                child_connections = getattr(child, "net_connections", child.connections)(kind="inet")
+        except psutil.Error:  # exited meanwhile, or not ours to read
+            continue
+        child_rows.append({"pid": child.pid, "process_fds": child_fds})
+        tcp += [conn for conn in child_connections if conn.type == socket.SOCK_STREAM]
     states = Counter(conn.status for conn in tcp)
     listening = sorted({format_address(tuple(conn.laddr)) for conn in tcp if conn.status == psutil.CONN_LISTEN})
-    return {
+    result: dict[str, Any] = {
         "pid": pid,
         "name": name,
         "process_fds": fds,
@@ -58,6 +70,10 @@ def probe_process(pid: int) -> dict[str, Any]:
         "tcp_states": dict(sorted(states.items())),
         "listening": listening,
     }
+    if child_rows:
+        result["children"] = child_rows
+        result["fds_with_children"] = fds + sum(row["process_fds"] for row in child_rows)
+    return result
 
 
 def stats_url(url: str) -> str:
