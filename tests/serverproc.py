@@ -13,7 +13,7 @@ from pathlib import Path
 import pollserve
 
 LISTENING = re.compile(
-    r"listening on (\[(?P<v6>[^\]]+)\]|(?P<v4>[^:\s]+)):(?P<port>\d+)"
+    r"listening on (?:unix:(?P<unix>.+?)|(\[(?P<v6>[^\]]+)\]|(?P<v4>[^:\s]+)):(?P<port>\d+))"
     r" \(backend (?P<backend>\w+), app (?P<app>\S+)\)"
 )
 
@@ -59,20 +59,30 @@ def run_pollserve(*args: str, env: dict[str, str] | None = None, timeout: float 
 
 
 class ServerProcess:
-    """A pollserve server on port 0; ``address`` is read from its one ``listening on`` line."""
+    """A pollserve server on port 0 (or on --unix alone); ``address`` (or ``unix_path``) is read from
+    its one ``listening on`` line.  ``launcher`` replaces ``python -m pollserve`` (systemd's part in
+    test_systemd), and ``pass_fds`` are the fds it inherits."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, preexec_fn=None) -> None:
-        if "--port" not in args:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn=None,
+        launcher: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        if "--port" not in args and "--unix" not in args:
             args = ("--port", "0", *args)
         self.args = args
         self.proc = subprocess.Popen(
-            pollserve_command(*args),
+            [*launcher, *args] if launcher else pollserve_command(*args),
             env=pollserve_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
         )
         self.lines: list[str] = []
         self._listening = threading.Event()
@@ -104,6 +114,12 @@ class ServerProcess:
     def port(self) -> int:
         assert self.match is not None
         return int(self.match["port"])
+
+    @property
+    def unix_path(self) -> str:
+        """The path of ``listening on unix:PATH``."""
+        assert self.match is not None and self.match["unix"] is not None, self.log
+        return self.match["unix"]
 
     @property
     def address(self) -> tuple[str, int]:
