@@ -29,6 +29,8 @@ class Transport(_TypingProtocol):
     def is_reading(self) -> bool: ...
     def get_write_buffer_size(self) -> int: ...
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+    def set_protocol(self, protocol: Protocol) -> None: ...
+    def get_protocol(self) -> Protocol: ...
 
 
 class Protocol:
@@ -47,7 +49,8 @@ class Protocol:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Called once: exc is None on a normal close, the OSError otherwise."""
+        """Called once: exc is None on a normal close; otherwise the OSError that ended it, or the
+        exception the protocol itself raised in a callback."""
 
     def pause_writing(self) -> None:
         """The transport's write buffer went over the high-water mark (it also stops reading)."""

@@ -60,3 +60,20 @@ class FdHog(Protocol):
 def not_a_protocol() -> int:
     """A factory that returns something that is not a protocol."""
     return 42
+
+
+class FailsOnData(Protocol):
+    """Raises in data_received: the server closes this connection and logs the exception."""
+
+    def data_received(self, data: bytes) -> None:
+        raise ValueError("app bug")
+
+
+class ReplyPeername(Protocol):
+    """Answers every chunk with ``PEER_HOST PEER_PORT SOCK_HOST SOCK_PORT\\n`` as the app sees
+    them: behind --proxy-protocol, the addresses the PROXY header named."""
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.transport.get_extra_info("peername")
+        sock = self.transport.get_extra_info("sockname")
+        self.transport.write(f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}\n".encode())
