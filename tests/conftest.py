@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent / "emulation"))
 import emulate
 
 EMULATED = emulate.install_from_env()
+# The backend tests are the pollserve.testing kit: its assertions get pytest's messages too.
+pytest.register_assert_rewrite("pollserve.testing")
 
 from serverproc import ServerProcess  # noqa: E402
 

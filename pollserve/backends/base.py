@@ -78,6 +78,9 @@ class Backend:
     read_bits: ClassVar[int] = READ
     #: bits of a poll() mask that mean "writable": WRITE, and the backend's error and hang-up bits
     write_bits: ClassVar[int] = WRITE
+    #: a plugin that should be tried before the built-ins by ``auto`` says so here; auto takes
+    #: it only when the user also names it in POLLSERVE_AUTO_PLUGINS
+    auto_candidate: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._interest: dict[int, int] = {}
