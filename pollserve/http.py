@@ -113,8 +113,20 @@ def render_response(
     return head if head_only else head + body
 
 
-#: a route returns (content type, body); it is called once per request
-Route = Callable[[], tuple[str, bytes]]
+@dataclass(frozen=True)
+class Response:
+    """A route's answer with header fields of its own (the dashboard's Content-Security-Policy);
+    frozen, so a page can build it once and return the same object to every request."""
+
+    content_type: str
+    body: bytes
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+#: a route returns (content type, body) for a 200, or a Response (another status, header fields of
+#: its own); it is called once per request
+Route = Callable[[], tuple[str, bytes] | Response]
 
 
 class HTTPEndpoint(Protocol):
@@ -172,8 +184,12 @@ class HTTPEndpoint(Protocol):
         elif request.method not in ("GET", "HEAD"):
             self._respond(405, b"only GET and HEAD\n", extra_headers=(("Allow", "GET, HEAD"),))
         else:
-            content_type, body = route()
-            self._respond(200, body, content_type)
+            result = route()
+            if isinstance(result, Response):
+                self._respond(result.status, result.body, result.content_type, result.headers)
+            else:
+                content_type, body = result
+                self._respond(200, body, content_type)
 
     def _respond(
         self,
