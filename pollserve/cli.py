@@ -11,21 +11,25 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
 
 from . import __version__
 from .apps import BUILTIN_APPS, AppError, load_app
-from .backends import BACKENDS, BackendError, auto_backend, get_backend
+from .backends import BackendError, auto_backend, available_backends, get_backend, list_backends
 from .limits import LimitError
 from .probe import ProbeArgumentError, ProbeError, fetch_stats, probe_process
-from .service import ListenError, ServeOptions
+from .proxy import Network, parse_networks
+from .service import ListenError, ServeOptions, serve_workers
 from .service import serve as run_server
 from .stats import table
+from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
+from .workers import WORKER_ENV, WorkerRole, auto_count
 
 ENV_BACKEND = "POLLSERVE_BACKEND"
-BACKEND_CHOICES = ["auto", *BACKENDS]
 
 #: exit status for usage errors, as argparse uses it
 EXIT_USAGE = 2
@@ -40,19 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pollserve",
         # One line: argparse's generated synopsis of every option would bury the error below it.
-        usage="%(prog)s [OPTIONS] | %(prog)s backends | %(prog)s stats (--pid PID | --url URL) ... (see --help)",
+        usage="%(prog)s [OPTIONS] | %(prog)s backends | %(prog)s stats ... | %(prog)s bench ... (see --help)",
         description="A TCP server on one event loop over select, poll, epoll, kqueue or devpoll.",
         epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent.",
     )
     parser.add_argument("--version", action="version", version=f"pollserve {__version__}")
     parser.add_argument(
         "--backend",
-        choices=BACKEND_CHOICES,
+        metavar="NAME",
         default=None,
-        help=f"polling backend (default: ${ENV_BACKEND}, else auto: the best this OS has)",
+        # Checked by the registry, not by argparse choices: plugins and MODULE:CLASS are names too.
+        help=f"polling backend: auto, a name `pollserve backends` lists, or MODULE:CLASS "
+        f"(default: ${ENV_BACKEND}, else auto: the best this OS has)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; ::1 for IPv6)")
     parser.add_argument("--port", type=int, default=5001, help="TCP port; 0 picks a free one (default: 5001)")
+    parser.add_argument(
+        "--unix",
+        metavar="PATH",
+        help="listen on a UNIX stream socket at PATH, and on TCP only if --port is given too (default: off)",
+    )
+    parser.add_argument(
+        "--unix-mode",
+        metavar="MODE",
+        help="permissions of the --unix socket file, in octal such as 660 (default: what the umask leaves)",
+    )
     parser.add_argument(
         "--app",
         default="hello",
@@ -110,10 +126,77 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"close a connection that has neither sent nor received for SECONDS; 0 disables "
         f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="every app connection starts with a PROXY header (v1 or v2, as HAProxy's send-proxy sends it) "
+        "naming the real client; one without is closed (default: off)",
+    )
+    parser.add_argument(
+        "--proxy-from",
+        metavar="CIDR[,CIDR...]",
+        help="with --proxy-protocol: only peers in these networks may connect (default: any)",
+    )
+    parser.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, answer 503 on /healthz and keep accepting for SECONDS before the shutdown, "
+        "so a balancer takes the server out first (default: 0)",
+    )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="worker processes under a supervising parent; auto: one per CPU (default: 1, no parent)",
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="with --workers: each worker listens on its own SO_REUSEPORT socket (default: they share the parent's)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve the app over TLS with this PEM certificate chain; SIGHUP reloads it (default: off)",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE", help="the PEM private key of --tls-cert (default: in the --tls-cert file)"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="verify client certificates against these PEM CA certificates when clients send one (default: off)",
+    )
+    parser.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        help="with --tls-ca: refuse clients without a certificate that CA issued (mutual TLS)",
+    )
+    parser.add_argument(
+        "--tls-handshake-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"close a client whose TLS handshake is not done in SECONDS (default: {DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--tls-alpn",
+        metavar="LIST",
+        help="comma-separated protocols offered through ALPN, preferred first, e.g. h2,http/1.1 (default: none)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("backends", help="list the backends, whether this OS has them, and which auto picks")
+    # Each command names its own prog and usage: argparse would build them from the one-line usage above.
+    commands.add_parser(
+        "backends",
+        prog="pollserve backends",
+        usage="%(prog)s",
+        help="list the backends, whether this OS has them, and which auto picks",
+    )
     stats = commands.add_parser(
         "stats",
+        prog="pollserve stats",
+        usage="%(prog)s (--pid PID | --url URL) [--json] [--watch SECONDS]",
         help="show fd statistics of a running process (--pid) or pollserve server (--url)",
         description="Show file-descriptor statistics of a running process, read from outside with psutil "
         "(--pid), or of a pollserve server through its stats endpoint (--url).",
@@ -123,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--url", help="a pollserve stats endpoint, e.g. http://127.0.0.1:9100 or .../stats")
     stats.add_argument("--json", action="store_true", help="print JSON (one object per line with --watch)")
     stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    bench = commands.add_parser(
+        "bench",
+        prog="pollserve bench",
+        usage="%(prog)s [--backends LIST] [--idle LIST] [--peers] [--json] [--plot FILE.png] ... (see --help)",
+        help="which backend should I use here? server CPU per request, latency and RSS, by idle connections",
+        description="Measure every backend available here (and, with --peers, asyncio and uvloop) under a paced "
+        "load with 0, 1000 and 5000 idle connections: server CPU time per request, p50/p99 latency, RSS.",
+    )
+    bench.add_argument("--backends", metavar="LIST", help="comma-separated backends (default: all available here)")
+    bench.add_argument(
+        "--idle", default="0,1000,5000", metavar="LIST", help="idle connection counts (default: 0,1000,5000)"
+    )
+    bench.add_argument("--rate", type=float, default=2000.0, help="paced requests per second (default: 2000)")
+    bench.add_argument("--connections", type=int, default=20, help="connections carrying the load (default: 20)")
+    bench.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (default: 3)")
+    bench.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per run (default: 1)")
+    bench.add_argument("--peers", action="store_true", help="add asyncio (and uvloop, when installed) as rows")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw CPU per request against idle connections (matplotlib)")
     return parser
 
 
@@ -145,6 +247,19 @@ SERVER_OPTIONS = (
     "max_fds",
     "max_connections",
     "idle_timeout",
+    "proxy_protocol",
+    "proxy_from",
+    "drain_delay",
+    "workers",
+    "reuse_port",
+    "unix",
+    "unix_mode",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "tls_verify_client",
+    "tls_handshake_timeout",
+    "tls_alpn",
 )
 
 
@@ -152,32 +267,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is not None:
-        given = [name for name in SERVER_OPTIONS if getattr(args, name) != parser.get_default(name)]
+        given = server_options_given(argv)
         if given:
             options = ", ".join("--" + name.replace("_", "-") for name in given)
-            return fail(f"{options} applies to the server, not to 'pollserve {args.command}'", EXIT_USAGE)
+            verb = "applies" if len(given) == 1 else "apply"
+            return fail(f"{options} {verb} to the server, not to 'pollserve {args.command}'", EXIT_USAGE)
     if args.command == "backends":
         return show_backends()
     if args.command == "stats":
         return show_stats(args)
-    return serve(args)
+    if args.command == "bench":
+        return run_bench(args)
+    return serve(args, list(argv) if argv is not None else sys.argv[1:])
+
+
+def server_options_given(argv: Sequence[str] | None) -> list[str]:
+    """The server options present on the command line, even at their default value: parsed again
+    with a marker as every default, an option differs from the marker only if it was given."""
+    absent = object()  # not a string: argparse converts string defaults through the option's type
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(SERVER_OPTIONS, absent))
+    given = vars(probe.parse_args(argv))
+    return [name for name in SERVER_OPTIONS if given[name] is not absent]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench  # only for this command: the server does not pay for importing it
+
+    available = available_backends()
+    names = [name.strip() for name in (args.backends or ",".join(available)).split(",") if name.strip()]
+    for name in names:
+        if name not in available:
+            return fail(f"--backends: {name!r} is not available here (available: {', '.join(available)})", EXIT_USAGE)
+    try:
+        idle = [int(count) for count in args.idle.split(",")]
+    except ValueError:
+        return fail(f"--idle needs comma-separated numbers, not {args.idle!r}", EXIT_USAGE)
+    problem = (
+        (f"--idle needs counts of 0 or more, not {args.idle!r}" if any(count < 0 for count in idle) else None)
+        or check_seconds("--rate", args.rate, zero_ok=False)
+        or check_count("--connections", args.connections)
+        or check_seconds("--seconds", args.seconds, zero_ok=False)
+        or check_seconds("--warmup", args.warmup, zero_ok=True)
+    )
+    if problem:
+        return fail(problem.replace("number of seconds", "number"), EXIT_USAGE)
+    args.backends, args.idle, args.app = names, idle, "hello"
+    return bench.main(args)
 
 
 def show_backends() -> int:
-    auto = auto_backend().name
-    rows = [("backend", "available", "capacity", "auto")]
-    for name, cls in BACKENDS.items():
-        available = cls.is_available()
-        if cls.capacity is not None:
+    """The built-ins and every plugin installed; a plugin that cannot be used is one line on stderr
+    and the others are listed all the same."""
+    infos, problems = list_backends()
+    for problem in problems:
+        fail(problem)
+    try:
+        auto = auto_backend().name
+    except BackendError as exc:  # POLLSERVE_AUTO_PLUGINS names something unusable
+        fail(str(exc))
+        auto = None
+    rows = [("backend", "available", "capacity", "origin", "auto")]
+    for info in infos:
+        cls = info.backend
+        if cls is None:
+            capacity = "-"
+        elif cls.capacity is not None:
             capacity = f"fd < {cls.capacity}"
-        elif name == "select":
+        elif info.name == "select":
             capacity = "512 sockets"  # Windows: a count, not an fd number
         else:
             capacity = "unbounded"
-        rows.append((name, "yes" if available else "no", capacity, "<- auto" if name == auto else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        available = "yes" if info.available else "no"
+        rows.append((info.name, available, capacity, info.origin, "<- auto" if info.name == auto else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip())
+        cells = [f"{cell:<{width}}" for cell, width in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]).rstrip())
     return 0
 
 
@@ -227,16 +393,108 @@ def unbracket(host: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+def check_host(option: str, host: str) -> str | None:
+    """Brackets only around the whole address, as URLs write IPv6 (``[::1]``)."""
+    inner = unbracket(host)
+    if not inner or "[" in inner or "]" in inner:
+        return f"{option} {host!r} is not a host name or address (brackets go around a whole IPv6 address)"
+    return None
+
+
+#: hosts that listen on every address of their family, so they share ports with every other host
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def same_port_conflicts(args: argparse.Namespace) -> str | None:
+    """--port and --stats-port equal can only work on two different, specific addresses."""
+    if not args.stats_port or args.stats_port != args.port:
+        return None
+    hosts = {unbracket(args.host), unbracket(args.stats_host)}
+    if len(hosts) == 1 or hosts & set(WILDCARD_HOSTS):
+        return f"--port and --stats-port are both {args.port}; give the stats endpoint a port of its own"
+    return None
+
+
 def check_count(option: str, value: int | None) -> str | None:
     if value is not None and value < 1:
         return f"{option} needs a positive number, not {value}"
     return None
 
 
-def serve(args: argparse.Namespace) -> int:
+def check_proxy_from(text: str | None, proxy_protocol: bool) -> tuple[tuple[Network, ...], str | None]:
+    """--proxy-from's networks, or the problem; it means nothing without --proxy-protocol."""
+    if text is None:
+        return (), None
+    if not proxy_protocol:
+        return (), "--proxy-from needs --proxy-protocol: it says which peers may send the PROXY header"
+    try:
+        return parse_networks(text), None
+    except ValueError as exc:
+        return (), f"--proxy-from: {exc}"
+
+
+def check_unix(path: str | None, mode: str | None) -> str | None:
+    """--unix needs AF_UNIX and a path; --unix-mode needs --unix, and octal permissions."""
+    if path is not None and not hasattr(socket, "AF_UNIX"):
+        return "--unix needs UNIX domain sockets, which Python does not offer on this OS"
+    if path is not None and not path:
+        return "--unix needs a path"
+    if mode is not None and path is None:
+        return "--unix-mode applies to the --unix socket; give --unix PATH too"
+    if mode is not None and not (1 <= len(mode) <= 4 and set(mode) <= set("01234567")):
+        return f"--unix-mode needs octal permissions such as 660, not {mode!r}"
+    return None
+
+
+def check_workers(value: str) -> tuple[int, str | None]:
+    """``--workers N`` or ``auto``: (count, problem)."""
+    if value == "auto":
+        return auto_count(), None
+    try:
+        count = int(value)
+    except ValueError:
+        return 0, f"--workers needs a positive number or auto, not {value!r}"
+    return count, check_count("--workers", count)
+
+
+def check_tls(args: argparse.Namespace) -> tuple[TLSOptions | None, str | None]:
+    """The --tls-* options, or the problem; every one but --tls-cert needs --tls-cert.  The files
+    are not read here (ServerTLS.load does)."""
+    if args.tls_cert is None:
+        names = ("tls_key", "tls_ca", "tls_handshake_timeout", "tls_alpn")
+        given = [name for name in names if getattr(args, name) is not None]
+        given += ["tls_verify_client"] if args.tls_verify_client else []
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            return None, f"{option} needs --tls-cert: it applies to the TLS that the certificate enables"
+        return None, None
+    if args.tls_verify_client and args.tls_ca is None:
+        return None, "--tls-verify-client needs --tls-ca: the CA certificates that client certificates must chain to"
+    timeout = DEFAULT_HANDSHAKE_TIMEOUT if args.tls_handshake_timeout is None else args.tls_handshake_timeout
+    problem = check_seconds("--tls-handshake-timeout", timeout, zero_ok=False)
+    if problem:
+        return None, problem
+    try:
+        alpn = parse_alpn(args.tls_alpn) if args.tls_alpn is not None else ()
+    except ValueError as exc:
+        return None, f"--tls-alpn: {exc}"
+    options = TLSOptions(args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify_client, timeout, alpn)
+    return options, None
+
+
+def worker_role() -> WorkerRole | None:
+    """This process is a worker of a supervising parent when WORKER_ENV says so.  Taken out of
+    the environment, so that what the app starts does not inherit it."""
+    value = os.environ.pop(WORKER_ENV, None)
+    return None if value is None else WorkerRole.from_env(value)
+
+
+def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    role = worker_role()
+    prefix = "" if role is None else f"worker {role.index}: "
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
+        format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
         stream=sys.stderr,
     )
     backend_name = args.backend or os.environ.get(ENV_BACKEND) or "auto"
@@ -246,7 +504,9 @@ def serve(args: argparse.Namespace) -> int:
     except (BackendError, AppError) as exc:
         return fail(str(exc), EXIT_USAGE)
     problem = (
-        check_port("port", args.port)
+        check_host("--host", args.host)
+        or check_host("--stats-host", args.stats_host)
+        or check_port("--port", args.port)
         or check_port("--stats-port", args.stats_port)
         or check_seconds("--shutdown-timeout", args.shutdown_timeout, zero_ok=True)
         or check_seconds("--stats-interval", args.stats_interval, zero_ok=False)
@@ -254,10 +514,42 @@ def serve(args: argparse.Namespace) -> int:
         or check_count("--max-fds", args.max_fds)
         or check_count("--max-connections", args.max_connections)
     )
-    if not problem and args.stats_port and args.stats_port == args.port:
-        problem = f"--port and --stats-port are both {args.port}; give the stats endpoint a port of its own"
+    # --unix alone listens on no TCP port: 5001 is the default of a TCP-only server
+    tcp = args.unix is None or "port" in server_options_given(argv)
+    problem = problem or (same_port_conflicts(args) if tcp else None)
+    workers, workers_problem = check_workers(args.workers)
+    problem = problem or workers_problem
+    if not problem and args.reuse_port and workers < 2:
+        problem = "--reuse-port needs --workers 2 or more: it gives each worker a listener of its own"
+    if not problem and args.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        problem = "--reuse-port needs SO_REUSEPORT, which this OS does not have"
+    problem = problem or check_unix(args.unix, args.unix_mode)
+    if not problem and args.unix is not None and workers > 1:
+        problem = "--unix does not work with --workers yet: the workers would not share the socket"
+    proxy_from, proxy_problem = check_proxy_from(args.proxy_from, args.proxy_protocol)
+    problem = problem or proxy_problem or check_seconds("--drain-delay", args.drain_delay, zero_ok=True)
+    tls_options, tls_problem = check_tls(args)
+    problem = problem or tls_problem
     if problem:
         return fail(problem, EXIT_USAGE)
+    # Loaded before anything binds, so a bad file is exit 2 and not a server that cannot handshake.
+    # With --workers the parent only checks them: each worker loads its own.
+    try:
+        tls = ServerTLS.load(tls_options) if tls_options is not None else None
+    except TLSConfigError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    if role is not None:  # the parent serves the stats endpoint, and supervises
+        args.stats_port, workers = None, 1
+    # systemd's sockets and notify socket belong to the process it started: read once, not by workers.
+    try:
+        inherited = listen_sockets() if role is None else []
+    except ActivationError as exc:
+        return fail(str(exc))
+    if inherited and all(passed.name == STATS_NAME for passed in inherited):
+        return fail(f"socket activation: every socket systemd passed is named {STATS_NAME!r}; none is for the app")
+    if inherited and workers > 1:
+        return fail("socket activation does not work with --workers yet: the workers would not get the sockets")
+    notifier = Notifier.from_environment() if role is None else None
     options = ServeOptions(
         backend=backend_class,
         factory=factory,
@@ -271,9 +563,25 @@ def serve(args: argparse.Namespace) -> int:
         max_fds=args.max_fds,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout or None,
+        tcp=tcp,
+        unix=args.unix,
+        unix_mode=None if args.unix_mode is None else int(args.unix_mode, 8),
+        inherited=tuple(inherited),
+        notifier=notifier,
+        workers=workers,
+        reuse_port=args.reuse_port,
+        argv=tuple(argv),
+        worker=role,
+        proxy_protocol=args.proxy_protocol,
+        proxy_from=proxy_from,
+        drain_delay=args.drain_delay,
+        tls=tls,
     )
     try:
-        run_server(options)
+        if workers > 1:
+            serve_workers(options)
+        else:
+            run_server(options)
     except LimitError as exc:
         return fail(str(exc), EXIT_USAGE)
     except ListenError as exc:

@@ -14,17 +14,24 @@ import functools
 import ipaddress
 import logging
 import signal
+import socket
 
 import psutil
 
 from .apps import ProtocolFactory
 from .backends import Backend
-from .http import HTTPEndpoint, Route
+from .dashboard import page
+from .http import HTTPEndpoint, Response, Route
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
+from .listeners import SocketFile, adopt, bind_tcp, bind_unix
 from .loop import EventLoop
+from .proxy import Network, ProxyLayerFactory
 from .rates import RateLimit
 from .server import Server, format_address
-from .stats import StatsCollector, StatsReporter, count_fds, prometheus_text
+from .stats import StatsCollector, StatsReporter, count_fds
+from .systemd import STATS_NAME, ListenSocket, Notifier
+from .tls import ServerTLS, TLSLayerFactory, reload_certificates
+from .workers import Supervisor, SupervisorStats, WorkerLink, WorkerRole
 
 log = logging.getLogger("pollserve")
 
@@ -46,6 +53,9 @@ STATS_ACCEPT_RATE = 2 * STATS_RATE
 STATS_ACCEPT_BURST = 2 * STATS_BURST
 #: accepts per wakeup on the stats listener, so a connect storm there takes a small share
 STATS_ACCEPT_BATCH = 8
+#: beyond --shutdown-timeout, what a worker's shutdown may take (its lingering closes) before the
+#: parent kills it
+STOP_MARGIN = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +74,83 @@ class ServeOptions:
     max_fds: int | None = None
     max_connections: int | None = None
     idle_timeout: float | None = None
+    #: listen on host:port; False for --unix without --port
+    tcp: bool = True
+    #: --unix: a UNIX stream socket's path, listened on after host:port; --unix-mode: its permissions
+    unix: str | None = None
+    unix_mode: int | None = None
+    #: listening sockets systemd passed (socket activation): served on instead of host, port and unix
+    inherited: tuple[ListenSocket, ...] = ()
+    #: tells systemd when serving starts and when a shutdown does (sd_notify), when it asked to be told
+    notifier: Notifier | None = None
+    #: --workers: worker processes under a supervising parent (1: this process serves, no parent)
+    workers: int = 1
+    #: --reuse-port: each worker binds its own SO_REUSEPORT listener instead of inheriting the parent's
+    reuse_port: bool = False
+    #: the command line after ``pollserve``, for the supervisor to start its workers with
+    argv: tuple[str, ...] = ()
+    #: set in a worker process: its index, channel and inherited listeners (workers.WORKER_ENV)
+    worker: WorkerRole | None = None
+    #: --proxy-protocol: every app connection starts with a PROXY header (pollserve.proxy);
+    #: --proxy-from: the peers that may send one (empty: any)
+    proxy_protocol: bool = False
+    proxy_from: tuple[Network, ...] = ()
+    #: --drain-delay: after the first stop signal, /healthz answers 503 and the app's listener
+    #: keeps accepting this long, so a balancer takes the server out before it stops
+    drain_delay: float = 0.0
+    #: --tls-*: the app is served over TLS (pollserve.tls), with the files already loaded
+    tls: ServerTLS | None = None
 
 
 class ListenError(Exception):
     """An address that cannot be bound; the message is meant for the user as it is."""
 
 
-def stats_routes(collector: StatsCollector) -> dict[str, Route]:
+class Health:
+    """What ``GET /healthz`` tells a balancer: 200 while serving, 503 from the first stop signal
+    on, so that its health check takes the server out before the listener closes."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    SERVING = Response("text/plain; charset=utf-8", b"ok\n")
+    DRAINING = Response("text/plain; charset=utf-8", b"draining\n", status=503)
+
+    def route(self) -> Response:
+        return self.DRAINING if self.draining else self.SERVING
+
+
+def stats_routes(collector: StatsCollector | SupervisorStats, health: Health | None = None) -> dict[str, Route]:
+    """The endpoint's pages, from one server's collector or a supervisor's view of its workers."""
+
     def stats() -> tuple[str, bytes]:
-        return "application/json", collector.snapshot().to_json().encode() + b"\n"
+        return "application/json", collector.json().encode() + b"\n"
 
     def metrics() -> tuple[str, bytes]:
-        return PROMETHEUS_CONTENT_TYPE, prometheus_text(collector.snapshot()).encode()
+        return PROMETHEUS_CONTENT_TYPE, collector.metrics().encode()
 
-    return {"/stats": stats, "/metrics": metrics}
+    dashboard = page()  # the live dashboard (pollserve.dashboard): read and its response built once, here
+    return {"/stats": stats, "/metrics": metrics, "/healthz": (health or Health()).route, "/": lambda: dashboard}
+
+
+def stats_endpoint(
+    loop: EventLoop, collector: StatsCollector | SupervisorStats, health: Health, options: ServeOptions
+) -> Server:
+    """The stats endpoint's server (not started), with the bounds that keep it from hurting the app."""
+    endpoint = functools.partial(
+        HTTPEndpoint, stats_routes(collector, health), loop.call_later, rate_limit=RateLimit(STATS_RATE, STATS_BURST)
+    )
+    return Server(
+        loop,
+        endpoint,
+        options.stats_host,
+        options.stats_port or 0,
+        name="stats",
+        max_connections=STATS_MAX_CONNECTIONS,
+        refuse_excess=False,
+        accept_batch=STATS_ACCEPT_BATCH,
+        accept_rate=RateLimit(STATS_ACCEPT_RATE, STATS_ACCEPT_BURST),
+    )
 
 
 def fds_in_use() -> int:
@@ -88,6 +161,8 @@ def fds_in_use() -> int:
 
 
 def is_loopback(address: object) -> bool:
+    if isinstance(address, (str, bytes)):  # a UNIX socket (systemd may pass one): this host's only
+        return True
     try:
         return ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback  # type: ignore[index]
     except (ValueError, TypeError, IndexError):
@@ -113,47 +188,85 @@ def describe_budget(limit: FdLimit, budget: Budget, max_connections: int | None)
     return line
 
 
+def worker_listeners(options: ServeOptions) -> list[socket.socket]:
+    """A worker's listeners: the parent's, inherited, or with --reuse-port its own on the same port."""
+    assert options.worker is not None
+    if options.reuse_port:
+        return bind_tcp(options.host, options.port, reuse_port=True)
+    return [adopt(socket.socket(fileno=fd)) for fd in options.worker.listen_fds]
+
+
 def serve(options: ServeOptions) -> None:
     """Run until SIGINT/SIGTERM has drained the app's connections; raises LimitError or ListenError."""
     fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
     loop = EventLoop(options.backend())
+    # --tls-cert: a layer in front of the app, stacked only when asked for; a PROXY header
+    # comes before the TLS handshake, so that layer goes in front of this one.
+    tls_layer = TLSLayerFactory(options.factory, loop, options.tls) if options.tls is not None else None
+    app_factory = tls_layer or options.factory
+    # --proxy-protocol: a layer in front of the app, stacked only when asked for.
+    proxy_layer = ProxyLayerFactory(app_factory, loop, allowed=options.proxy_from) if options.proxy_protocol else None
     server = Server(
-        loop, options.factory, options.host, options.port, app=options.app, idle_timeout=options.idle_timeout
-    )
-    collector = StatsCollector(loop, server)
-    # The endpoint's own connections are kept out of the app's counters: a Server of its own.
-    endpoint = functools.partial(
-        HTTPEndpoint, stats_routes(collector), loop.call_later, rate_limit=RateLimit(STATS_RATE, STATS_BURST)
-    )
-    stats_server = Server(
         loop,
-        endpoint,
-        options.stats_host,
-        options.stats_port or 0,
-        name="stats",
-        max_connections=STATS_MAX_CONNECTIONS,
-        refuse_excess=False,
-        accept_batch=STATS_ACCEPT_BATCH,
-        accept_rate=RateLimit(STATS_ACCEPT_RATE, STATS_ACCEPT_BURST),
+        proxy_layer or app_factory,
+        options.host,
+        options.port,
+        app=options.app,
+        idle_timeout=options.idle_timeout,
     )
+    collector = StatsCollector(loop, server, tls_layer)
+    health = Health()
+    # The endpoint's own connections are kept out of the app's counters: a Server of its own.
+    stats_server = stats_endpoint(loop, collector, health, options)
+
+    socket_files: list[SocketFile] = []
+
+    def remove_socket_files() -> None:
+        # --unix: once, and before the listener closes: while it is open the file's inode cannot be
+        # freed and reused, so "the same device and inode" still means "the file we made".
+        while socket_files:
+            socket_files.pop().remove()
 
     def close_all() -> None:
+        remove_socket_files()
         server.close()
         stats_server.close()
+        if proxy_layer is not None:
+            proxy_layer.close()
+        if tls_layer is not None:
+            tls_layer.close()
         loop.close()
 
+    # Sockets systemd passed take the place of binding (sd_listen_fds(3)); "stats" names the endpoint's.
+    passed_app = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
+    passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
+    for listener, passed in ((server, passed_app), (stats_server, passed_stats)):
+        if passed:
+            listener.start(passed)
     for listener, host, port, option in (
-        (server, options.host, options.port, "--port"),
-        (stats_server, options.stats_host, options.stats_port, "--stats-port"),
+        (server, options.host, options.port if options.tcp and not passed_app else None, "--port"),
+        (stats_server, options.stats_host, None if passed_stats else options.stats_port, "--stats-port"),
     ):
         if port is None:
             continue
         try:
+            if listener is server and options.worker is not None:
+                listener.start(worker_listeners(options))
+                continue
             listener.start()
         except OSError as exc:
             close_all()
             where = exc.filename or format_address((host, port))
             raise ListenError(f"cannot listen on {where} ({option}): {exc.strerror or exc}") from None
+    if options.unix is not None and not passed_app:
+        try:
+            unix_socket, socket_file = bind_unix(options.unix, backlog=server.backlog, mode=options.unix_mode)
+        except OSError as exc:
+            close_all()
+            where = format_address(options.unix)
+            raise ListenError(f"cannot listen on {where} (--unix): {exc.strerror or exc}") from None
+        socket_files.append(socket_file)
+        server.start([unix_socket])  # after any TCP listener: "listening on" names host:port then
 
     stats_reserve = STATS_MAX_CONNECTIONS if stats_server.sockets else 0
     budget = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, loop.backend.capacity)
@@ -177,20 +290,53 @@ def serve(options: ServeOptions) -> None:
         nonlocal stopping
         if stopping:  # a second signal: do not wait for slow clients
             log.warning("%s again: closing now", signame)
+            remove_socket_files()
             server.close()
             loop.stop()
             return
         stopping = True
+        if options.notifier is not None:  # systemd counts the service as stopping from the signal on
+            options.notifier.stopping(f"stopping: draining {len(server.connections)} connections")
+        # The stats endpoint stays up to the end, so a balancer sees /healthz answer 503.
+        health.draining = True
+        if options.drain_delay > 0:
+            health_note = "" if options.worker is not None else "/healthz answers 503; "  # the parent's
+            log.info("%s: draining: %sstill accepting for %g s", signame, health_note, options.drain_delay)
+            loop.call_later(options.drain_delay, stop_serving, signame)
+        else:
+            stop_serving(signame)
+
+    def stop_serving(signame: str) -> None:
         log.info("%s: no longer accepting; flushing %d connections", signame, len(server.connections))
-        stats_server.close()
+        remove_socket_files()
         server.shutdown(options.shutdown_timeout, loop.stop)
 
+    link: WorkerLink | None = None
+    if options.worker is not None:
+        # A worker takes its orders from the parent: SIGTERM (stop), "retire" (a rolling restart),
+        # and the channel's EOF (the parent is gone).  A Ctrl-C reaches the whole process group:
+        # only the parent counts it, or each worker would see it as a second signal.  SIGHUP is
+        # the parent's: it restarts the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        loop.add_signal_handler(signal.SIGTERM, on_stop_signal, "SIGTERM")
+        link = WorkerLink(
+            loop,
+            options.worker,
+            collector.snapshot,
+            retire=lambda: server.retire(options.shutdown_timeout, loop.stop),
+            parent_gone=lambda: None if stopping else on_stop_signal("the parent's exit"),
+        )
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
-    if hasattr(signal, "SIGHUP"):
+        if options.worker is None:
+            loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
+    if hasattr(signal, "SIGHUP") and options.worker is None:
         # "Reload", by the convention of nginx and gunicorn, and never "stop": the default
         # action would kill the server without draining it.
-        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: reload: nothing to reload; still serving")
+        if options.tls is not None:  # new handshakes get the new certificate; sessions go on
+            loop.add_signal_handler(signal.SIGHUP, reload_certificates, options.tls)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: reload: nothing to reload; still serving")
 
     reporter = StatsReporter(collector, log, options.stats_interval)
     server.on_fd_exhausted = stats_server.on_fd_exhausted = reporter.fds_exhausted
@@ -198,8 +344,21 @@ def serve(options: ServeOptions) -> None:
         loop.add_signal_handler(signal.SIGUSR1, reporter.log_now)
 
     log.info("%s", describe_budget(fd_limit, budget, max_connections))
-    # Scripts look for exactly one "listening on" line: the first address.
-    log.info("listening on %s (backend %s, app %s)", format_address(server.address), loop.backend.name, options.app)
+    if options.inherited:
+        ignored = ["--host", "--port", "--unix", *(["--stats-host", "--stats-port"] if passed_stats else [])]
+        log.info(
+            "socket activation: serving on the sockets systemd passed (%s); %s and %s are ignored",
+            ", ".join(f"{passed.name} {format_address(passed.sock.getsockname())}" for passed in options.inherited),
+            ", ".join(ignored[:-1]),
+            ignored[-1],
+        )
+    if link is not None:
+        # The parent says "listening on", once for every worker.
+        log.info("serving %s (backend %s, app %s)", format_address(server.address), loop.backend.name, options.app)
+        link.ready()
+    else:
+        # Scripts look for exactly one "listening on" line: the first address.
+        log.info("listening on %s (backend %s, app %s)", format_address(server.address), loop.backend.name, options.app)
     if len(server.sockets) > 1:
         log.info("also on %s", ", ".join(format_address(address) for address in server.addresses[1:]))
     if stats_server.sockets:
@@ -210,17 +369,122 @@ def serve(options: ServeOptions) -> None:
                 "the stats endpoint listens on %s, not loopback: anyone who can reach it sees the server's figures",
                 ", ".join(format_address(address) for address in public),
             )
+    if proxy_layer is not None:
+        senders = ", ".join(map(str, options.proxy_from)) if options.proxy_from else "any peer"
+        log.info("PROXY protocol: every app connection must start with a v1 or v2 header, from %s", senders)
+    if options.tls is not None:
+        log.info("TLS: %s", options.tls.describe())
+    if options.notifier is not None:  # Type=notify: systemd counts the service started from here
+        options.notifier.ready(f"serving on {format_address(server.address)}")
     reporter.start()
     try:
         loop.run_forever()
     finally:
+        if link is not None:
+            link.close()  # its last snapshot first: the parent's totals stay exact
         close_all()
+    if proxy_layer is not None:
+        log.info(
+            "PROXY protocol: %d connections closed for a bad or missing header, %d from peers outside --proxy-from",
+            proxy_layer.headers_rejected,
+            proxy_layer.peers_refused,
+        )
+    if tls_layer is not None:
+        log.info("TLS: %d handshakes, %d failed", tls_layer.handshakes, tls_layer.handshake_failures)
     log.info(
-        "stopped: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations",
+        "%s: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations",
+        "stopped" if link is None else "finished",  # the parent says "stopped:" once, with the totals
         server.connections_accepted,
         server.connections_refused,
         server.connections_idle_closed,
         server.bytes_in,
         server.bytes_out,
         loop.iterations,
+    )
+
+
+def serve_workers(options: ServeOptions) -> None:
+    """The supervising parent of ``--workers N``: binds the listeners once, serves the stats
+    endpoint, runs the workers (workers.Supervisor) until SIGINT/SIGTERM has stopped them all."""
+    loop = EventLoop(options.backend())
+    try:
+        # With --reuse-port the parent only holds the port (bound, not listening), so that
+        # --port 0 is resolved once; each worker listens on it with a socket of its own.
+        listeners = bind_tcp(options.host, options.port, listen=not options.reuse_port, reuse_port=options.reuse_port)
+    except OSError as exc:
+        loop.close()
+        where = exc.filename or format_address((options.host, options.port))
+        raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+    port = listeners[0].getsockname()[1]
+    # The workers parse the same arguments; a later --port wins, so port 0 is the one found here.
+    argv = [*options.argv, "--port", str(port)]
+    stop_timeout = options.drain_delay + options.shutdown_timeout + 2 * STOP_MARGIN
+    supervisor = Supervisor(
+        loop,
+        options.workers,
+        argv,
+        [] if options.reuse_port else listeners,
+        stop_timeout=stop_timeout,
+        on_all_stopped=loop.stop,
+    )
+    view = SupervisorStats(loop, supervisor)
+    health = Health()
+    stats_server = stats_endpoint(loop, view, health, options)
+
+    def close_all() -> None:
+        supervisor.close()
+        stats_server.close()
+        for sock in listeners:
+            sock.close()
+        loop.close()
+
+    if options.stats_port is not None:
+        try:
+            stats_server.start()
+        except OSError as exc:
+            close_all()
+            where = exc.filename or format_address((options.stats_host, options.stats_port))
+            raise ListenError(f"cannot listen on {where} (--stats-port): {exc.strerror or exc}") from None
+
+    def first_ready() -> None:
+        # Exactly one "listening on" line, once a worker accepts: the parent's, for all of them.
+        how = "own SO_REUSEPORT listeners" if options.reuse_port else "shared listeners"
+        log.info(
+            "listening on %s (backend %s, app %s)",
+            format_address(listeners[0].getsockname()),
+            loop.backend.name,
+            options.app,
+        )
+        log.info("%d workers on %s", options.workers, how)
+        if len(listeners) > 1:
+            log.info("also on %s", ", ".join(format_address(sock.getsockname()) for sock in listeners[1:]))
+        if stats_server.sockets:
+            log.info("stats on http://%s", format_address(stats_server.address, url=True))
+
+    supervisor.on_first_ready = first_ready
+
+    def on_stop_signal(signame: str) -> None:
+        health.draining = True  # /healthz: 503 from the first signal on, while the workers drain
+        supervisor.stop(signame)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
+    supervisor.start()
+    try:
+        loop.run_forever()
+    finally:
+        totals = view.snapshot()
+        close_all()
+    log.info(
+        "stopped: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations"
+        " (%d workers)",
+        totals["connections_accepted"],
+        totals["connections_refused"],
+        totals["connections_idle_closed"],
+        totals["bytes_in"],
+        totals["bytes_out"],
+        totals["loop_iterations"],
+        options.workers,
     )

@@ -24,6 +24,7 @@ import psutil
 if TYPE_CHECKING:
     from .loop import EventLoop
     from .server import Server
+    from .tls import TLSLayerFactory
 
 try:
     import resource
@@ -61,6 +62,9 @@ class Snapshot:
     loop_iterations: int
     events_total: int
     uptime_s: float
+    #: TLS handshakes completed, and failed (timed out, not TLS, refused); 0 without TLS
+    tls_handshakes: int = 0
+    tls_handshake_failures: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,9 +120,11 @@ class StatsCollector:
     #: ...and longer when counting would take more than this share of the time
     fd_count_budget = 0.01
 
-    def __init__(self, loop: EventLoop, server: Server) -> None:
+    def __init__(self, loop: EventLoop, server: Server, tls: TLSLayerFactory | None = None) -> None:
         self.loop = loop
         self.server = server
+        #: the TLS layer's handshake counters, when the server speaks TLS
+        self.tls = tls
         self.process = psutil.Process()
         self.started = time.monotonic()
         self._fd_cache: tuple[int | None, int | None, int | None] | None = None
@@ -154,6 +160,14 @@ class StatsCollector:
             fds = None
         return fds, soft, hard
 
+    def json(self) -> str:
+        """The ``/stats`` page."""
+        return self.snapshot().to_json()
+
+    def metrics(self) -> str:
+        """The ``/metrics`` page."""
+        return prometheus_text(self.snapshot())
+
     def snapshot(self) -> Snapshot:
         backend = self.loop.backend
         server = self.server
@@ -179,6 +193,8 @@ class StatsCollector:
             loop_iterations=self.loop.iterations,
             events_total=self.loop.events_total,
             uptime_s=round(time.monotonic() - self.started, 3),
+            tls_handshakes=self.tls.handshakes if self.tls is not None else 0,
+            tls_handshake_failures=self.tls.handshake_failures if self.tls is not None else 0,
         )
 
 
@@ -241,6 +257,13 @@ _METRICS: list[tuple[str, str, str, str]] = [
     ("loop_iterations", "pollserve_loop_iterations_total", "counter", "Returns from the backend's poll call."),
     ("events_total", "pollserve_events_total", "counter", "Readiness events returned by the backend."),
     ("uptime_s", "pollserve_uptime_seconds", "gauge", "Seconds since the server started."),
+    ("tls_handshakes", "pollserve_tls_handshakes_total", "counter", "TLS handshakes completed."),
+    (
+        "tls_handshake_failures",
+        "pollserve_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed: timed out, not TLS, or refused.",
+    ),
 ]
 
 #: for tools and tests: metric name -> snapshot field
@@ -253,17 +276,38 @@ def _escape_label(value: str) -> str:
 
 def prometheus_text(snap: Snapshot) -> str:
     """Prometheus text exposition format 0.0.4; unknown values are left out, not faked."""
+    return prometheus_page(snap.pid, snap.backend, [({}, snap.to_dict())])
+
+
+def prometheus_page(
+    pid: int,
+    backend: str,
+    rows: list[tuple[dict[str, str], dict[str, Any]]],
+    extra: list[tuple[str, str, str, float]] | None = None,
+) -> str:
+    """Every snapshot field as a series, one sample per row with that row's labels (a worker's
+    index, say), so that Prometheus' sum() over them is the whole server's figure; ``extra`` adds
+    (metric, type, help, value) samples without labels."""
     lines = [
         "# HELP pollserve_info The polling backend in use and the process id.",
         "# TYPE pollserve_info gauge",
-        f'pollserve_info{{backend="{_escape_label(snap.backend)}",pid="{snap.pid}"}} 1',
+        f'pollserve_info{{backend="{_escape_label(backend)}",pid="{pid}"}} 1',
     ]
     for field, metric, kind, help_text in _METRICS:
-        value = getattr(snap, field)
-        if value is None:
+        samples = [(labels, values.get(field)) for labels, values in rows if values.get(field) is not None]
+        if not samples:
             continue
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        lines += [f"{metric}{_labels(labels)} {value}" for labels, value in samples]
+    for metric, kind, help_text, value in extra or []:
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", f"{metric} {value}"]
     return "\n".join(lines) + "\n"
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels.items()) + "}"
 
 
 def table(rows: dict[str, Any]) -> str:
@@ -274,13 +318,23 @@ def table(rows: dict[str, Any]) -> str:
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
         elif isinstance(value, list):
-            value = ", ".join(map(str, value)) or "-"
+            value = "; ".join(_item(item) for item in value) or "-"
         elif isinstance(value, float) and key.endswith("usage"):
             value = f"{100 * value:.1f}%"
         elif value is None:
             value = "-"
         out.append(f"{key:<{width}}  {value}")
     return "\n".join(out)
+
+
+#: what ``pollserve stats`` shows of each child or worker in a list: the whole snapshot is too wide
+_ITEM_KEYS = ("index", "pid", "process_fds", "connections_open", "connections_accepted")
+
+
+def _item(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    return " ".join(f"{key} {item[key]}" for key in _ITEM_KEYS if key in item)
 
 
 class FdUsageWatch:

@@ -18,6 +18,7 @@ from clients import connect, exchange, recv_exactly, recv_until_eof, request_rou
 from conftest import AVAILABLE
 from sample_apps import BIG_REPLY_SIZE, big_reply
 from serverproc import run_pollserve
+from statsclient import get_stats
 
 from pollserve.backends import BACKENDS
 
@@ -114,10 +115,16 @@ class TestBackendChoice:
             assert len(lines) == 1, result.stderr
             assert missing in lines[0] and "available: " + ", ".join(AVAILABLE) in lines[0]
 
-    def test_unknown_backend_in_env_is_one_line(self) -> None:
-        result = run_pollserve("--port", "0", env={"POLLSERVE_BACKEND": "iocp"})
+    @pytest.mark.parametrize("where", ["flag", "env"])
+    def test_unknown_backend_is_one_line(self, where: str) -> None:
+        """Checked by the registry, not argparse choices (which cannot list plugins or MODULE:CLASS)."""
+        if where == "flag":
+            result = run_pollserve("--backend", "iocp", "--port", "0")
+        else:
+            result = run_pollserve("--port", "0", env={"POLLSERVE_BACKEND": "iocp"})
         assert result.returncode == 2
-        assert result.stderr.strip() == "pollserve: unknown backend 'iocp' (known: auto, " + ", ".join(BACKENDS) + ")"
+        known = ", ".join(["auto", *BACKENDS])
+        assert result.stderr.strip() == f"pollserve: unknown backend 'iocp' (known: {known}; or MODULE:CLASS)"
 
     def test_backends_table(self) -> None:
         result = run_pollserve("backends")
@@ -161,7 +168,7 @@ class TestUserErrors:
     def test_bad_port_is_one_line(self) -> None:
         result = run_pollserve("--port", "70000")
         assert result.returncode == 2
-        assert result.stderr.strip() == "pollserve: port 70000 is out of range 0-65535"
+        assert result.stderr.strip() == "pollserve: --port 70000 is out of range 0-65535"
 
 
 @pytest.mark.skipif(not POSIX, reason="RLIMIT_NOFILE is POSIX")
@@ -344,6 +351,22 @@ class TestOneLineErrors:
             port = str(probe.getsockname()[1])
         line = one_line(run_pollserve("--port", port, "--stats-port", port), 2)
         assert line == f"pollserve: --port and --stats-port are both {port}; give the stats endpoint a port of its own"
+        # A wildcard address shares its port with every other address of the host.
+        line = one_line(run_pollserve("--host", "0.0.0.0", "--port", port, "--stats-port", port), 2)
+        assert "give the stats endpoint a port of its own" in line, line
+
+    def test_equal_ports_on_two_specific_addresses_both_serve(self, start_server) -> None:
+        if not socket.has_ipv6:
+            pytest.skip("no IPv6 here")
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]
+        try:
+            socket.create_server(("::1", port), family=socket.AF_INET6).close()
+        except OSError as exc:
+            pytest.skip(f"cannot bind [::1]:{port}: {exc}")
+        server = start_server("--port", str(port), "--stats-port", str(port), "--stats-host", "::1")
+        assert request_rounds(("127.0.0.1", port), 1, 1, b"hi", b"Hello world\n") == 1
+        assert get_stats(("::1", port))["pid"] == server.proc.pid
 
     def test_bind_errors_name_the_option(self) -> None:
         with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -354,12 +377,35 @@ class TestOneLineErrors:
     def test_server_options_with_a_subcommand_are_an_error(self) -> None:
         line = one_line(run_pollserve("--port", "0", "backends"), 2)
         assert "--port" in line and "backends" in line, line
+        # Given at its default value, an option is still given: the user meant something by it.
+        line = one_line(run_pollserve("--port", "5001", "--host", "127.0.0.1", "backends"), 2)
+        assert line == "pollserve: --host, --port apply to the server, not to 'pollserve backends'", line
 
-    def test_usage_error_ends_with_the_one_line_error(self) -> None:
-        result = run_pollserve("--backend", "nope")
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["stats", "--pid", "abc"], "pollserve stats: error: argument --pid: invalid int value: 'abc'"),
+            (["stats"], "pollserve stats: error: one of the arguments --pid --url is required"),
+            (["bench", "--rate"], "pollserve bench: error: argument --rate: expected one argument"),
+        ],
+    )
+    def test_a_command_usage_error_names_the_command(self, args: list[str], message: str) -> None:
+        result = run_pollserve(*args)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
-        assert lines[-1].startswith("pollserve: error: argument --backend: invalid choice: 'nope'"), result.stderr
+        assert lines[-1] == message, result.stderr
+        assert len(lines) <= 3 and lines[0].startswith(f"usage: pollserve {args[0]} "), result.stderr
+
+    @pytest.mark.parametrize("host", ["[::1", "::1]", "[]", "[[::1]]"])
+    def test_a_malformed_bracketed_host_is_a_usage_error(self, host: str) -> None:
+        line = one_line(run_pollserve("--host", host, "--port", "0"), 2)
+        assert line.startswith(f"pollserve: --host {host!r} is not a host name or address"), line
+
+    def test_usage_error_ends_with_the_one_line_error(self) -> None:
+        result = run_pollserve("--log-level", "nope")
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("pollserve: error: argument --log-level: invalid choice: 'nope'"), result.stderr
         assert len(lines) <= 3, result.stderr  # a short usage line, not the whole synopsis
 
     def test_factory_returning_a_non_protocol_closes_the_connection_once_per_episode(self, start_server) -> None:
@@ -420,6 +466,17 @@ class TestSignalsAndLogs:
             r"the client closed"
         )
         assert closed
+        failing = start_server(
+            "--log-level", "debug", "--app", "sample_apps:FailsOnData", env={"PYTHONPATH": TESTS_DIR}
+        )
+        with connect(failing.address) as sock:
+            sock.sendall(b"x")
+            assert recv_until_eof(sock) == b""
+        # The read that ended in the app's exception is counted in the connection's closing line.
+        failing.wait_for_log(
+            r"DEBUG app: closed 127\.0\.0\.1:\d+ \(fd \d+\) after [\d.]+ s, 1 bytes in, 0 bytes out: "
+            r"ValueError: app bug"
+        )
         quiet = start_server("--app", "echo")
         with connect(quiet.address) as sock:
             sock.sendall(b"x")

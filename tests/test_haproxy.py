@@ -29,10 +29,19 @@ TESTS_DIR = str(Path(__file__).parent)
 #: longer than the config's checks take to mark an instance down (inter 1 s x fall 2)
 DRAIN_DELAY = 4.0
 
+#: CI on Linux installs haproxy (.ci/run): there a missing one is a failure, not a skip
+REQUIRED = bool(os.environ.get("CI")) and sys.platform.startswith("linux")
+
 pytestmark = [
-    pytest.mark.skipif(HAPROXY is None, reason="haproxy is not on PATH"),
+    pytest.mark.skipif(HAPROXY is None and not REQUIRED, reason="haproxy is not on PATH"),
     pytest.mark.skipif(sys.platform == "win32", reason="signals and HAProxy are POSIX"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def haproxy_present() -> None:
+    if HAPROXY is None:
+        pytest.fail("haproxy is missing: .ci/run installs Debian's haproxy package")
 
 
 def free_port() -> int:

@@ -41,6 +41,8 @@ SNAPSHOT_KEYS = [
     "loop_iterations",
     "events_total",
     "uptime_s",
+    "tls_handshakes",
+    "tls_handshake_failures",
 ]
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})? (?P<value>\S+)$")
 
@@ -150,7 +152,7 @@ class TestEndpoint:
     def test_other_paths_and_bad_requests(self, start_server) -> None:
         server = start_server("--stats-port", "0")
         address = stats_address(server)
-        assert http_get(address, "/")[0] == 404
+        assert http_get(address, "/nope")[0] == 404
         assert http_get(address, "/stats/extra")[0] == 404
         assert http_get(address, "/stats?pretty=1")[0] == 200
         for raw in (b"garbage\r\n\r\n", b"GET /stats HTTP/9.9\r\n\r\n", b"GET " + b"x" * 20000 + b" HTTP/1.1\r\n"):
