@@ -427,6 +427,11 @@ class Connection:
     # Closes the server decides on (the idle timeout, a shutdown): a traced connection
     # records why; an ordinary one just closes.
     def _server_close(self, why: str) -> None:
+        # A layer may have its own goodbye to say first (TLS: close_notify).  Shutdown and the
+        # idle sweep only: the hot path never comes here.
+        goodbye = getattr(self._protocol, "server_closing", None)
+        if goodbye is not None:
+            goodbye()
         self.close()
 
     def _server_abort(self, why: str) -> None:
@@ -497,7 +502,7 @@ class TracedConnection(Connection):
 
     def _server_close(self, why: str) -> None:
         self._why = self._why or why
-        super().close()
+        super()._server_close(why)
 
     def _server_abort(self, why: str) -> None:
         self._why = self._why or why

@@ -634,6 +634,15 @@ class TLSLayer:
             self._send_close_notify()
         self._raw.close()
 
+    def server_closing(self) -> None:
+        """The server closes this connection itself (shutdown, idle timeout): close_notify first, so
+        the client sees the end of the session rather than a truncation (RFC 8446 section 6.1).
+        The connection then flushes it and closes as usual."""
+        if self._closing or self._write_eof or self._handshaking or self._failed:
+            return
+        self._closing = self._no_more_writes = True
+        self._send_close_notify()
+
     def _send_close_notify(self) -> None:
         if self._backlog:
             data = bytes(self._backlog)

@@ -507,6 +507,27 @@ def test_close_by_the_app_sends_close_notify(backend_name: str, certs: Certs) ->
         client.wait_eof()
 
 
+@pytest.mark.parametrize("server_closes", ["shutdown", "idle timeout"])
+def test_a_close_by_the_server_itself_sends_close_notify(backend_name: str, certs: Certs, server_closes: str) -> None:
+    """Shutdown and the idle sweep close connections below the app: the layer still says
+    close_notify, so the client sees the session end, not a truncation."""
+    options = {"idle_timeout": 0.2} if server_closes == "idle timeout" else {}
+    with (
+        tls_serving(backend_name, Echo, certs.options(), **options) as (server, _),
+        BIOClient(server.address, certs.client_context()) as client,
+    ):
+        client.handshake()
+        client.write(b"ping")
+        if server_closes == "shutdown":
+            assert client.read(4) == b"ping"
+            drained = threading.Event()
+            in_loop(server, lambda: server.shutdown(5, drained.set))
+            assert client.read_to_close_notify() == b""
+        else:
+            assert client.read_to_close_notify() == b"ping"  # then idle: closed by the sweep
+        client.wait_eof()
+
+
 @pytest.mark.parametrize("how", ["fin", "rst"])
 def test_clients_that_vanish_without_close_notify(
     backend_name: str, certs: Certs, how: str, caplog: pytest.LogCaptureFixture
