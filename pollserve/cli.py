@@ -524,8 +524,8 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if not problem and args.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
         problem = "--reuse-port needs SO_REUSEPORT, which this OS does not have"
     problem = problem or check_unix(args.unix, args.unix_mode)
-    if not problem and args.unix is not None and workers > 1:
-        problem = "--unix does not work with --workers yet: the workers would not share the socket"
+    if not problem and args.unix is not None and args.reuse_port:
+        problem = "--reuse-port is for TCP: with --unix the workers share the parent's socket"
     proxy_from, proxy_problem = check_proxy_from(args.proxy_from, args.proxy_protocol)
     problem = problem or proxy_problem or check_seconds("--drain-delay", args.drain_delay, zero_ok=True)
     tls_options, tls_problem = check_tls(args)
@@ -547,8 +547,8 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         return fail(str(exc))
     if inherited and all(passed.name == STATS_NAME for passed in inherited):
         return fail(f"socket activation: every socket systemd passed is named {STATS_NAME!r}; none is for the app")
-    if inherited and workers > 1:
-        return fail("socket activation does not work with --workers yet: the workers would not get the sockets")
+    if inherited and args.reuse_port:
+        return fail("--reuse-port does not apply to sockets systemd passed: the workers share them")
     notifier = Notifier.from_environment() if role is None else None
     options = ServeOptions(
         backend=backend_class,

@@ -23,7 +23,7 @@ from .backends import Backend
 from .dashboard import page
 from .http import HTTPEndpoint, Response, Route
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
-from .listeners import SocketFile, adopt, bind_tcp, bind_unix
+from .listeners import DEFAULT_BACKLOG, SocketFile, adopt, bind_tcp, bind_unix
 from .loop import EventLoop
 from .proxy import Network, ProxyLayerFactory
 from .rates import RateLimit
@@ -240,6 +240,14 @@ def serve(options: ServeOptions) -> None:
     # Sockets systemd passed take the place of binding (sd_listen_fds(3)); "stats" names the endpoint's.
     passed_app = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
     passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
+    if options.worker is not None:
+        # The parent's listeners stand for host:port, --unix and systemd's sockets alike.
+        try:
+            passed_app = worker_listeners(options)
+        except OSError as exc:
+            close_all()
+            where = exc.filename or format_address((options.host, options.port))
+            raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
     for listener, passed in ((server, passed_app), (stats_server, passed_stats)):
         if passed:
             listener.start(passed)
@@ -250,9 +258,6 @@ def serve(options: ServeOptions) -> None:
         if port is None:
             continue
         try:
-            if listener is server and options.worker is not None:
-                listener.start(worker_listeners(options))
-                continue
             listener.start()
         except OSError as exc:
             close_all()
@@ -407,17 +412,44 @@ def serve_workers(options: ServeOptions) -> None:
     """The supervising parent of ``--workers N``: binds the listeners once, serves the stats
     endpoint, runs the workers (workers.Supervisor) until SIGINT/SIGTERM has stopped them all."""
     loop = EventLoop(options.backend())
-    try:
-        # With --reuse-port the parent only holds the port (bound, not listening), so that
-        # --port 0 is resolved once; each worker listens on it with a socket of its own.
-        listeners = bind_tcp(options.host, options.port, listen=not options.reuse_port, reuse_port=options.reuse_port)
-    except OSError as exc:
-        loop.close()
-        where = exc.filename or format_address((options.host, options.port))
-        raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
-    port = listeners[0].getsockname()[1]
-    # The workers parse the same arguments; a later --port wins, so port 0 is the one found here.
-    argv = [*options.argv, "--port", str(port)]
+    # The app's listeners, bound once here (or passed by systemd) and inherited by every worker.
+    listeners = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
+    passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
+    socket_files: list[SocketFile] = []
+
+    def close_listeners() -> None:
+        while socket_files:  # before the socket closes: while it is open its inode is ours
+            socket_files.pop().remove()
+        for sock in listeners:
+            sock.close()
+
+    if not listeners and options.tcp:
+        try:
+            # With --reuse-port the parent only holds the port (bound, not listening), so that
+            # --port 0 is resolved once; each worker listens on it with a socket of its own.
+            listeners += bind_tcp(
+                options.host, options.port, listen=not options.reuse_port, reuse_port=options.reuse_port
+            )
+        except OSError as exc:
+            loop.close()
+            where = exc.filename or format_address((options.host, options.port))
+            raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+    if not options.inherited and options.unix is not None:
+        try:
+            unix_socket, socket_file = bind_unix(options.unix, backlog=DEFAULT_BACKLOG, mode=options.unix_mode)
+        except OSError as exc:
+            close_listeners()
+            loop.close()
+            raise ListenError(
+                f"cannot listen on {format_address(options.unix)} (--unix): {exc.strerror or exc}"
+            ) from None
+        socket_files.append(socket_file)
+        listeners.append(unix_socket)
+    argv = list(options.argv)
+    tcp_ports = [sock.getsockname()[1] for sock in listeners if sock.family in (socket.AF_INET, socket.AF_INET6)]
+    if tcp_ports:
+        # The workers parse the same arguments; a later --port wins, so port 0 is the one found here.
+        argv += ["--port", str(tcp_ports[0])]
     stop_timeout = options.drain_delay + options.shutdown_timeout + 2 * STOP_MARGIN
     supervisor = Supervisor(
         loop,
@@ -434,11 +466,12 @@ def serve_workers(options: ServeOptions) -> None:
     def close_all() -> None:
         supervisor.close()
         stats_server.close()
-        for sock in listeners:
-            sock.close()
+        close_listeners()
         loop.close()
 
-    if options.stats_port is not None:
+    if passed_stats:
+        stats_server.start(passed_stats)
+    elif options.stats_port is not None:
         try:
             stats_server.start()
         except OSError as exc:
@@ -460,11 +493,15 @@ def serve_workers(options: ServeOptions) -> None:
             log.info("also on %s", ", ".join(format_address(sock.getsockname()) for sock in listeners[1:]))
         if stats_server.sockets:
             log.info("stats on http://%s", format_address(stats_server.address, url=True))
+        if options.notifier is not None:  # Type=notify: systemd counts the service started from here
+            options.notifier.ready(f"serving on {format_address(listeners[0].getsockname())}, {how}")
 
     supervisor.on_first_ready = first_ready
 
     def on_stop_signal(signame: str) -> None:
         health.draining = True  # /healthz: 503 from the first signal on, while the workers drain
+        if options.notifier is not None and not supervisor.stopping:
+            options.notifier.stopping(f"stopping {len(supervisor.workers)} workers")
         supervisor.stop(signame)
 
     for signum in (signal.SIGINT, signal.SIGTERM):

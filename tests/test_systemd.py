@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from clients import connect, recv_exactly
 from serverproc import pollserve_env
-from statsclient import get_stats
+from statsclient import get_stats, wait_for
 
 from pollserve import systemd
 
@@ -367,3 +367,27 @@ class TestNotifier:
             assert not notifier.stopping("stopping")
         assert len(caplog.records) == 1
         assert caplog.records[0].getMessage().startswith(f"cannot notify systemd at {tmp_path / 'nobody.sock'}: ")
+
+
+class TestActivationWithWorkers:
+    def test_the_workers_share_the_passed_sockets_and_systemd_hears_from_the_parent(
+        self, start_server, notify_socket
+    ) -> None:
+        app, stats = tcp_listener(), tcp_listener()
+        app_port, stats_port = app.getsockname()[1], stats.getsockname()[1]
+        server = start_activated(
+            start_server,
+            [app, stats],
+            "--workers", "2",
+            env={"LISTEN_FDNAMES": "app:stats", "NOTIFY_SOCKET": notify_socket.getsockname()},
+        )  # fmt: skip
+        ready = receive(notify_socket)
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(server.proc.pid)
+        assert server.port == app_port
+        for _ in range(10):
+            assert hello(("127.0.0.1", app_port)) == HELLO
+        wait_for(lambda: len(get_stats(("127.0.0.1", stats_port))["workers"]) == 2, what="two workers reporting")
+        assert get_stats(("127.0.0.1", stats_port))["pid"] == server.proc.pid
+        server.signal(signal.SIGTERM)
+        assert receive(notify_socket)["STOPPING"] == "1"
+        assert server.wait() == 0

@@ -263,3 +263,22 @@ class TestMode:
         result = run_pollserve("--unix", str(tmp_path / "s.sock"), "backends")
         assert result.returncode == 2
         assert one_error_line(result) == "pollserve: --unix applies to the server, not to 'pollserve backends'"
+
+
+def test_workers_share_the_unix_socket_and_the_parent_removes_it(start_server, tmp_path) -> None:
+    path = tmp_path / "app.sock"
+    server = start_server("--unix", str(path), "--workers", "2", "--stats-port", "0")
+    assert server.unix_path == str(path)
+    stats = stats_address(server)
+    wait_for(lambda: len(get_stats(stats)["workers"]) == 2, what="two workers reporting")
+    for _ in range(10):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, 12) == b"Hello world\n"
+    # The workers report once a second: the parent's sum reaches the ten served.
+    wait_for(lambda: get_stats(stats)["connections_accepted"] == 10, what="ten connections in the sum")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not path.exists()
