@@ -81,11 +81,13 @@ class TestEndpoint:
         socks = [connect(server.address) for _ in range(50)]
         try:
             wait_for(lambda: get_stats(address)["connections_open"] == 50, what="50 open connections")
-            # psutil's figures are counted at most once a second and shared by every view.
-            wait_for(lambda: get_stats(address)["process_fds"] >= idle["process_fds"] + 50, what="50 more fds")
+            # psutil's figures are counted at most once a second and shared by every view, either
+            # inside a stats request (which holds one connection of its own) or by the once-a-second
+            # watch (which does not): the idle figure may include that connection, this one not.
+            wait_for(lambda: get_stats(address)["process_fds"] >= idle["process_fds"] + 49, what="50 more fds")
             busy = get_stats(address)
             assert busy["registered_fds"] >= 51
-            assert busy["process_fds"] >= idle["process_fds"] + 50
+            assert busy["process_fds"] >= idle["process_fds"] + 49
             assert busy["connections_accepted"] == 50
             assert 0 < busy["fd_usage"] < 1
             assert busy["fd_usage"] == pytest.approx(busy["process_fds"] / busy["fd_soft_limit"], abs=1e-4)
