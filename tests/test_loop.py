@@ -1,4 +1,7 @@
-"""EventLoop: readers/writers, timers, signals, stop -- over every available backend."""
+"""EventLoop: readers/writers, timers, signals, stop -- over every available backend.
+
+The basic reader, writer and wakeup checks every backend must pass are the kit's
+(pollserve.testing.end_to_end.LoopContract, run on the built-ins by test_backends.py)."""
 
 from __future__ import annotations
 
@@ -28,21 +31,6 @@ def loop(backend_name: str) -> Iterator[EventLoop]:
 def stop_after(loop: EventLoop, seconds: float) -> None:
     """A guard so a broken test ends instead of hanging."""
     loop.call_later(seconds, loop.stop)
-
-
-def test_reader_is_called_with_data(loop: EventLoop, pair) -> None:
-    a, b = pair
-    received = []
-
-    def on_readable() -> None:
-        received.append(a.recv(100))
-        loop.stop()
-
-    loop.add_reader(a.fileno(), on_readable)
-    b.send(b"ping")
-    stop_after(loop, 5)
-    loop.run_forever()
-    assert received == [b"ping"]
 
 
 def test_remove_reader_stops_callbacks(loop: EventLoop, pair) -> None:
