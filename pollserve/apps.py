@@ -33,6 +33,52 @@ class Transport(_TypingProtocol):
     def get_protocol(self) -> Protocol: ...
 
 
+class LayeredTransport:
+    """A transport made of another's bound methods: what a layer (TLS, the PROXY header) hands the
+    app.  Each call goes straight to the object below, so it costs what it costs without the layer;
+    a subclass overrides what the layer changes (``get_extra_info``, say)."""
+
+    METHODS = (
+        "write",
+        "write_eof",
+        "close",
+        "abort",
+        "is_closing",
+        "pause_reading",
+        "resume_reading",
+        "is_reading",
+        "get_write_buffer_size",
+        "set_write_buffer_limits",
+        "set_protocol",
+        "get_protocol",
+    )
+    __slots__ = ("_below", *METHODS)
+
+    write: Callable[[bytes | bytearray | memoryview], None]
+    write_eof: Callable[[], None]
+    close: Callable[[], None]
+    abort: Callable[[], None]
+    is_closing: Callable[[], bool]
+    pause_reading: Callable[[], None]
+    resume_reading: Callable[[], None]
+    is_reading: Callable[[], bool]
+    get_write_buffer_size: Callable[[], int]
+    set_write_buffer_limits: Callable[..., None]
+    set_protocol: Callable[[Protocol], None]
+    get_protocol: Callable[[], Protocol]
+
+    def __init__(self, below: Any) -> None:
+        self._below = below
+        for name in self.METHODS:
+            setattr(self, name, getattr(below, name))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._below.get_extra_info(name, default)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} over {self._below!r}>"
+
+
 class Protocol:
     """Base class for applications; override what you need."""
 

@@ -23,10 +23,10 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-from .apps import Protocol, ProtocolFactory, Transport
+from .apps import LayeredTransport, Protocol, ProtocolFactory, Transport
 from .listeners import format_address
 from .rates import EpisodeLog
 
@@ -238,49 +238,18 @@ def parse_networks(text: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-class ProxiedTransport:
+class ProxiedTransport(LayeredTransport):
     """What the app behind the layer is handed: its connection, with the client's addresses.
 
-    Every method is the real connection's own bound method, so a call costs what it
-    costs without the layer.  ``get_extra_info("proxy_header")`` is the ProxyHeader;
-    ``socket`` still reaches the real socket, whose peer is the balancer.
+    ``get_extra_info("proxy_header")`` is the ProxyHeader; ``socket`` still reaches the
+    real socket, whose peer is the balancer.
     """
 
-    __slots__ = (
-        "_connection",
-        "_header",
-        "write",
-        "write_eof",
-        "close",
-        "abort",
-        "is_closing",
-        "pause_reading",
-        "resume_reading",
-        "is_reading",
-        "get_write_buffer_size",
-        "set_write_buffer_limits",
-        "set_protocol",
-        "get_protocol",
-    )
-
-    write: Callable[[bytes | bytearray | memoryview], None]
-    write_eof: Callable[[], None]
-    close: Callable[[], None]
-    abort: Callable[[], None]
-    is_closing: Callable[[], bool]
-    pause_reading: Callable[[], None]
-    resume_reading: Callable[[], None]
-    is_reading: Callable[[], bool]
-    get_write_buffer_size: Callable[[], int]
-    set_write_buffer_limits: Callable[..., None]
-    set_protocol: Callable[[Protocol], None]
-    get_protocol: Callable[[], Protocol]
+    __slots__ = ("_header",)
 
     def __init__(self, connection: Connection, header: ProxyHeader) -> None:
-        self._connection = connection
+        super().__init__(connection)
         self._header = header
-        for name in self.__slots__[2:]:
-            setattr(self, name, getattr(connection, name))
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         header = self._header
@@ -290,10 +259,10 @@ class ProxiedTransport:
             return header.destination
         if name == "proxy_header":
             return header
-        return self._connection.get_extra_info(name, default)
+        return self._below.get_extra_info(name, default)
 
     def __repr__(self) -> str:
-        return f"<ProxiedTransport for {format_address(self.get_extra_info('peername'))} via {self._connection!r}>"
+        return f"<ProxiedTransport for {format_address(self.get_extra_info('peername'))} via {self._below!r}>"
 
 
 class ProxyLayerFactory:

@@ -59,14 +59,12 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from .apps import Protocol, ProtocolFactory, Transport
+from .apps import LayeredTransport, Protocol, ProtocolFactory, Transport
 from .listeners import format_address
 from .rates import EpisodeLog
 from .server import _byte_view
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from .loop import EventLoop, Handle
 
 log = logging.getLogger("pollserve")
@@ -724,45 +722,12 @@ class TLSLayer:
         return self._app
 
 
-class TLSTransport:
+class TLSTransport(LayeredTransport):
     """What the app behind the layer is handed: every method is the layer's own, bound, so a
-    call costs one call."""
+    call costs one call; ``get_extra_info`` too (the TLS details are the layer's)."""
 
-    __slots__ = (
-        "_layer",
-        "write",
-        "write_eof",
-        "close",
-        "abort",
-        "is_closing",
-        "pause_reading",
-        "resume_reading",
-        "is_reading",
-        "get_write_buffer_size",
-        "set_write_buffer_limits",
-        "get_extra_info",
-        "set_protocol",
-        "get_protocol",
-    )
-
-    write: Callable[[bytes | bytearray | memoryview], None]
-    write_eof: Callable[[], None]
-    close: Callable[[], None]
-    abort: Callable[[], None]
-    is_closing: Callable[[], bool]
-    pause_reading: Callable[[], None]
-    resume_reading: Callable[[], None]
-    is_reading: Callable[[], bool]
-    get_write_buffer_size: Callable[[], int]
-    set_write_buffer_limits: Callable[..., None]
-    get_extra_info: Callable[..., Any]
-    set_protocol: Callable[[Protocol], None]
-    get_protocol: Callable[[], Protocol]
+    __slots__ = ("get_extra_info",)
 
     def __init__(self, layer: TLSLayer) -> None:
-        self._layer = layer
-        for name in self.__slots__[1:]:
-            setattr(self, name, getattr(layer, name))
-
-    def __repr__(self) -> str:
-        return f"<TLSTransport {self._layer!r}>"
+        super().__init__(layer)
+        self.get_extra_info = layer.get_extra_info  # type: ignore[method-assign]
