@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, compiled
 from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BackendError, auto_backend, available_backends, get_backend, list_backends
 from .limits import LimitError
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A TCP server on one event loop over select, poll, epoll, kqueue or devpoll.",
         epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent.",
     )
-    parser.add_argument("--version", action="version", version=f"pollserve {__version__}")
+    parser.add_argument("--version", action="version", version=f"pollserve {__version__} ({compiled.build()})")
     parser.add_argument(
         "--backend",
         metavar="NAME",

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from .backends import READ, WRITE, Backend, create_backend
 
 log = logging.getLogger("pollserve")
@@ -64,6 +66,8 @@ class Handle:
         return f"<Handle {getattr(self.callback, '__qualname__', self.callback)}{state}>"
 
 
+# Compiled, it stays a base that interpreted code may subclass (setup.py, DESIGN.md).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class EventLoop:
     """A readiness event loop over one backend."""
 

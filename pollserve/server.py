@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from .apps import Protocol, ProtocolFactory
 from .backends import CapacityError
 from .listeners import bind_tcp, format_address
@@ -525,6 +527,8 @@ class TracedConnection(Connection):
         super()._finish(exc)
 
 
+# Compiled, it stays a base that interpreted code may subclass (setup.py, DESIGN.md).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Server:
     """Listening sockets bound to one address, and the connections they accepted.
 
@@ -545,7 +549,7 @@ class Server:
         self,
         loop: EventLoop,
         protocol_factory: ProtocolFactory,
-        host: str = "127.0.0.1",
+        host: str | list[str] | None = "127.0.0.1",
         port: int = 5001,
         *,
         name: str = "app",

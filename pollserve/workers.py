@@ -28,13 +28,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
 
+from . import compiled
 from .loop import EventLoop, Handle
 from .stats import Snapshot, count_fds, prometheus_page, usage
 
@@ -274,7 +274,7 @@ class Supervisor:
         env = {**os.environ, WORKER_ENV: role.to_env()}
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "pollserve", *self.argv],
+                [*compiled.command(), *self.argv],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(*listen_fds, child_end.fileno()),
                 env=env,

@@ -9,15 +9,20 @@ POLLSERVE_TEST_EMULATE installs test EMULATIONS (tests/emulation) first.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "emulation"))
+import buildchoice
 import emulate
+
+TESTED_ROOT = buildchoice.choose()
 
 EMULATED = emulate.install_from_env()
 # The backend tests are the pollserve.testing kit: its assertions get pytest's messages too.
@@ -25,7 +30,14 @@ pytest.register_assert_rewrite("pollserve.testing")
 
 from serverproc import ServerProcess  # noqa: E402
 
+from pollserve import compiled  # noqa: E402
 from pollserve.backends import BACKENDS, auto_backend, available_backends  # noqa: E402
+
+#: "compiled" or "pure Python": what this process runs, and (asserted by test_build) its servers too
+TESTED_BUILD = compiled.build()
+_STOP = buildchoice.check(TESTED_ROOT, TESTED_BUILD)
+if _STOP:
+    raise pytest.UsageError(_STOP)
 
 AVAILABLE = available_backends()
 #: the backend the environment asks the suite to test, or None for "every available one"
@@ -33,12 +45,33 @@ REQUESTED = os.environ.get("POLLSERVE_BACKEND") or None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    lines = [f"pollserve backends available here: {', '.join(AVAILABLE)}"]
+    lines = [
+        f"pollserve build under test: {TESTED_BUILD}, from {TESTED_ROOT}",
+        f"pollserve backends available here: {', '.join(AVAILABLE)}",
+    ]
     if REQUESTED:
         lines.append(f"POLLSERVE_BACKEND={REQUESTED}: backend tests run on that backend only")
     if EMULATED:
         lines.append(f"EMULATED (tests/emulation): {', '.join(EMULATED)}")
     return lines
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the session in an empty working directory: a ``python -m`` subprocess puts its working
+    directory first on sys.path, where a checkout's ``pollserve`` folder would shadow the build
+    under test (PYTHONPATH, set by serverproc, leads it to that build instead)."""
+    config.stash[_SAVED_CWD] = os.getcwd()
+    os.chdir(config.stash.setdefault(_SESSION_DIR, tempfile.mkdtemp(prefix="pollserve-tests-")))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SAVED_CWD in config.stash:
+        os.chdir(config.stash[_SAVED_CWD])
+        shutil.rmtree(config.stash[_SESSION_DIR], ignore_errors=True)
+
+
+_SAVED_CWD = pytest.StashKey[str]()
+_SESSION_DIR = pytest.StashKey[str]()
 
 
 def backend_params() -> list:

@@ -1,5 +1,7 @@
 """User apps loaded by the end-to-end tests through ``--app sample_apps:NAME``."""
 
+import os
+
 from pollserve import Protocol
 
 
@@ -77,3 +79,13 @@ class ReplyPeername(Protocol):
         peer = self.transport.get_extra_info("peername")
         sock = self.transport.get_extra_info("sockname")
         self.transport.write(f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}\n".encode())
+
+
+class WhichBuild(Protocol):
+    """Replies ``PID BUILD`` for any chunk: which process served it, and which pollserve build that
+    process runs (``compiled`` or ``pure Python``), as its workers see it from the inside."""
+
+    def data_received(self, data: bytes) -> None:
+        from pollserve import compiled
+
+        self.transport.write(f"{os.getpid()} {compiled.build()}\n".encode())

@@ -17,7 +17,8 @@ LISTENING = re.compile(
     r" \(backend (?P<backend>\w+), app (?P<app>\S+)\)"
 )
 
-#: the source tree pytest imported, so the subprocess runs the same code
+#: the folder of the pollserve the tests imported (the build under test, tests/buildchoice.py),
+#: first on the subprocesses' path, so they run the same build
 SOURCE_ROOT = str(Path(pollserve.__file__).resolve().parent.parent)
 
 
@@ -26,7 +27,7 @@ EMULATION_DIR = str(Path(__file__).resolve().parent / "emulation")
 
 
 def pollserve_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a pollserve subprocess: this source tree, and our POLLSERVE_BACKEND.
+    """The environment of a pollserve subprocess: the build under test, and our POLLSERVE_BACKEND.
 
     Inheriting POLLSERVE_BACKEND makes every server started without --backend
     run on the backend the tox env asks for.  An EMULATION asked for in
