@@ -64,7 +64,8 @@ def check(root: Path, build: str) -> str | None:
             f"POLLSERVE_TEST_BUILD={wanted} but the pollserve found in {root} is the {build} build "
             "(did the compile fall back? see the install's warning)"
         )
-    stale = stale_extensions(root, compiled.MODULES)
+    # In place only: pip installs a build whole, and sets its files' times as it likes.
+    stale = stale_extensions(root, compiled.MODULES) if root == REPO else []
     if stale:
         return (
             f"extensions older than their source would be tested instead of it: {', '.join(stale)}; "

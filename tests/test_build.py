@@ -19,15 +19,22 @@ from pollserve import compiled
 TESTS_DIR = str(Path(__file__).parent)
 
 
-def ask_build(address: tuple[str, int]) -> tuple[int, str]:
-    """(pid, build) of the process that serves a new connection (sample_apps.WhichBuild)."""
-    with connect(address) as sock:
+def ask_build(address: tuple[str, int], held: list | None = None) -> tuple[int, str]:
+    """(pid, build) of the process that serves a new connection (sample_apps.WhichBuild); the
+    connection is kept open in ``held`` if given, so that the next one goes to another worker."""
+    sock = connect(address)
+    try:
         sock.sendall(b"?")
         reply = b""
         while not reply.endswith(b"\n"):
             chunk = sock.recv(100)
             assert chunk, reply
             reply += chunk
+    finally:
+        if held is None:
+            sock.close()
+        else:
+            held.append(sock)
     pid, build = reply.decode().rstrip("\n").split(" ", 1)
     return int(pid), build
 
@@ -58,11 +65,16 @@ def test_workers_run_the_build_of_their_supervisor(start_server) -> None:
     pollserve source tree (the working directory of a checkout), they would run that tree instead."""
     server = start_server("--workers", "2", "--app", "sample_apps:WhichBuild", env={"PYTHONPATH": TESTS_DIR})
     seen: dict[int, str] = {}
-    for _ in range(200):
-        pid, build = ask_build(server.address)
-        seen[pid] = build
-        if len(seen) == 2:
-            break
+    held: list = []  # open, as in test_workers: the kernel decides which worker accepts
+    try:
+        for _ in range(400):
+            pid, build = ask_build(server.address, held)
+            seen[pid] = build
+            if len(seen) == 2:
+                break
+    finally:
+        for sock in held:
+            sock.close()
     assert server.proc.pid not in seen and len(seen) == 2, seen
     assert set(seen.values()) == {TESTED_BUILD}
 
