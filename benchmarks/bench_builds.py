@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench_peers import SCENARIOS, Target, compile_fixtures, instructions_per_request, report, run_once
+from bench_peers import SCENARIOS, Target, compile_fixtures, instructions_per_request, report, run_interleaved
 
 from pollserve.bench import peer_argv, uvloop_installed
 from pollserve.compiled import command
@@ -126,15 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "c_server" in fixtures:
         targets.append(Target("minimal C epoll server", lambda app: [str(fixtures["c_server"]), "0", app]))
     wanted = [s for s in SCENARIOS if s.key in args.scenarios.split(",")] if args.reps else []
-    runs = {(t.name, s.key): [] for t in targets for s in SCENARIOS}
-    total, done = args.reps * len(wanted) * len(targets), 0
-    for rep in range(args.reps):
-        for scenario in wanted:
-            for target in targets:
-                done += 1
-                print(f"bench_builds: [{done}/{total}] rep {rep + 1}, {scenario.key}, {target.name}", file=sys.stderr)
-                runs[(target.name, scenario.key)].append(run_once(target, scenario, fixtures, args))
-    runs = {key: value for key, value in runs.items() if value}
+    runs = run_interleaved(targets, wanted, fixtures, args, "bench_builds")
     extras: dict[str, dict[str, str]] = {}
 
     def each(title: str, names: list[str], compute: Callable[[Target], str]) -> None:

@@ -170,6 +170,22 @@ def run_once(target: Target, scenario: Scenario, fixtures: dict[str, Path], args
     return run
 
 
+def run_interleaved(
+    targets: list[Target], wanted: list[Scenario], fixtures: dict[str, Path], args: argparse.Namespace, label: str
+) -> dict[tuple[str, str], list[Run]]:
+    """Every scenario for every target in every rep, reps outermost so drift hits all alike."""
+    runs: dict[tuple[str, str], list[Run]] = {(t.name, s.key): [] for t in targets for s in wanted}
+    total = args.reps * len(wanted) * len(targets)
+    done = 0
+    for rep in range(args.reps):
+        for scenario in wanted:
+            for target in targets:
+                done += 1
+                print(f"{label}: [{done}/{total}] rep {rep + 1}, {scenario.key}, {target.name}", file=sys.stderr)
+                runs[(target.name, scenario.key)].append(run_once(target, scenario, fixtures, args))
+    return {key: value for key, value in runs.items() if value}
+
+
 def rss_per_idle(target: Target, count: int) -> float:
     """KiB of server RSS per idle connection, from holding `count` of them."""
     server = ServerProcess(target.name, target.argv("hello"))
@@ -348,16 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_peers: no C compiler: no C server, and the Python load client", file=sys.stderr)
     targets = all_targets(fixtures)
     wanted = [s for s in SCENARIOS if s.key in args.scenarios.split(",")]
-    runs: dict[tuple[str, str], list[Run]] = {(t.name, s.key): [] for t in targets for s in SCENARIOS}
-    total = args.reps * len(wanted) * len(targets)
-    done = 0
-    for rep in range(args.reps):
-        for scenario in wanted:
-            for target in targets:
-                done += 1
-                print(f"bench_peers: [{done}/{total}] rep {rep + 1}, {scenario.key}, {target.name}", file=sys.stderr)
-                runs[(target.name, scenario.key)].append(run_once(target, scenario, fixtures, args))
-    runs = {key: value for key, value in runs.items() if value}
+    runs = run_interleaved(targets, wanted, fixtures, args, "bench_peers")
 
     def publish(extras: dict[str, dict[str, str]]) -> None:
         text = report(wanted, targets, runs, extras, args, fixtures)
