@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from clients import connect, exchange, recv_exactly, recv_until_eof, request_rounds, reset
-from conftest import AVAILABLE
+from conftest import AVAILABLE, TESTED_BUILD
 from sample_apps import BIG_REPLY_SIZE, big_reply
 from serverproc import run_pollserve
 from statsclient import get_stats
@@ -297,7 +297,8 @@ def test_console_script() -> None:
         pytest.skip("the pollserve script is not installed next to this interpreter")
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    assert re.fullmatch(r"pollserve \d+\.\d+\.\d+\n", result.stdout)
+    assert re.fullmatch(r"pollserve \d+\.\d+\.\d+ \((compiled|pure Python)\)\n", result.stdout)
+    assert result.stdout.endswith(f"({TESTED_BUILD})\n")  # the script runs the installed build
 
 
 def one_line(result, status: int) -> str:
