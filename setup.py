@@ -12,7 +12,6 @@ import os
 import runpy
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
 
 from setuptools import setup
@@ -37,9 +36,7 @@ def pure_python_reason() -> str | None:
 
 
 def pure_python_warning(reason: str) -> None:
-    message = f"pollserve: installing pure Python: {reason}"
-    warnings.warn(message, stacklevel=1)
-    print(f"WARNING: {message}", file=sys.stderr)
+    print(f"WARNING: pollserve: installing pure Python: {reason}", file=sys.stderr)
 
 
 class OptionalBuildExt(build_ext):
@@ -55,7 +52,14 @@ class OptionalBuildExt(build_ext):
             pure_python_warning(f"compiling failed: {type(exc).__name__}: {exc}")
 
 
+#: the commands that build: the others (egg_info, dist_info, which pip runs first for the metadata)
+#: need no extensions, and the compile and its one warning happen once, in the build
+BUILDING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+
 def extensions() -> list:
+    if not BUILDING & set(sys.argv[1:]):
+        return []
     reason = pure_python_reason()
     if reason is None:
         try:

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -40,9 +40,10 @@ log = logging.getLogger("pollserve")
 # methods: no argument tuple to build and parse, no method to look up.  SIGPIPE is ignored by
 # the interpreter, so a write to a closed peer raises EPIPE either way.  Windows sockets are not
 # C runtime descriptors: there the socket methods are used.
-_FD_IO = sys.platform != "win32"
-_read = os.read
-_write = os.write
+# Final: compiled, each is a C static rather than a lookup in the module's dict per call.
+_FD_IO: Final = sys.platform != "win32"
+_read: Final = os.read
+_write: Final = os.write
 
 #: accept() failures that mean "out of fds or kernel memory": back off, don't spin
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
