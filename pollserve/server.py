@@ -209,7 +209,7 @@ class Connection:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send data now; buffer whatever the kernel does not take.  Ignored once closed."""
-        if data.__class__ is not bytes:
+        if type(data) is not bytes:
             data = _byte_view(data)
         if self._no_more_writes or not data:
             return
