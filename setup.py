@@ -49,7 +49,8 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:
             for ext in self.extensions:
                 Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
-            pure_python_warning(f"compiling failed: {type(exc).__name__}: {exc}")
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            pure_python_warning(f"compiling failed: {type(exc).__name__}: {first_line[:300]}")
 
 
 #: the commands that build: the others (egg_info, dist_info, which pip runs first for the metadata)
