@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from . import __version__
+from . import __version__, compiled
 from .backends import BACKENDS
 from .backends.select import FD_SETSIZE
 from .load import LoadError, LoadProcess, LoadSpec
@@ -161,8 +161,9 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def pollserve_argv(backend: str, app: str = "hello") -> list[str]:
-    """pollserve on one backend, idle timeout off (idle connections are the point here)."""
-    return [sys.executable, "-m", "pollserve", "--backend", backend, "--app", app, "--port", "0", "--idle-timeout", "0"]
+    """pollserve on one backend, idle timeout off (idle connections are the point here): the build
+    this process runs, even from a folder holding another pollserve (compiled.command)."""
+    return [*compiled.command(), "--backend", backend, "--app", app, "--port", "0", "--idle-timeout", "0"]
 
 
 def peer_argv(peer: str, app: str = "hello") -> list[str]:
@@ -357,7 +358,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "pollserve": __version__,
+        "pollserve": f"{__version__} ({compiled.build()})",
     }
 
 
