@@ -78,6 +78,9 @@ def test_a_client_that_stops_reading_stalls_the_lesson_but_not_pollserve(short: 
     assert found["3"]["server_running"], found["3"]
     for step in pollserve_steps(short):
         assert found[step]["other_answered"] and found[step]["server_running"], found[step]
+        # backpressure: it stopped reading that client, so its 20 more requests cost nothing; buffering
+        # an 8 MB reply to each would have grown it by 160 MB
+        assert found[step]["server_memory_growth"] < 2 * found[step]["reply_bytes"], found[step]
 
 
 def test_a_megabyte_reply_arrives_whole_and_pollserve_answers_others_meanwhile(short: dict[str, Any]) -> None:

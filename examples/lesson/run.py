@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 if (ROOT / "pollserve").is_dir():  # run from a checkout: the servers and this script use its pollserve
@@ -49,6 +51,8 @@ BIG = 8 * MEGABYTE
 #: the receive buffer of the clients that read slowly or not at all: set before connect(), it also
 #: turns off the kernel's autotuning of that buffer (tcp(7)), so the amount in flight is known
 SMALL_RCVBUF = 64 * 1024
+#: requests the client that stops reading sends after its first, each asking for BIG more
+EXTRA_REQUESTS = 20
 #: the server's fd limit in the EMFILE load (soft and hard, so that pollserve cannot raise it)
 EMFILE_LIMIT = 64
 #: a step's server has this long to say where it listens
@@ -291,8 +295,12 @@ def clients_at_once(step: Step, settings: Settings, workdir: Path) -> dict[str, 
 
 
 def stalled_reader(step: Step, settings: Settings, workdir: Path) -> dict[str, Any]:
-    """One client asks for an 8 MB reply and reads none of it; is another client still answered?"""
+    """One client asks for an 8 MB reply and reads none of it; is another client still answered?
+    Then it asks EXTRA_REQUESTS times more, still reading nothing: a server that went on reading and
+    buffering each 8 MB reply would grow by that much every time."""
     with ServerProcess(step, workdir, repeat=BIG) as server:
+        memory = psutil.Process(server.proc.pid)
+        rss_before = memory.memory_info().rss
         with connect(server.address, rcvbuf=SMALL_RCVBUF) as stalled:
             stalled.sendall(REQUEST)
             time.sleep(0.3)  # the server is sending to it by now
@@ -301,12 +309,19 @@ def stalled_reader(step: Step, settings: Settings, workdir: Path) -> dict[str, A
                 started = time.monotonic()
                 answered = wait_for_replies([other], settings.wait * 2, size=1)[0] == "answered"
                 waited = time.monotonic() - started
+            for _ in range(EXTRA_REQUESTS):
+                stalled.sendall(REQUEST)
+                time.sleep(0.02)  # apart, so that a server still reading gets each as a request of its own
+            time.sleep(0.2)
+            growth = memory.memory_info().rss - rss_before
         result: dict[str, Any] = {"other_answered": answered, "other_wait_s": round(waited, 4) if answered else None}
+        result |= {"reply_bytes": len(HELLO) * BIG, "extra_requests": EXTRA_REQUESTS, "server_memory_growth": growth}
         result |= server.outcome("refused")
     if answered:
         summary = f"the other client was answered in {waited:.3f} s"
     else:
         summary = f"the other client got nothing in {settings.wait * 2:g} s: everyone waits for the one not reading"
+    summary += f"; {EXTRA_REQUESTS} requests later the server had grown by {growth / 2**20:.1f} MB"
     return result | {"summary": summary + died(result)}
 
 
@@ -469,7 +484,7 @@ class Load:
 
 LOADS = [
     Load("clients", "N clients at once: each sends one request and stays connected", clients_at_once),
-    Load("stalled", "a client that stops reading: it asks for 8 MB and reads nothing; another asks", stalled_reader),
+    Load("stalled", "a client that stops reading: it asks for 8 MB, reads nothing and asks again", stalled_reader),
     Load("megabyte", "a 1 MB reply to a slow reader, and another client asking meanwhile", megabyte_reply),
     Load("sigterm", "SIGTERM mid-reply: after 1 MB of an 8 MB reply, then the client reads on", sigterm_mid_reply),
     Load("emfile", f"100 clients at once, the server's fd limit set to {EMFILE_LIMIT}", emfile),

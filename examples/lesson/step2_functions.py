@@ -33,9 +33,10 @@ def send_message(client: socket.socket, reply: bytes) -> None:
 
 def main() -> None:
     options, _ = parse_options(__doc__)
+    reply = HELLO * options.repeat
     server = listen(options.host, options.port)
     while True:
-        accept_connection(server, HELLO * options.repeat)
+        accept_connection(server, reply)
 
 
 if __name__ == "__main__":

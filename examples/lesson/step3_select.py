@@ -53,8 +53,9 @@ def event_loop(server: socket.socket, reply: bytes) -> None:
 
 def main() -> None:
     options, _ = parse_options(__doc__)
+    reply = HELLO * options.repeat
     server = listen(options.host, options.port)
-    event_loop(server, HELLO * options.repeat)
+    event_loop(server, reply)
 
 
 if __name__ == "__main__":
