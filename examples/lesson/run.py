@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import resource
 import selectors
 import signal
 import socket
@@ -33,6 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from shared import HELLO
+
+try:
+    import resource
+except ImportError:  # Windows has no RLIMIT_NOFILE to set
+    sys.exit("run.py: the lesson runs on POSIX systems only: it sets fd limits through the resource module")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -41,7 +46,6 @@ if (ROOT / "pollserve").is_dir():  # run from a checkout: the servers and this s
 
 from pollserve import available_backends  # noqa: E402
 
-HELLO = b"Hello world\n"
 REQUEST = b"hi\n"
 #: HELLO repeated this many times is a 1 MB reply (1,048,584 bytes)
 MEGABYTE = 87_382
@@ -59,7 +63,7 @@ EMFILE_LIMIT = 64
 START_TIMEOUT = 15.0
 #: pollserve's default --shutdown-timeout, and then some: a server stopping longer than this is stuck
 STOP_TIMEOUT = 10.0
-#: what a backend is called in the step 4 column titles, in the order they are shown
+#: the order in which step 4 is shown on each backend this OS has
 BACKEND_ORDER = ("select", "poll", "devpoll", "kqueue", "epoll")
 
 
