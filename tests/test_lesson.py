@@ -8,6 +8,7 @@ never as a duration.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,15 +26,23 @@ ONE_AT_A_TIME = ("1", "2")
 
 
 def run_lesson(*args: str) -> dict[str, Any]:
-    done = subprocess.run(
+    # A session of its own: a run that hangs is killed together with the servers it started.
+    proc = subprocess.Popen(
         [sys.executable, str(RUN), "--json", *args],
         env=pollserve_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    report = json.loads(done.stdout)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    report = json.loads(stdout)
     for name, load in report["loads"].items():
         for step, result in load["results"].items():
             assert "error" not in result, f"{name}, step {step}: {result['error']}"

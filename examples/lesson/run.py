@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(load.name for load in LOADS)
     parser.add_argument("--only", metavar="LOADS", help=f"comma-separated loads to run: {names}")
     args = parser.parse_args(argv)
+    # SIGTERM ends a run as Ctrl-C does: through the with-blocks that stop every server started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     settings = SHORT if args.short else FULL
     loads = [load for load in LOADS if load.in_short or not settings.short]
     if args.only:
