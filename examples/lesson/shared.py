@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import socket
-from collections.abc import Sequence
 
 #: the classic lesson's reply, sent once for every chunk received
 HELLO = b"Hello world\n"
 
 
-def parse_options(description: str, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """--host, --port and --repeat; what is left over is returned for step 4 to hand to pollserve."""
+def option_parser(description: str) -> argparse.ArgumentParser:
+    """--host, --port and --repeat, the options of every step."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5001, help="TCP port; 0 lets the kernel pick one (default 5001)")
@@ -24,7 +23,7 @@ def parse_options(description: str, argv: Sequence[str] | None = None) -> tuple[
         default=1,
         help="send HELLO this many times in each reply: 87382 makes a 1 MB reply (default 1)",
     )
-    return parser.parse_known_args(argv)
+    return parser
 
 
 def listen(host: str, port: int) -> socket.socket:

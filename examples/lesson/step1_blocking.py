@@ -10,11 +10,11 @@ connection waits in the kernel's backlog until the first one leaves.
 
 from __future__ import annotations
 
-from shared import HELLO, listen, parse_options
+from shared import HELLO, listen, option_parser
 
 
 def main() -> None:
-    options, _ = parse_options(__doc__)
+    options = option_parser(__doc__).parse_args()
     reply = HELLO * options.repeat
     server = listen(options.host, options.port)
     while True:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 
-from shared import HELLO, listen, parse_options
+from shared import HELLO, listen, option_parser
 
 
 def accept_connection(server: socket.socket, reply: bytes) -> None:
@@ -32,7 +32,7 @@ def send_message(client: socket.socket, reply: bytes) -> None:
 
 
 def main() -> None:
-    options, _ = parse_options(__doc__)
+    options = option_parser(__doc__).parse_args()
     reply = HELLO * options.repeat
     server = listen(options.host, options.port)
     while True:

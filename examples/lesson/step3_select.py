@@ -22,7 +22,7 @@ from __future__ import annotations
 import socket
 from select import select
 
-from shared import HELLO, listen, parse_options
+from shared import HELLO, listen, option_parser
 
 
 def accept_connection(server: socket.socket, to_monitor: list[socket.socket]) -> None:
@@ -52,7 +52,7 @@ def event_loop(server: socket.socket, reply: bytes) -> None:
 
 
 def main() -> None:
-    options, _ = parse_options(__doc__)
+    options = option_parser(__doc__).parse_args()
     reply = HELLO * options.repeat
     server = listen(options.host, options.port)
     event_loop(server, reply)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 
-from shared import HELLO, parse_options
+from shared import HELLO, option_parser
 
 from pollserve import Protocol
 from pollserve.cli import main as pollserve_main
@@ -38,7 +38,7 @@ class Hello(Protocol):
 
 
 def main() -> int:
-    options, pollserve_options = parse_options(__doc__)
+    options, pollserve_options = option_parser(__doc__).parse_known_args()
     Hello.reply = HELLO * options.repeat  # set once, before the server makes its first Hello
     app = f"{__name__}:Hello"  # pollserve imports the app by name: this very module
     return pollserve_main(["--host", options.host, "--port", str(options.port), "--app", app, *pollserve_options])
