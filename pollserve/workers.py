@@ -93,10 +93,11 @@ def auto_count() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-#: what one worker takes in memory: the resident size of a worker serving the built-in app, with
-#: its imports (pollserve, psutil) and a few hundred connections' buffers, rounded up.  Measured
-#: with benchmarks/worker_footprint.py; the README says how.
-WORKER_FOOTPRINT = 40 << 20
+#: what one worker is planned to take in memory: the resident size (RSS) of a worker of the
+#: built-in app holding 500 connections, 27.3 MiB on CPython 3.11 (USS 16.7 MiB: the rest is shared
+#: with the parent), rounded up; an app's own memory comes on top.  benchmarks/worker_footprint.py
+#: measures it.
+WORKER_FOOTPRINT = 32 << 20
 #: above this, a cgroup memory limit means "none" (cgroup v1 writes a page-rounded 2**63 - 1)
 NO_MEMORY_LIMIT = 1 << 60
 _MIB = 1 << 20
