@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = header("pollserve worker footprint", f"--workers 2, app {args.app}, {args.connections} connections held")
     lines.append(f"{'process':<22}{'RSS MiB':>10}{'PSS MiB':>10}{'USS MiB':>10}")
     lines.append(f"{'parent':<22}{parent[0]:>10.1f}{parent[1]:>10.1f}{parent[2]:>10.1f}")
-    for number, (before, after) in enumerate(zip(idle, loaded)):
+    for number, (before, after) in enumerate(zip(idle, loaded, strict=True)):
         lines.append(f"{f'worker {number} idle':<22}{before[0]:>10.1f}{before[1]:>10.1f}{before[2]:>10.1f}")
         lines.append(f"{f'worker {number} loaded':<22}{after[0]:>10.1f}{after[1]:>10.1f}{after[2]:>10.1f}")
     lines.append(f"WORKER_FOOTPRINT (planned per worker): {WORKER_FOOTPRINT / MIB:.0f} MiB")
