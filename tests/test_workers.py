@@ -416,7 +416,7 @@ def test_a_retiring_reuse_port_worker_serves_its_queue(start_server) -> None:
                 assert recv_exactly(sock, len(HELLO)) == HELLO
             except (OSError, AssertionError) as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
-    assert not failures, failures
+    assert not failures, f"{len(failures)} of {len(clients)} failed: {failures[:3]}"
     settled(server, stats, 2, generation=2)
 
 

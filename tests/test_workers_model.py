@@ -11,7 +11,7 @@ parent's fd count is back to its baseline.  Each run ends with SIGTERM to the wh
 group (systemd's KillMode=control-group): exit 0, every worker gone.
 
 Bounded by MODEL_EXAMPLES x MODEL_STEPS (environment variables of those names raise them for a
-longer run); the default takes about three minutes on 2 cores.
+longer run); the default, 8 sequences of up to 10 actions, takes about four minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ hypothesis = pytest.importorskip("hypothesis")
 psutil = pytest.importorskip("psutil")
 
 from clients import request_rounds  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, event, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
@@ -47,8 +47,8 @@ pytestmark = [
 WORKERS = 2
 #: --worker-timeout of the model's server: short, so a stopped worker is found within the step
 WORKER_TIMEOUT = 3
-MODEL_EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "6"))
-MODEL_STEPS = int(os.environ.get("MODEL_STEPS", "7"))
+MODEL_EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "8"))
+MODEL_STEPS = int(os.environ.get("MODEL_STEPS", "10"))
 
 
 def still_running(pid: int, created: float) -> bool:
@@ -156,7 +156,8 @@ class SupervisorModel(RuleBasedStateMachine):
             time.sleep(0.1)
         return min(counts)
 
-    def begin(self) -> None:
+    def begin(self, action: str) -> None:
+        event(action)  # --hypothesis-show-statistics counts the actions the model took
         self.killed_in_step = False
         self.step_started = time.monotonic()
 
@@ -188,13 +189,13 @@ class SupervisorModel(RuleBasedStateMachine):
 
     @rule()
     def reload(self) -> None:
-        self.begin()
+        self.begin("reload")
         self.server.signal(signal.SIGHUP)
         self.generation += 1
 
     @rule(gap=st.floats(min_value=0.0, max_value=0.4))
     def reload_twice_quickly(self, gap: float) -> None:
-        self.begin()
+        self.begin("reload_twice_quickly")
         self.server.signal(signal.SIGHUP)
         time.sleep(gap)
         self.server.signal(signal.SIGHUP)
@@ -202,14 +203,14 @@ class SupervisorModel(RuleBasedStateMachine):
 
     @rule(index=st.integers(min_value=0, max_value=WORKERS - 1))
     def kill_a_worker(self, index: int) -> None:
-        self.begin()
+        self.begin("kill_a_worker")
         self.killed_in_step = True
         os.kill(self.current[index], signal.SIGKILL)
 
     @rule(index=st.integers(min_value=0, max_value=WORKERS - 1))
     def hang_a_worker(self, index: int) -> None:
         """kill -STOP: its loop stops reporting; --worker-timeout kills and replaces it."""
-        self.begin()
+        self.begin("hang_a_worker")
         self.killed_in_step = True
         pid = self.current[index]
         os.kill(pid, signal.SIGSTOP)
@@ -218,7 +219,7 @@ class SupervisorModel(RuleBasedStateMachine):
     @rule()
     def deploy_that_does_not_import(self) -> None:
         """The previous workers keep serving with one ERROR line; fixed, the new generation comes up."""
-        self.begin()
+        self.begin("deploy_that_does_not_import")
         deploy(self.folder, broken=True)
         self.server.signal(signal.SIGHUP)
         self.generation += 1
@@ -237,7 +238,7 @@ class SupervisorModel(RuleBasedStateMachine):
 
     @rule(clients=st.integers(min_value=1, max_value=30), rounds=st.integers(min_value=1, max_value=20))
     def clients_burst(self, clients: int, rounds: int) -> None:
-        self.begin()
+        self.begin("clients_burst")
         assert request_rounds(self.server.address, clients, rounds, b"hi", HELLO) == clients * rounds
 
     # -- the end of a run -----------------------------------------------------------------------
