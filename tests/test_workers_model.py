@@ -34,7 +34,7 @@ psutil = pytest.importorskip("psutil")
 from clients import request_rounds  # noqa: E402
 from hypothesis import HealthCheck, event, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 from statsclient import get_stats, stats_address, wait_for  # noqa: E402
 from workerprocs import HELLO, ask, deploy, deployed_env, healthz, live_children  # noqa: E402
@@ -47,6 +47,7 @@ pytestmark = [
 WORKERS = 2
 #: --worker-timeout of the model's server: short, so a stopped worker is found within the step
 WORKER_TIMEOUT = 3
+MAX_KILLS = 4
 MODEL_EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "8"))
 MODEL_STEPS = int(os.environ.get("MODEL_STEPS", "10"))
 
@@ -115,6 +116,9 @@ class SupervisorModel(RuleBasedStateMachine):
         #: every worker pid the model has seen, with its start time
         self.seen: dict[int, float] = {}
         self.killed_in_step = False
+        #: workers killed in this run: each quick death lengthens its index's restart back-off
+        #: (0.5 s, 1 s, 2 s ...), so a run has at most MAX_KILLS, to stay within its time bound
+        self.kills = 0
         self.step_started = time.monotonic()
         self.current = self.settle()
         self.fds = self.quiet_fds()
@@ -201,20 +205,32 @@ class SupervisorModel(RuleBasedStateMachine):
         self.server.signal(signal.SIGHUP)
         self.generation += 2
 
+    @precondition(lambda self: self.kills < MAX_KILLS)
     @rule(index=st.integers(min_value=0, max_value=WORKERS - 1))
     def kill_a_worker(self, index: int) -> None:
         self.begin("kill_a_worker")
         self.killed_in_step = True
-        os.kill(self.current[index], signal.SIGKILL)
+        self.kills += 1
+        pid = self.current[index]
+        os.kill(pid, signal.SIGKILL)
+        self.wait_gone(pid)
 
+    @precondition(lambda self: self.kills < MAX_KILLS)
     @rule(index=st.integers(min_value=0, max_value=WORKERS - 1))
     def hang_a_worker(self, index: int) -> None:
         """kill -STOP: its loop stops reporting; --worker-timeout kills and replaces it."""
         self.begin("hang_a_worker")
         self.killed_in_step = True
+        self.kills += 1
         pid = self.current[index]
         os.kill(pid, signal.SIGSTOP)
         self.server.wait_for_log(rf"worker {index} \(pid {pid}\) has not reported", timeout=WORKER_TIMEOUT + 10)
+        self.wait_gone(pid)
+
+    def wait_gone(self, pid: int) -> None:
+        """Until the kernel has ended it: a settle check before that would still count it."""
+        created = self.seen[pid]
+        wait_for(lambda: not still_running(pid, created), timeout=10, what=f"worker {pid} gone")
 
     @rule()
     def deploy_that_does_not_import(self) -> None:
@@ -244,6 +260,8 @@ class SupervisorModel(RuleBasedStateMachine):
     # -- the end of a run -----------------------------------------------------------------------
 
     def teardown(self) -> None:
+        # Shown by pytest only when the test fails: what the server said during this sequence.
+        print("\n".join(self.server.lines[-60:]))
         try:
             if self.load is not None:
                 self.load.close()
