@@ -508,6 +508,16 @@ def worker_role() -> WorkerRole | None:
     return None if value is None else WorkerRole.from_env(value)
 
 
+def fail_as(role: WorkerRole | None, message: str, status: int = 1) -> int:
+    """fail(), or in a worker (a reload whose new code does not start, say) a log line with the
+    time and ``worker N:`` like every worker line, and the reason sent to the parent."""
+    if role is None:
+        return fail(message, status)
+    log.error("%s", message)
+    tell_parent_failed(role, message)
+    return status
+
+
 def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     role = worker_role()
     prefix = "" if role is None else f"worker {role.index}: "
@@ -527,13 +537,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         backend_class = get_backend(backend_name)
         factory = load_app(args.app)
     except (BackendError, AppError) as exc:
-        if role is not None:
-            # A worker of a reload whose new code does not start: its line carries the time and
-            # its index like every worker line, and the parent is told why.
-            log.error("%s", exc)
-            tell_parent_failed(role, str(exc))
-            return EXIT_USAGE
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     problem = (
         check_host("--host", args.host)
         or check_host("--stats-host", args.stats_host)
@@ -573,13 +577,13 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if not problem and workers > 1 and role is None:
         problem = capacity_problem(workers)
     if problem:
-        return fail(problem, EXIT_USAGE)
+        return fail_as(role, problem, EXIT_USAGE)
     # Loaded before anything binds, so a bad file is exit 2 and not a server that cannot handshake.
     # With --workers the parent only checks them: each worker loads its own.
     try:
         tls = ServerTLS.load(tls_options) if tls_options is not None else None
     except TLSConfigError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     if role is not None:  # the parent serves the stats endpoint, and supervises
         args.stats_port, workers = None, 1
     # systemd's sockets and notify socket belong to the process it started: read once, not by workers.
@@ -626,7 +630,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         else:
             run_server(options)
     except LimitError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     except ListenError as exc:
-        return fail(str(exc))
+        return fail_as(role, str(exc))
     return 0
