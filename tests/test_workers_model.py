@@ -50,6 +50,9 @@ WORKER_TIMEOUT = 3
 MAX_KILLS = 4
 MODEL_EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "8"))
 MODEL_STEPS = int(os.environ.get("MODEL_STEPS", "10"))
+#: MODEL_REUSE_PORT=1: the same model over --reuse-port listeners (platform_notes.md: a retiring
+#: worker's listener can still take a handshake between its last accept() and its close())
+MODEL_REUSE_PORT = os.environ.get("MODEL_REUSE_PORT") == "1"
 
 
 def still_running(pid: int, created: float) -> bool:
@@ -104,6 +107,7 @@ class SupervisorModel(RuleBasedStateMachine):
             str(WORKER_TIMEOUT),
             "--shutdown-timeout",
             "2",
+            *(["--reuse-port"] if MODEL_REUSE_PORT else []),
             env=deployed_env(self.folder),
             start_new_session=True,
         )
