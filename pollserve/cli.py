@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -27,7 +28,17 @@ from .service import serve as run_server
 from .stats import table
 from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
-from .workers import WORKER_ENV, WorkerRole, auto_count
+from .workers import (
+    DEFAULT_WORKER_TIMEOUT,
+    REPORT_INTERVAL,
+    WORKER_ENV,
+    WorkerRole,
+    auto_count,
+    capacity_problem,
+    tell_parent_failed,
+)
+
+log = logging.getLogger("pollserve")
 
 ENV_BACKEND = "POLLSERVE_BACKEND"
 
@@ -157,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --workers: each worker listens on its own SO_REUSEPORT socket (default: they share the parent's)",
     )
     parser.add_argument(
+        "--worker-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --workers: kill and replace a worker whose loop has not reported for SECONDS since it "
+        f"was ready; 0: never (default: {DEFAULT_WORKER_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--tls-cert",
         metavar="FILE",
         help="serve the app over TLS with this PEM certificate chain; SIGHUP reloads it (default: off)",
@@ -252,6 +270,7 @@ SERVER_OPTIONS = (
     "drain_delay",
     "workers",
     "reuse_port",
+    "worker_timeout",
     "unix",
     "unix_mode",
     "tls_cert",
@@ -489,9 +508,25 @@ def worker_role() -> WorkerRole | None:
     return None if value is None else WorkerRole.from_env(value)
 
 
+def fail_as(role: WorkerRole | None, message: str, status: int = 1) -> int:
+    """fail(), or in a worker (a reload whose new code does not start, say) a log line with the
+    time and ``worker N:`` like every worker line, and the reason sent to the parent."""
+    if role is None:
+        return fail(message, status)
+    log.error("%s", message)
+    tell_parent_failed(role, message)
+    return status
+
+
 def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     role = worker_role()
     prefix = "" if role is None else f"worker {role.index}: "
+    if role is not None:
+        # A Ctrl-C reaches the whole process group: only the parent counts it, or each worker
+        # would see it twice.  SIGHUP is the parent's rolling restart.  Both from the first moment,
+        # so a signal during the app's import neither kills nor interrupts it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
@@ -502,7 +537,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         backend_class = get_backend(backend_name)
         factory = load_app(args.app)
     except (BackendError, AppError) as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     problem = (
         check_host("--host", args.host)
         or check_host("--stats-host", args.stats_host)
@@ -521,6 +556,15 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     problem = problem or workers_problem
     if not problem and args.reuse_port and workers < 2:
         problem = "--reuse-port needs --workers 2 or more: it gives each worker a listener of its own"
+    worker_timeout = DEFAULT_WORKER_TIMEOUT if args.worker_timeout is None else args.worker_timeout
+    if not problem and args.worker_timeout is not None and workers < 2:
+        problem = "--worker-timeout needs --workers 2 or more: it is how the parent finds a hung worker"
+    problem = problem or check_seconds("--worker-timeout", worker_timeout, zero_ok=True)
+    if not problem and 0 < worker_timeout < 2 * REPORT_INTERVAL:
+        problem = (
+            f"--worker-timeout {worker_timeout:g} is shorter than two of the workers' reports "
+            f"({REPORT_INTERVAL:g} s apart): give 0 (off) or at least {2 * REPORT_INTERVAL:g}"
+        )
     if not problem and args.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
         problem = "--reuse-port needs SO_REUSEPORT, which this OS does not have"
     problem = problem or check_unix(args.unix, args.unix_mode)
@@ -530,14 +574,16 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     problem = problem or proxy_problem or check_seconds("--drain-delay", args.drain_delay, zero_ok=True)
     tls_options, tls_problem = check_tls(args)
     problem = problem or tls_problem
+    if not problem and workers > 1 and role is None:
+        problem = capacity_problem(workers)
     if problem:
-        return fail(problem, EXIT_USAGE)
+        return fail_as(role, problem, EXIT_USAGE)
     # Loaded before anything binds, so a bad file is exit 2 and not a server that cannot handshake.
     # With --workers the parent only checks them: each worker loads its own.
     try:
         tls = ServerTLS.load(tls_options) if tls_options is not None else None
     except TLSConfigError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     if role is not None:  # the parent serves the stats endpoint, and supervises
         args.stats_port, workers = None, 1
     # systemd's sockets and notify socket belong to the process it started: read once, not by workers.
@@ -570,6 +616,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         notifier=notifier,
         workers=workers,
         reuse_port=args.reuse_port,
+        worker_timeout=worker_timeout,
         argv=tuple(argv),
         worker=role,
         proxy_protocol=args.proxy_protocol,
@@ -583,7 +630,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         else:
             run_server(options)
     except LimitError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     except ListenError as exc:
-        return fail(str(exc))
+        return fail_as(role, str(exc))
     return 0

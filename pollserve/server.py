@@ -846,7 +846,10 @@ class Server:
 
     def retire(self, timeout: float, on_done: Callable[[], Any]) -> None:
         """Stop accepting and let the connections end on their own (a worker replaced by a rolling
-        restart); those still open after timeout seconds are shut down as by shutdown()."""
+        restart); those still open after timeout seconds are shut down as by shutdown().  The
+        clients already queued are accepted first, as shutdown() does: a listener of this worker
+        alone (SO_REUSEPORT) resets its queue when it closes."""
+        self._accept_backlog()
         self.stop_accepting()
         self._on_drained = on_done
         if not self.connections:

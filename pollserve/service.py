@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 import psutil
 
@@ -31,7 +32,7 @@ from .server import Server, format_address
 from .stats import StatsCollector, StatsReporter, count_fds
 from .systemd import STATS_NAME, ListenSocket, Notifier
 from .tls import ServerTLS, TLSLayerFactory, reload_certificates
-from .workers import Supervisor, SupervisorStats, WorkerLink, WorkerRole
+from .workers import DEFAULT_WORKER_TIMEOUT, Supervisor, SupervisorStats, WorkerLink, WorkerRole
 
 log = logging.getLogger("pollserve")
 
@@ -87,6 +88,8 @@ class ServeOptions:
     workers: int = 1
     #: --reuse-port: each worker binds its own SO_REUSEPORT listener instead of inheriting the parent's
     reuse_port: bool = False
+    #: --worker-timeout: a worker silent this long after ready is killed and replaced; 0: never
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT
     #: the command line after ``pollserve``, for the supervisor to start its workers with
     argv: tuple[str, ...] = ()
     #: set in a worker process: its index, channel and inherited listeners (workers.WORKER_ENV)
@@ -108,16 +111,27 @@ class ListenError(Exception):
 
 class Health:
     """What ``GET /healthz`` tells a balancer: 200 while serving, 503 from the first stop signal
-    on, so that its health check takes the server out before the listener closes."""
+    on, so that its health check takes the server out before the listener closes.  A supervising
+    parent passes ``workers`` (serving, wanted): 200 ``ok 2/2 workers`` while at least one serves,
+    503 ``no worker serving`` while none does."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: Callable[[], tuple[int, int]] | None = None) -> None:
         self.draining = False
+        self.workers = workers
 
     SERVING = Response("text/plain; charset=utf-8", b"ok\n")
     DRAINING = Response("text/plain; charset=utf-8", b"draining\n", status=503)
+    NO_WORKER = Response("text/plain; charset=utf-8", b"no worker serving\n", status=503)
 
     def route(self) -> Response:
-        return self.DRAINING if self.draining else self.SERVING
+        if self.draining:
+            return self.DRAINING
+        if self.workers is None:
+            return self.SERVING
+        serving, wanted = self.workers()
+        if not serving:
+            return self.NO_WORKER
+        return Response("text/plain; charset=utf-8", f"ok {serving}/{wanted} workers\n".encode())
 
 
 def stats_routes(collector: StatsCollector | SupervisorStats, health: Health | None = None) -> dict[str, Route]:
@@ -237,6 +251,10 @@ def serve(options: ServeOptions) -> None:
             tls_layer.close()
         loop.close()
 
+    if options.worker is not None:
+        # Before any listener: a SIGTERM from here on is a drain (with --reuse-port this worker's
+        # listener has a queue of its own from the moment it is bound), never the default exit.
+        loop.add_signal_handler(signal.SIGTERM, lambda: on_stop_signal("SIGTERM"))
     # Sockets systemd passed take the place of binding (sd_listen_fds(3)); "stats" names the endpoint's.
     passed_app = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
     passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
@@ -293,11 +311,13 @@ def serve(options: ServeOptions) -> None:
 
     def on_stop_signal(signame: str) -> None:
         nonlocal stopping
+        if stopping and options.worker is not None:
+            # The same SIGTERM may come twice, straight and relayed by the parent (a group kill,
+            # KillMode=control-group): only the parent's "close" order means "now".
+            log.info("%s again: still draining (the parent orders a close now, if it gets a second signal)", signame)
+            return
         if stopping:  # a second signal: do not wait for slow clients
-            log.warning("%s again: closing now", signame)
-            remove_socket_files()
-            server.close()
-            loop.stop()
+            close_now(f"{signame} again")
             return
         stopping = True
         if options.notifier is not None:  # systemd counts the service as stopping from the signal on
@@ -311,6 +331,12 @@ def serve(options: ServeOptions) -> None:
         else:
             stop_serving(signame)
 
+    def close_now(why: str) -> None:
+        log.warning("%s: closing now", why)
+        remove_socket_files()
+        server.close()
+        loop.stop()
+
     def stop_serving(signame: str) -> None:
         log.info("%s: no longer accepting; flushing %d connections", signame, len(server.connections))
         remove_socket_files()
@@ -318,18 +344,15 @@ def serve(options: ServeOptions) -> None:
 
     link: WorkerLink | None = None
     if options.worker is not None:
-        # A worker takes its orders from the parent: SIGTERM (stop), "retire" (a rolling restart),
-        # and the channel's EOF (the parent is gone).  A Ctrl-C reaches the whole process group:
-        # only the parent counts it, or each worker would see it as a second signal.  SIGHUP is
-        # the parent's: it restarts the workers.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        loop.add_signal_handler(signal.SIGTERM, on_stop_signal, "SIGTERM")
+        # A worker takes its orders from the parent: SIGTERM (drain; installed above), "retire"
+        # (a rolling restart), "close" (the parent's second stop signal), and the channel's EOF
+        # (the parent is gone).  SIGINT and SIGHUP are the parent's (cli.py ignores them here).
         link = WorkerLink(
             loop,
             options.worker,
             collector.snapshot,
             retire=lambda: server.retire(options.shutdown_timeout, loop.stop),
+            close_now=lambda: close_now("the parent's order"),
             parent_gone=lambda: None if stopping else on_stop_signal("the parent's exit"),
         )
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -457,10 +480,11 @@ def serve_workers(options: ServeOptions) -> None:
         argv,
         [] if options.reuse_port else listeners,
         stop_timeout=stop_timeout,
+        worker_timeout=options.worker_timeout,
         on_all_stopped=loop.stop,
     )
     view = SupervisorStats(loop, supervisor)
-    health = Health()
+    health = Health(lambda: (supervisor.serving, supervisor.count))
     stats_server = stats_endpoint(loop, view, health, options)
 
     def close_all() -> None:
@@ -508,7 +532,8 @@ def serve_workers(options: ServeOptions) -> None:
         loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
     loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
-    supervisor.start()
+    # From the loop, so that a stop signal during start-up is handled between two starts.
+    loop.call_soon(supervisor.start)
     try:
         loop.run_forever()
     finally:

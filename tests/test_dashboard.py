@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -284,6 +285,25 @@ class TestInBrowser:
         shown = dom.text["workers"]
         for worker in stats["workers"]:
             assert f"#{worker['index']}{worker['pid']}" in shown
+
+    def test_a_silent_worker_is_marked_stale(self, start_server, chromium: Chromium) -> None:
+        """A worker held with SIGSTOP stops reporting: its row says how long it has been silent."""
+        server = start_server("--workers", "2", "--stats-port", "0", "--worker-timeout", "0")
+        address = stats_address(server)
+        wait_for(lambda: len(get_stats(address)["workers"]) == 2, timeout=20, what="2 workers reporting")
+        silent = {row["index"]: row["pid"] for row in get_stats(address)["workers"]}[1]
+        os.kill(silent, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: [row["stale"] for row in get_stats(address)["workers"]] == [False, True],
+                timeout=10,
+                what="worker 1 stale",
+            )
+            dom = Dom(chromium.dump_dom(page_url(address)))
+        finally:
+            os.kill(silent, signal.SIGCONT)
+        assert dom.count("tr", "worker") == 2 and dom.count("tr", "stale") == 1
+        assert re.search(rf"#1{silent} silent \d+ s", dom.text["workers"]), dom.text["workers"]
 
     def test_says_so_when_the_server_stops_answering(self, chromium: Chromium) -> None:
         """A stand-in endpoint answers twice, then closes each request unanswered: the page says

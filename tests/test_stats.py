@@ -146,10 +146,16 @@ class TestEndpoint:
             if os.environ.get("CI"):
                 pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
             pytest.skip("promtool not installed (apt-get install prometheus)")
-        server = start_server("--stats-port", "0")
-        _, _, body = http_get(stats_address(server), "/metrics")
-        result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
+        for args in ((), ("--workers", "2")):  # a single server's page, and a supervising parent's
+            server = start_server("--stats-port", "0", *args)
+            address = stats_address(server)
+            if args:
+                wait_for(lambda at=address: len(get_stats(at)["workers"]) == 2, timeout=20, what="2 workers reporting")
+            _, _, body = http_get(address, "/metrics")
+            if args:
+                assert b"pollserve_workers_serving 2" in body and b"pollserve_worker_timeouts_total 0" in body
+            result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
 
     def test_other_paths_and_bad_requests(self, start_server) -> None:
         server = start_server("--stats-port", "0")
