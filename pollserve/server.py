@@ -111,6 +111,7 @@ class Connection:
         "_paused_by_user",
         "_paused_by_backpressure",
         "_linger_timer",
+        "_held",
         "_last_active",
         "_unsent",
         "_unsent_at",
@@ -142,6 +143,8 @@ class Connection:
         self._paused_by_user = False
         self._paused_by_backpressure = False
         self._linger_timer: Handle | None = None
+        #: bytes a layer read ahead of the protocol it stepped aside for, not yet delivered (_unread)
+        self._held: bytes | None = None
         #: the loop's clock when bytes last moved either way (the idle sweep reads it)
         self._last_active = self._loop.now
         #: the kernel's send queue when the idle sweep last looked, and when (_kernel_progress)
@@ -211,8 +214,33 @@ class Connection:
             return
         if self._paused_by_user or self._paused_by_backpressure:
             self._loop.remove_reader(self._fd)
+        elif self._held is not None:
+            self._loop.call_soon(self._deliver_held)  # not from inside resume_reading(), as asyncio
         elif not self._loop.has_reader(self._fd):
             self._loop.add_reader(self._fd, self._on_readable)
+
+    def _unread(self, data: bytes) -> None:
+        """Bytes a layer read ahead of the protocol it steps aside for (pollserve.proxy: what came
+        with the header): delivered now if that protocol is reading, else once it resumes, and
+        before anything read after them (the socket is not read until then)."""
+        if self._closing or not data:
+            return
+        if self.is_reading():
+            self._protocol.data_received(data)
+        else:
+            self._held = data
+            self._loop.remove_reader(self._fd)
+
+    def _deliver_held(self) -> None:
+        data = self._held
+        if data is None or not self.is_reading():  # delivered already, or paused again meanwhile
+            return
+        self._held = None
+        self._loop.add_reader(self._fd, self._on_readable)
+        try:
+            self._protocol.data_received(data)
+        except Exception as exc:
+            self._protocol_failed("data_received", exc)
 
     # -- writing -------------------------------------------------------------
 

@@ -308,6 +308,7 @@ class TLSLayer:
         "_high",
         "_low",
         "_peer",
+        "_app_error",
     )
 
     def __init__(self, app: Protocol, factory: TLSLayerFactory) -> None:
@@ -345,6 +346,8 @@ class TLSLayer:
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_LOW_WATER
         self._peer = "?"
+        #: what the app raised in a callback the loop made (a drain), for its connection_lost()
+        self._app_error: Exception | None = None
 
     def __repr__(self) -> str:
         state = "handshaking" if self._handshaking else "closing" if self._closing else "open"
@@ -396,7 +399,7 @@ class TLSLayer:
         self._forget_records()
         if self._app_made:
             self._app_made = False
-            self._app.connection_lost(exc)
+            self._app.connection_lost(exc if exc is not None else self._app_error)
 
     def pause_writing(self) -> None:
         self._raw_paused = True
@@ -520,8 +523,18 @@ class TLSLayer:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        if not self._closing:
+        if self._closing:
+            return
+        eof_delivered = self._eof_delivered
+        try:
             self._read()
+        except Exception as exc:
+            # Called by the loop, not from the connection's handler, which would catch it: fail
+            # as it does, with the app's exception for its connection_lost().
+            method = "data_received" if self._eof_delivered == eof_delivered else "eof_received"
+            log.error("app error in %s for %s; closing it", method, self._peer, exc_info=exc)
+            self._app_error = exc
+            self.abort()
 
     def _fail(self, exc: ssl.SSLError) -> None:
         """A fatal TLS error after the handshake (a bad record MAC, an unexpected message): the
