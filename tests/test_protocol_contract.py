@@ -166,6 +166,12 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def first(apps: list[Script]) -> Script:
+    """The first connection's app, once the server has made it."""
+    wait_until(lambda: bool(apps))
+    return apps[0]
+
+
 def pause(app: Script, *args: Any) -> None:
     app.transport.pause_reading()
 
@@ -193,8 +199,7 @@ def test_pause_in_connection_made_keeps_the_order_of_data_and_eof(kind: str, cer
     with contract(kind, certs, made=pause) as (server, client, apps):
         client.open(b"first")
         client.send_eof()
-        wait_until(lambda: bool(apps))
-        app = apps[0]
+        app = first(apps)
         time.sleep(QUIET)
         assert app.calls == ["made"]
         call(server, app, "resume_reading")
@@ -214,8 +219,7 @@ def test_an_exception_from_data_received_closes_and_is_reported(
         on["made"] = pause
     with caplog.at_level(logging.INFO, logger="pollserve"), contract(kind, certs, **on) as (server, client, apps):
         client.open(b"boom")
-        wait_until(lambda: bool(apps))
-        app = apps[0]
+        app = first(apps)
         if paused_first:
             time.sleep(QUIET)
             call(server, app, "resume_reading")
@@ -233,8 +237,7 @@ def test_an_exception_from_eof_received_closes_and_is_reported(kind: str, certs:
     with contract(kind, certs, eof=fail) as (_server, client, apps):
         client.open(b"data")
         client.send_eof()
-        wait_until(lambda: bool(apps))
-        app = apps[0]
+        app = first(apps)
         assert app.gone.wait(5), f"not closed: {app.calls}"
         assert app.calls == ["made", "data", "eof", "lost"] and isinstance(app.lost[0], AppError)
         assert client.closed()
@@ -294,8 +297,7 @@ def test_abort_inside_data_received(kind: str, certs: Certs) -> None:
 
     with contract(kind, certs, data=abort) as (_server, client, apps):
         client.open(b"request")
-        wait_until(lambda: bool(apps))
-        app = apps[0]
+        app = first(apps)
         assert app.gone.wait(5)
         assert app.calls == ["made", "data", "lost"] and app.lost == [None]
         assert client.closed()
@@ -304,8 +306,7 @@ def test_abort_inside_data_received(kind: str, certs: Certs) -> None:
 def test_an_exception_from_connection_made_closes_and_is_reported(kind: str, certs: Certs) -> None:
     with contract(kind, certs, made=fail) as (_server, client, apps):
         client.open(b"")
-        wait_until(lambda: bool(apps))
-        app = apps[0]
+        app = first(apps)
         assert app.gone.wait(5)
         assert app.calls == ["made", "lost"] and isinstance(app.lost[0], AppError)
         assert client.closed()
