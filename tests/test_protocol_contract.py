@@ -17,6 +17,16 @@ from typing import Any
 
 import pytest
 from clients import connect, reset
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from inprocess import in_loop, serving, wait_until
 from tlshelpers import BIOClient, Certs, make_certs
 
@@ -73,14 +83,17 @@ class Client:
 
     def __init__(self, kind: str, address: Any, certs: Certs) -> None:
         self.kind = kind
-        self.sock = connect(address, timeout=10)
+        self.address = address
+        self.certs = certs
+        self.sock = socket.socket()  # replaced by the connection open() makes
         self.tls: BIOClient | None = None
-        if kind == "tls":
-            self.tls = BIOClient(address, certs.client_context(), sock=self.sock)
 
     def open(self, first: bytes) -> None:
-        """The layer's part, and ``first`` in the same send()."""
-        if self.tls is not None:
+        """Connect, then the layer's part and ``first`` in the same send()."""
+        self.sock.close()
+        self.sock = connect(self.address, timeout=10)
+        if self.kind == "tls":
+            self.tls = BIOClient(self.address, self.certs.client_context(), sock=self.sock)
             self.tls.handshake(send_finished=False)
             self.tls.write(first)  # the Finished and the first record, in one send
         else:
@@ -99,14 +112,17 @@ class Client:
             self.sock.shutdown(socket.SHUT_WR)
 
     def read_to_end(self) -> bytes:
-        """What the server sent until it closed (close_notify and FIN with TLS)."""
+        """What the server sent until it closed (close_notify and FIN with TLS); then the client
+        closes its side too, which ends the server's lingering close at once."""
         if self.tls is not None:
             data = self.tls.read_to_close_notify()
             self.tls.wait_eof()
-            return data
-        data = bytearray()
-        while chunk := self.sock.recv(65536):
-            data += chunk
+        else:
+            data = bytearray()
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        with contextlib.suppress(OSError):  # already shut
+            self.sock.shutdown(socket.SHUT_WR)
         return bytes(data)
 
     def closed(self) -> bool:
@@ -166,7 +182,7 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def first(apps: list[Script]) -> Script:
+def first_app(apps: list[Script]) -> Script:
     """The first connection's app, once the server has made it."""
     wait_until(lambda: bool(apps))
     return apps[0]
@@ -199,7 +215,7 @@ def test_pause_in_connection_made_keeps_the_order_of_data_and_eof(kind: str, cer
     with contract(kind, certs, made=pause) as (server, client, apps):
         client.open(b"first")
         client.send_eof()
-        app = first(apps)
+        app = first_app(apps)
         time.sleep(QUIET)
         assert app.calls == ["made"]
         call(server, app, "resume_reading")
@@ -219,7 +235,7 @@ def test_an_exception_from_data_received_closes_and_is_reported(
         on["made"] = pause
     with caplog.at_level(logging.INFO, logger="pollserve"), contract(kind, certs, **on) as (server, client, apps):
         client.open(b"boom")
-        app = first(apps)
+        app = first_app(apps)
         if paused_first:
             time.sleep(QUIET)
             call(server, app, "resume_reading")
@@ -237,7 +253,7 @@ def test_an_exception_from_eof_received_closes_and_is_reported(kind: str, certs:
     with contract(kind, certs, eof=fail) as (_server, client, apps):
         client.open(b"data")
         client.send_eof()
-        app = first(apps)
+        app = first_app(apps)
         assert app.gone.wait(5), f"not closed: {app.calls}"
         assert app.calls == ["made", "data", "eof", "lost"] and isinstance(app.lost[0], AppError)
         assert client.closed()
@@ -297,7 +313,7 @@ def test_abort_inside_data_received(kind: str, certs: Certs) -> None:
 
     with contract(kind, certs, data=abort) as (_server, client, apps):
         client.open(b"request")
-        app = first(apps)
+        app = first_app(apps)
         assert app.gone.wait(5)
         assert app.calls == ["made", "data", "lost"] and app.lost == [None]
         assert client.closed()
@@ -306,7 +322,7 @@ def test_abort_inside_data_received(kind: str, certs: Certs) -> None:
 def test_an_exception_from_connection_made_closes_and_is_reported(kind: str, certs: Certs) -> None:
     with contract(kind, certs, made=fail) as (_server, client, apps):
         client.open(b"")
-        app = first(apps)
+        app = first_app(apps)
         assert app.gone.wait(5)
         assert app.calls == ["made", "lost"] and isinstance(app.lost[0], AppError)
         assert client.closed()
@@ -320,3 +336,97 @@ def test_a_client_reset_is_connection_lost_with_the_error(kind: str, certs: Cert
         app = apps[0]
         assert app.gone.wait(5)
         assert app.calls == ["made", "data", "lost"] and isinstance(app.lost[0], ConnectionResetError)
+
+
+class ReadingModel(RuleBasedStateMachine):
+    """Random sequences of client sends, app pauses and resumes and the client's EOF, over one
+    transport.  Invariants: no data_received between the app's pause_reading() and its
+    resume_reading(); the app gets a prefix of what was sent, in order; at the end, all of it,
+    then one eof_received()."""
+
+    def __init__(self, kind: str, certs: Certs) -> None:
+        super().__init__()
+        self.sent = bytearray()
+        self.eof_sent = False
+        self.start_paused = False
+        self.violations: list[str] = []
+        self.stack = contextlib.ExitStack()
+        self.server, self.client, self.apps = self.stack.enter_context(
+            contract(kind, certs, made=self.made, data=self.received)
+        )
+
+    @initialize(first=st.binary(max_size=2000), start_paused=st.booleans())
+    def connect(self, first: bytes, start_paused: bool) -> None:
+        """The layer's part and the first bytes in one segment; the app may pause in connection_made."""
+        self.start_paused = start_paused
+        self.client.open(first)
+        self.sent += first
+        self.app = first_app(self.apps)
+        wait_until(lambda: "made" in self.app.calls)
+
+    # The app's side, on the loop's thread: the app's own idea of whether it paused.
+    def made(self, app: Script) -> None:
+        app.paused = self.start_paused  # type: ignore[attr-defined]
+        if self.start_paused:
+            app.transport.pause_reading()
+
+    def received(self, app: Script, data: bytes) -> None:
+        if app.paused:  # type: ignore[attr-defined]
+            self.violations.append(f"{len(data)} bytes delivered while paused")
+
+    def set_paused(self, paused: bool) -> None:
+        def change() -> None:
+            self.app.paused = paused  # type: ignore[attr-defined]
+            if paused:
+                self.app.transport.pause_reading()
+            else:
+                self.app.transport.resume_reading()
+
+        in_loop(self.server, change)
+
+    @precondition(lambda self: not self.eof_sent)
+    @rule(data=st.binary(min_size=1, max_size=3000))
+    def send(self, data: bytes) -> None:
+        self.client.send(data)
+        self.sent += data
+
+    @rule()
+    def pause(self) -> None:
+        self.set_paused(True)
+
+    @rule()
+    def resume(self) -> None:
+        self.set_paused(False)
+
+    @precondition(lambda self: not self.eof_sent)
+    @rule()
+    def eof(self) -> None:
+        self.client.send_eof()
+        self.eof_sent = True
+
+    @invariant()
+    def nothing_while_paused_and_in_order(self) -> None:
+        assert not self.violations
+        received = bytes(self.app.received)
+        assert bytes(self.sent).startswith(received)
+
+    def teardown(self) -> None:
+        try:
+            if not self.eof_sent:
+                self.client.send_eof()
+            with contextlib.suppress(OSError):  # TLS: a FIN after close_notify ends the server's linger
+                self.client.sock.shutdown(socket.SHUT_WR)
+            self.set_paused(False)
+            assert self.app.gone.wait(5), f"no close after the EOF: {self.app.calls[-3:]}"
+            assert self.app.received == self.sent
+            assert self.app.calls.count("eof") == 1 and self.app.calls[-2:] == ["eof", "lost"]
+            assert not self.violations
+        finally:
+            self.stack.close()
+
+
+def test_model_of_pauses_resumes_data_and_eof(kind: str, certs: Certs) -> None:
+    run_state_machine_as_test(
+        lambda: ReadingModel(kind, certs),
+        settings=settings(max_examples=25, stateful_step_count=12, deadline=None),
+    )
