@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls-ciphers",
         metavar="STRING",
-        help=f"OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are all AEAD) (default: {DEFAULT_TLS12_CIPHERS})",
+        help=f"OpenSSL cipher string for the TLS 1.2 suites; TLS 1.3's are all AEAD (default: {DEFAULT_TLS12_CIPHERS})",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command names its own prog and usage: argparse would build them from the one-line usage above.
