@@ -3,17 +3,22 @@ connection, one that stops reading loses it (even while closing), in-process ove
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import threading
 import time
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pytest
 from clients import connect
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 from inprocess import in_loop, serving, wait_until
 from test_server import open_fds
-from tlshelpers import small_buffer_client
+from tlshelpers import small_buffer_client, small_send_buffers
 
 from pollserve.apps import Echo, Protocol
 from pollserve.sendqueue import unsent_bytes
@@ -118,3 +123,98 @@ def test_a_closing_flush_to_a_reader_completes(backend_name: str) -> None:
         wait_until(lambda: not server.connections)
         assert server.connections_idle_closed == 0
         assert in_loop(server, lambda: server._idle_timer) is None  # the sweep stopped with nothing to watch
+
+
+class Controlled(Protocol):
+    """An app the model drives from the test thread (through in_loop)."""
+
+
+#: the stream the app writes: byte i is PATTERN[i % 251], so a reordering or a gap shows
+PATTERN = bytes(range(251)) * 9000
+
+
+class FlushModel(RuleBasedStateMachine):
+    """Random app writes and closes against a client that reads some, pauses, and stops, with small
+    socket buffers on both sides so that the server buffers too.  Invariants: the client gets a prefix
+    of what the app wrote, in order; once it stops reading, the connection is gone within the idle
+    timeout plus two sweeps (a linger, if the close got that far, within its own timer)."""
+
+    LIMIT = 0.4
+
+    def __init__(self, backend_name: str) -> None:
+        super().__init__()
+        self.stack = contextlib.ExitStack()
+        self.apps: list[Controlled] = []
+
+        def factory() -> Controlled:
+            app = Controlled()
+            self.apps.append(app)
+            return app
+
+        self.server = self.stack.enter_context(
+            serving(backend_name, factory, idle_timeout=self.LIMIT, linger_timeout=0.2)
+        )
+        small_send_buffers(self.server)
+        self.sock = self.stack.enter_context(small_buffer_client(self.server.address))
+        wait_until(lambda: bool(self.apps) and hasattr(self.apps[0], "transport"))
+        self.app = self.apps[0]
+        self.written = 0
+        self.received = bytearray()
+        self.closed_by_app = False
+        self.ended = False  # the client saw EOF or a reset
+
+    def in_loop(self, action: Callable[[], Any]) -> None:
+        in_loop(self.server, action)
+
+    @precondition(lambda self: not self.closed_by_app)
+    @rule(size=st.integers(1, 200_000))
+    def app_writes(self, size: int) -> None:
+        start = self.written % 251
+        self.in_loop(lambda: self.app.transport.write(PATTERN[start : start + size]))
+        self.written += size
+
+    @precondition(lambda self: not self.closed_by_app)
+    @rule()
+    def app_closes(self) -> None:
+        self.in_loop(self.app.transport.close)
+        self.closed_by_app = True
+
+    @precondition(lambda self: not self.ended)
+    @rule(size=st.integers(1, 100_000))
+    def client_reads(self, size: int) -> None:
+        self.sock.settimeout(0.05)
+        try:
+            data = self.sock.recv(size)
+        except TimeoutError:
+            return
+        except ConnectionResetError:
+            self.ended = True
+            return
+        self.ended = not data
+        self.received += data
+
+    @rule(seconds=st.sampled_from([0.0, 0.05, 0.15]))
+    def client_waits(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    @invariant()
+    def a_prefix_in_order(self) -> None:
+        assert len(self.received) <= self.written
+        assert self.received == PATTERN[: len(self.received)]
+
+    def teardown(self) -> None:
+        try:
+            # The client stops reading: the server must let go within the limit and two sweeps
+            # (plus a linger), here with a generous margin for a loaded machine.
+            bound = self.LIMIT + 2 * self.server._sweep_interval() + 0.2 + 2.0
+            wait_until(lambda: not self.server.connections, timeout=bound)
+            assert self.server.write_buffer_bytes == 0
+        finally:
+            self.stack.close()
+
+
+def test_model_of_writes_closes_and_a_client_that_stops(backend_name: str) -> None:
+    run_state_machine_as_test(
+        lambda: FlushModel(backend_name),
+        settings=settings(max_examples=10, stateful_step_count=10, deadline=None),
+    )
