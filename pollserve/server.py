@@ -563,7 +563,8 @@ class TracedConnection(Connection):
         super()._server_close(why)
 
     def _server_abort(self, why: str) -> None:
-        self._why = self._why or why
+        # A close already under way (the app's, a shutdown's) that the server now cuts short says both.
+        self._why = f"{self._why}, then aborted: {why}" if self._why else why
         super().abort()
 
     def _finish(self, exc: Exception | None) -> None:

@@ -4,6 +4,7 @@ connection, one that stops reading loses it (even while closing), in-process ove
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import sys
 import threading
@@ -218,3 +219,17 @@ def test_model_of_writes_closes_and_a_client_that_stops(backend_name: str) -> No
         lambda: FlushModel(backend_name),
         settings=settings(max_examples=10, stateful_step_count=10, deadline=None),
     )
+
+
+def test_a_flush_cut_short_is_logged_with_both_reasons(backend_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """At --log-level debug the close line says the app closed and the server then aborted the flush."""
+    ReplyThenClose.buffered = []
+    with (
+        caplog.at_level(logging.DEBUG, logger="pollserve"),
+        serving(backend_name, ReplyThenClose, idle_timeout=0.3) as server,
+        connect(server.address) as sock,
+    ):
+        sock.sendall(b"go")
+        wait_until(lambda: server.connections_closed == 1, timeout=10)
+    closes = [r.getMessage() for r in caplog.records if " closed 127.0.0.1:" in r.getMessage()]
+    assert len(closes) == 1 and closes[0].endswith("closed by the app, then aborted: flushing, no progress for 0.3 s")
