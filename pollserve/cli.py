@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help=f"close a connection that has neither sent nor received for SECONDS; 0 disables "
-        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
+        help=f"close a connection that made no progress either way for SECONDS (a client still reading "
+        f"counts); 0 disables (default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--proxy-protocol",

@@ -233,3 +233,26 @@ def test_a_flush_cut_short_is_logged_with_both_reasons(backend_name: str, caplog
         wait_until(lambda: server.connections_closed == 1, timeout=10)
     closes = [r.getMessage() for r in caplog.records if " closed 127.0.0.1:" in r.getMessage()]
     assert len(closes) == 1 and closes[0].endswith("closed by the app, then aborted: flushing, no progress for 0.3 s")
+
+
+@needs_queue_size
+def test_the_command_line_keeps_a_slow_reader(start_server) -> None:
+    """The reproduction, scaled down: `--idle-timeout` small, a large echo read steadily for several
+    timeouts by a client with a small receive buffer, through the real command."""
+    total, rate = 1_500_000, 400_000.0
+    server = start_server("--app", "echo", "--idle-timeout", "0.5")
+    with small_buffer_client(server.address) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(PATTERN[:total],), daemon=True)
+        sender.start()
+        received = bytearray()
+        deadline = time.monotonic() + 30
+        while len(received) < total and time.monotonic() < deadline:
+            data = sock.recv(20_000)
+            if not data:
+                break
+            received += data
+            time.sleep(len(data) / rate)
+        assert received == PATTERN[:total]
+        sock.sendall(b"still here")
+        assert sock.recv(100) == b"still here"
+    assert server.alive()
