@@ -27,7 +27,7 @@ from .service import ListenError, ServeOptions, serve_workers
 from .service import serve as run_server
 from .stats import table
 from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
-from .tls import DEFAULT_HANDSHAKE_TIMEOUT, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TLS12_CIPHERS, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
 from .workers import (
     DEFAULT_WORKER_TIMEOUT,
     REPORT_INTERVAL,
@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help=f"close a connection that has neither sent nor received for SECONDS; 0 disables "
-        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
+        help=f"close a connection that made no progress either way for SECONDS (a client still reading "
+        f"counts); 0 disables (default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--proxy-protocol",
@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-alpn",
         metavar="LIST",
         help="comma-separated protocols offered through ALPN, preferred first, e.g. h2,http/1.1 (default: none)",
+    )
+    parser.add_argument(
+        "--tls-ciphers",
+        metavar="STRING",
+        help=f"OpenSSL cipher string for the TLS 1.2 suites; TLS 1.3's are all AEAD (default: {DEFAULT_TLS12_CIPHERS})",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command names its own prog and usage: argparse would build them from the one-line usage above.
@@ -279,6 +284,7 @@ SERVER_OPTIONS = (
     "tls_verify_client",
     "tls_handshake_timeout",
     "tls_alpn",
+    "tls_ciphers",
 )
 
 
@@ -480,7 +486,7 @@ def check_tls(args: argparse.Namespace) -> tuple[TLSOptions | None, str | None]:
     """The --tls-* options, or the problem; every one but --tls-cert needs --tls-cert.  The files
     are not read here (ServerTLS.load does)."""
     if args.tls_cert is None:
-        names = ("tls_key", "tls_ca", "tls_handshake_timeout", "tls_alpn")
+        names = ("tls_key", "tls_ca", "tls_handshake_timeout", "tls_alpn", "tls_ciphers")
         given = [name for name in names if getattr(args, name) is not None]
         given += ["tls_verify_client"] if args.tls_verify_client else []
         if given:
@@ -497,7 +503,9 @@ def check_tls(args: argparse.Namespace) -> tuple[TLSOptions | None, str | None]:
         alpn = parse_alpn(args.tls_alpn) if args.tls_alpn is not None else ()
     except ValueError as exc:
         return None, f"--tls-alpn: {exc}"
-    options = TLSOptions(args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify_client, timeout, alpn)
+    options = TLSOptions(
+        args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify_client, timeout, alpn, args.tls_ciphers
+    )
     return options, None
 
 

@@ -364,9 +364,9 @@ class ProxyLayer(Protocol):
             log.debug("%s: %s sent a PROXY v%d header for %s", self.factory._name, self._peer(), header.version, client)
         connection.set_protocol(self.app)
         self.app.connection_made(transport)
-        # Bytes that came with the header are the app's first chunk.
-        if rest and not connection.is_closing():
-            self.app.data_received(rest)
+        # Bytes that came with the header are the app's first chunk, held back while the app
+        # does not read (it may pause in connection_made: nothing until resume_reading()).
+        connection._unread(rest)
 
     def eof_received(self) -> bool | None:
         self._cancel_timer()
