@@ -5,8 +5,13 @@ holder process keeps N idle app connections open.  Then, rep after rep, two
 windows are measured back to back: the app's closed-loop hello throughput
 alone, and the same while F concurrent clients request ``/metrics`` as fast
 as the server answers them (each connects, sends one request, reads to EOF,
-closes, and starts again).  The table shows both rates, their ratio per rep
-(paired, so machine drift cancels), what the flood got, and the server's CPU.
+closes, and starts again).  Odd reps measure alone first, even reps flooded
+first, so a drift within a rep does not always favour one side.  Everything is
+measured from outside the server: the load client counts the hello replies,
+and a prober asks ``/healthz`` every half second, as a balancer would, timing
+each answer.  The table shows both rates, their ratio per rep (paired, so
+machine drift cancels), the /healthz answers, what the flood got, and the
+server's CPU.
 
 Timings never fail the run; the exit status is 1 only when a server does not
 start or stop cleanly or a hello reply is wrong.  benchmarks/README.md says
@@ -26,6 +31,7 @@ import selectors
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -122,6 +128,47 @@ def flood(pipe: Connection, port: int, concurrency: int) -> None:
     pipe.send(("result", dict(statuses)))
 
 
+class HealthProber:
+    """GET /healthz every half second on a thread, as a balancer's check does (HTTP/1.0, no Host),
+    until stopped: each answer's status (or error) and how long it took, connect included."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            reply = b""
+            try:
+                with socket.create_connection((HOST, self.port), timeout=10) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                    while chunk := sock.recv(4096):
+                        reply += chunk
+                status = reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply"
+            except OSError as exc:
+                status = type(exc).__name__
+            self.answers.append((time.monotonic() - started, status))
+            self._stop.wait(0.5)
+
+    def stop(self) -> list[tuple[float, str]]:
+        self._stop.set()
+        self._thread.join(15)
+        return self.answers
+
+
+def health_summary(answers: list[tuple[float, str]]) -> str:
+    if not answers:
+        return "none"
+    seconds = sorted(took for took, _ in answers)
+    statuses = Counter(status for _, status in answers)
+    shown = " ".join(f"{status}x{count}" for status, count in sorted(statuses.items()))
+    return f"{statistics.median(seconds):.2f}/{seconds[-1]:.2f} s {shown}"
+
+
 # -- the parent ------------------------------------------------------------------------
 
 
@@ -177,6 +224,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def measure_alone(server: ServerProcess, spec: LoadSpec, stats_port: int) -> tuple[Measurement, list]:
+    prober = HealthProber(stats_port)
+    try:
+        return drive(server, spec), prober.answers
+    finally:
+        prober.stop()
+
+
+def measure_flooded(
+    server: ServerProcess, spec: LoadSpec, stats_port: int, args: argparse.Namespace
+) -> tuple[Measurement, list, Counter[str]]:
+    flooders = [start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs]
+    try:
+        for _, pipe in flooders:
+            expect(pipe, "ready", READY_TIMEOUT, "starting the flood")
+        for _, pipe in flooders:
+            pipe.send("go")
+        time.sleep(1.0)  # let the flood reach its steady state
+        prober = HealthProber(stats_port)
+        try:
+            flooded = drive(server, spec)
+        finally:
+            answers = prober.stop()
+        outcomes: Counter[str] = Counter()
+        for _, pipe in flooders:
+            pipe.send("stop")
+        for _, pipe in flooders:
+            outcomes.update(expect(pipe, "result", 30, "stopping the flood"))
+    finally:
+        for proc, pipe in flooders:
+            stop_child(proc, pipe)
+    return flooded, answers, outcomes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -205,28 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             holder = start_child(hold_idle, port, args.idle)
             expect(holder[1], "ready", READY_TIMEOUT + args.idle / 500, f"opening {args.idle} idle connections")
         for rep in range(1, args.reps + 1):
-            alone = drive(server, spec)
-            flooders = [
-                start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs
-            ]
-            try:
-                for _, pipe in flooders:
-                    expect(pipe, "ready", READY_TIMEOUT, "starting the flood")
-                for _, pipe in flooders:
-                    pipe.send("go")
-                time.sleep(1.0)  # let the flood reach its steady state
-                flooded = drive(server, spec)
-                outcomes: Counter[str] = Counter()
-                for _, pipe in flooders:
-                    pipe.send("stop")
-                for _, pipe in flooders:
-                    outcomes.update(expect(pipe, "result", 30, "stopping the flood"))
-            finally:
-                for proc, pipe in flooders:
-                    stop_child(proc, pipe)
+            if rep % 2:
+                alone, health_alone = measure_alone(server, spec, stats_port)
+                flooded, health_flooded, outcomes = measure_flooded(server, spec, stats_port, args)
+            else:
+                flooded, health_flooded, outcomes = measure_flooded(server, spec, stats_port, args)
+                alone, health_alone = measure_alone(server, spec, stats_port)
             if alone.errors or flooded.errors:
                 raise BenchError(f"hello errors: {(alone.messages + flooded.messages)[:3]}")
-            rows.append((rep, alone, flooded, outcomes))
+            rows.append((rep, alone, flooded, outcomes, health_alone, health_flooded))
     except BaseException:
         server.kill()
         raise
@@ -247,20 +315,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     head = f"{'rep':>3}  {'alone req/s':>11}  {'flooded req/s':>13}  {'ratio':>6}  {'srv cpu alone':>13}"
-    head += f"  {'srv cpu flood':>13}  flood answers (whole flood window)"
+    head += f"  {'srv cpu flood':>13}  {'/healthz alone: median/max':<30}  {'/healthz flooded: median/max':<30}"
+    head += "  flood answers (whole flood window)"
     print(head)
     print("-" * len(head))
     ratios = []
-    for rep, alone, flooded, outcomes in rows:
+    for rep, alone, flooded, outcomes, health_alone, health_flooded in rows:
         ratio = flooded.rate / alone.rate if alone.rate else 0.0
         ratios.append(ratio)
         answers = ", ".join(f"{key} {value:,}" for key, value in sorted(outcomes.items()))
         cpu_alone, cpu_flood = cpu_share(alone), cpu_share(flooded)
         print(
             f"{rep:>3}  {alone.rate:>11,.0f}  {flooded.rate:>13,.0f}  {ratio:>6.3f}  {cpu_alone:>12.0%}  "
-            f"{cpu_flood:>12.0%}  {answers}"
+            f"{cpu_flood:>12.0%}  {health_summary(health_alone):<30}  {health_summary(health_flooded):<30}  {answers}"
         )
-    print(f"median ratio flooded/alone: {statistics.median(ratios):.3f}")
+    print(
+        f"ratio flooded/alone: median {statistics.median(ratios):.3f}, "
+        f"range {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} reps"
+    )
     return 0
 
 

@@ -134,7 +134,7 @@ class TestResponse:
         routes = stats_routes(FixedCollector())
         assert request(b"GET / HTTP/1.0\r\n\r\n", routes, limit)[0] == 200
         status, headers, _ = request(b"GET / HTTP/1.0\r\n\r\n", routes, limit)
-        assert status == 503 and headers["retry-after"] == "1"
+        assert status == 429 and headers["retry-after"] == "1"
         assert "content-security-policy" not in headers
 
     def test_other_routes_unchanged(self) -> None:

@@ -8,25 +8,12 @@ import time
 import pytest
 from clients import connect, recv_until_eof
 from inprocess import in_loop, serving, wait_until
+from transports import RecordingTransport
 
-from pollserve.http import MAX_HEAD, MAX_REQUEST_LINE, BadRequest, HTTPEndpoint, find_head_end, parse_head
+from pollserve.http import MAX_HEAD, MAX_REQUEST_LINE, BadRequest, HTTPEndpoint, Slots, find_head_end, parse_head
 from pollserve.loop import EventLoop
+from pollserve.rates import RateLimit
 from pollserve.server import Server
-
-
-class RecordingTransport:
-    """Collects what the protocol writes: the protocol is IO-free, so this is all it talks to."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class Timer:
@@ -237,6 +224,75 @@ class TestHost:
     )
     def test_one_valid_host_or_none_in_http_1_0_is_served(self, head: bytes) -> None:
         assert status_of(feed(head)[1]) == 200
+
+
+ROUTES = {path: (lambda: ("text/plain", b"x")) for path in ("/stats", "/metrics", "/healthz")}
+
+
+def request(endpoint_kwargs: dict, path: str) -> int:
+    _, transport = feed_endpoint(HTTPEndpoint(ROUTES, **endpoint_kwargs), f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    return status_of(transport)
+
+
+def feed_endpoint(endpoint: HTTPEndpoint, *chunks: bytes) -> tuple[HTTPEndpoint, RecordingTransport]:
+    transport = RecordingTransport()
+    endpoint.connection_made(transport)
+    for chunk in chunks:
+        endpoint.data_received(chunk)
+    return endpoint, transport
+
+
+class TestRateBudgets:
+    def test_a_path_with_its_own_budget_is_not_refused_by_a_flood_of_others(self) -> None:
+        shared, health = RateLimit(rate=1e-6, burst=2), RateLimit(rate=1e-6, burst=2)
+        kwargs = {"rate_limit": shared, "own_limits": {"/healthz": health}}
+        assert [request(kwargs, "/metrics") for _ in range(4)] == [200, 200, 429, 429]
+        assert request(kwargs, "/stats") == 429  # /stats and /metrics share one budget
+        assert [request(kwargs, "/healthz") for _ in range(3)] == [200, 200, 429]  # bounded too
+        assert (shared.refused, health.refused) == (3, 1)
+
+    def test_refusal_is_429_with_retry_after(self) -> None:
+        _, transport = feed_endpoint(
+            HTTPEndpoint(ROUTES, rate_limit=RateLimit(rate=1e-6, burst=0)), b"GET /stats HTTP/1.0\r\n\r\n"
+        )
+        assert bytes(transport.written).startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+        assert b"\r\nRetry-After: 1\r\n" in transport.written
+
+
+class TestSlots:
+    def open(self, slots: Slots, *chunks: bytes) -> tuple[HTTPEndpoint, RecordingTransport]:
+        return feed_endpoint(HTTPEndpoint(ROUTES, slots=slots), *chunks)
+
+    def test_a_newcomer_closes_the_oldest_silent_connection_with_a_408(self) -> None:
+        slots = Slots(3)
+        held = [self.open(slots, b"G") for _ in range(3)]
+        _, newcomer = self.open(slots, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert status_of(newcomer) == 200
+        first = held[0][1]
+        assert first.aborted and status_of(first) == 408  # told why, then closed without lingering
+        assert not any(transport.closed for _, transport in held[1:])
+        assert (len(slots), slots.evicted) == (3, 1)
+
+    def test_answered_connections_whose_response_is_out_go_first_then_silent_then_flushing(self) -> None:
+        slots = Slots(3)
+        _, flushing = self.open(slots, b"GET /stats HTTP/1.0\r\n\r\n")
+        flushing.unflushed = 1000  # a client that does not read
+        _, silent = self.open(slots, b"GET /st")
+        _, lingering = self.open(slots, b"GET /stats HTTP/1.0\r\n\r\n")
+        for expected in (lingering, silent, flushing):
+            written = bytes(expected.written)
+            _, newcomer = self.open(slots, b"GET /stats HTTP/1.0\r\n\r\n")
+            newcomer.unflushed = 1000  # not a victim before the older ones of its kind
+            assert expected.aborted
+            assert expected.written == written if expected is not silent else status_of(expected) == 408
+
+    def test_a_connection_gone_by_itself_frees_its_slot(self) -> None:
+        slots = Slots(2)
+        endpoint, _ = self.open(slots, b"G")
+        _, other = self.open(slots, b"G")
+        endpoint.connection_lost(None)
+        self.open(slots)
+        assert not other.closed and slots.evicted == 0 and len(slots) == 2
 
 
 class TestOverSockets:
