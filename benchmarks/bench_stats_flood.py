@@ -45,6 +45,8 @@ from pollserve.load import LoadSpec, raise_fd_limit
 HOST = "127.0.0.1"
 #: connecting a helper process's sockets; generous for slow machines
 READY_TIMEOUT = 30.0
+#: seconds of flood with no app load, to read what the flood alone costs the server
+FLOOD_ONLY_SECONDS = 2.0
 
 STATS_RE = re.compile(r"stats on http://127\.0\.0\.1:(\d+)")
 METRICS_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -234,7 +236,7 @@ def measure_alone(server: ServerProcess, spec: LoadSpec, stats_port: int) -> tup
 
 def measure_flooded(
     server: ServerProcess, spec: LoadSpec, stats_port: int, args: argparse.Namespace
-) -> tuple[Measurement, list, Counter[str]]:
+) -> tuple[Measurement, list, Counter[str], float]:
     flooders = [start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs]
     try:
         for _, pipe in flooders:
@@ -242,6 +244,11 @@ def measure_flooded(
         for _, pipe in flooders:
             pipe.send("go")
         time.sleep(1.0)  # let the flood reach its steady state
+        # What the flood alone costs the server, as a share of one core: with no app load to
+        # compete with, a figure that the machine's other load barely moves (unlike a rate).
+        cpu_before = server.cpu_seconds()
+        time.sleep(FLOOD_ONLY_SECONDS)
+        flood_cpu = (server.cpu_seconds() - cpu_before) / FLOOD_ONLY_SECONDS
         prober = HealthProber(stats_port)
         try:
             flooded = drive(server, spec)
@@ -255,7 +262,25 @@ def measure_flooded(
     finally:
         for proc, pipe in flooders:
             stop_child(proc, pipe)
-    return flooded, answers, outcomes
+    settle(stats_port)
+    return flooded, answers, outcomes, flood_cpu
+
+
+def settle(stats_port: int, limit: float = 60.0) -> None:
+    """Wait until /healthz answers within half a second: the flood's connections left in the
+    kernel's backlog are drained, so the next window (alone, in even reps) starts clean."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            with socket.create_connection((HOST, stats_port), timeout=1) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                while sock.recv(4096):
+                    pass
+            if time.monotonic() - started < 0.5:
+                return
+        time.sleep(0.2)
+    raise BenchError(f"the stats endpoint did not settle within {limit:g} s of the flood stopping")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,13 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rep in range(1, args.reps + 1):
             if rep % 2:
                 alone, health_alone = measure_alone(server, spec, stats_port)
-                flooded, health_flooded, outcomes = measure_flooded(server, spec, stats_port, args)
+                flooded, health_flooded, outcomes, flood_cpu = measure_flooded(server, spec, stats_port, args)
             else:
-                flooded, health_flooded, outcomes = measure_flooded(server, spec, stats_port, args)
+                flooded, health_flooded, outcomes, flood_cpu = measure_flooded(server, spec, stats_port, args)
                 alone, health_alone = measure_alone(server, spec, stats_port)
             if alone.errors or flooded.errors:
                 raise BenchError(f"hello errors: {(alone.messages + flooded.messages)[:3]}")
-            rows.append((rep, alone, flooded, outcomes, health_alone, health_flooded))
+            rows.append((rep, alone, flooded, outcomes, health_alone, health_flooded, flood_cpu))
     except BaseException:
         server.kill()
         raise
@@ -315,23 +340,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     head = f"{'rep':>3}  {'alone req/s':>11}  {'flooded req/s':>13}  {'ratio':>6}  {'srv cpu alone':>13}"
-    head += f"  {'srv cpu flood':>13}  {'/healthz alone: median/max':<30}  {'/healthz flooded: median/max':<30}"
+    head += f"  {'srv cpu flood':>13}  {'flood only':>10}"
+    head += f"  {'/healthz alone: median/max':<30}  {'/healthz flooded: median/max':<30}"
     head += "  flood answers (whole flood window)"
     print(head)
     print("-" * len(head))
     ratios = []
-    for rep, alone, flooded, outcomes, health_alone, health_flooded in rows:
+    flood_cpus = []
+    for rep, alone, flooded, outcomes, health_alone, health_flooded, flood_cpu in rows:
+        flood_cpus.append(flood_cpu)
         ratio = flooded.rate / alone.rate if alone.rate else 0.0
         ratios.append(ratio)
         answers = ", ".join(f"{key} {value:,}" for key, value in sorted(outcomes.items()))
         cpu_alone, cpu_flood = cpu_share(alone), cpu_share(flooded)
         print(
             f"{rep:>3}  {alone.rate:>11,.0f}  {flooded.rate:>13,.0f}  {ratio:>6.3f}  {cpu_alone:>12.0%}  "
-            f"{cpu_flood:>12.0%}  {health_summary(health_alone):<30}  {health_summary(health_flooded):<30}  {answers}"
+            f"{cpu_flood:>12.0%}  {flood_cpu:>9.1%}  "
+            f"{health_summary(health_alone):<30}  {health_summary(health_flooded):<30}  {answers}"
         )
     print(
         f"ratio flooded/alone: median {statistics.median(ratios):.3f}, "
         f"range {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} reps"
+    )
+    print(
+        f"server CPU of the flood alone: median {statistics.median(flood_cpus):.1%} of a core, "
+        f"range {min(flood_cpus):.1%}-{max(flood_cpus):.1%}"
     )
     return 0
 

@@ -58,8 +58,8 @@ HEALTH_BURST = 20
 #: until the next token, so a connect flood waits in the kernel's backlog and costs the loop
 #: little -- answering each of its requests, even with a refusal, took most of a core.  A health
 #: check waits behind that backlog: N clients flooding take N / STATS_ACCEPT_RATE seconds to pass
-STATS_ACCEPT_RATE = 400.0
-STATS_ACCEPT_BURST = 400
+STATS_ACCEPT_RATE = 600.0
+STATS_ACCEPT_BURST = 600
 #: accepts per wakeup on the stats listener, so a connect storm there takes a small share; at most
 #: half the slots, so a client accepted in one wakeup is read in the next before it can be evicted
 STATS_ACCEPT_BATCH = STATS_MAX_CONNECTIONS // 2
