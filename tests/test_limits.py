@@ -373,14 +373,16 @@ class TestStatsEndpoint:
 
     @pytest.mark.slow
     def test_500_slow_clients_then_healthz_answers_within_5_s(self, start_server) -> None:
-        """With 500 slow clients the backlog holds more than a check timeout's worth of them; the
-        server stays up, and once they stop, /healthz answers within 5 s."""
+        """500 slow clients: the server stays up, a check waits behind at most 500 of them in the
+        backlog and still answers within its timeout (before the fix it waited 10 s and more), and
+        once they stop, /healthz answers within 5 s."""
         server = start_server("--stats-port", "0")
         stats = stats_address(server)
         crowd = SlowClients(stats, 500)
         try:
             crowd.wait_sent(500)
-            time.sleep(3)
+            for _ in range(3):
+                assert http_get(stats, "/healthz", timeout=HEALTH_CHECK_TIMEOUT)[0] == 200
             assert server.alive()
         finally:
             crowd.stop()
