@@ -388,3 +388,26 @@ class TestOverSockets:
             sock.shutdown(socket.SHUT_WR)
             reply = recv_until_eof(sock)
         assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:80]
+
+    def test_a_429_closes_at_once_without_lingering(self, backend_name: str) -> None:
+        """A refusal is what a flood gets: the connection is gone once the answer is sent, even
+        while the client keeps its side open (a lingering close would wait for its FIN)."""
+        loop = EventLoop(backend_name)
+        refusing = RateLimit(rate=1e-6, burst=0)
+        with (
+            serving(
+                backend_name,
+                lambda: HTTPEndpoint(ROUTES, loop.call_later, rate_limit=refusing),
+                loop=loop,
+                linger_timeout=30,
+            ) as server,
+            connect(server.address) as sock,
+        ):
+            sock.settimeout(10)
+            sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = recv_until_eof(sock)
+            assert reply.startswith(b"HTTP/1.1 429 Too Many Requests\r\n") and reply.endswith(
+                b"too many requests; try again in a second\n"
+            )
+            wait_until(lambda: in_loop(server, lambda: len(server.connections)) == 0)
+            assert server.connections_closed == 1
