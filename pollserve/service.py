@@ -42,12 +42,12 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 # connections have used up their budget: its fds are part of the reserve.  And it is a balancer's
 # health check: no crowd of slow clients and no flood of other requests may keep /healthz from
 # answering, or make it answer anything but the truth.
-#: stats connections held at once; a newcomer past them closes the oldest that has not sent a
-#: whole request (http.Slots), so its fds are this many plus the newcomer's
+#: stats connections held at once; a newcomer past them closes an older one (http.Slots says
+#: which), so its fds are this many plus the newcomer's
 STATS_MAX_CONNECTIONS = 16
-#: stats requests answered per second (and at once): far above a scrape every few seconds and
-#: a dashboard polling every second; the excess gets 429.  A /metrics or /stats answer costs
-#: about a millisecond, so this bounds what a flood of them takes from the app
+#: stats requests answered per second (and at once), /healthz apart: far above a scrape every few
+#: seconds and a dashboard polling every second; the excess gets 429.  Each /metrics or /stats
+#: answer renders a snapshot, so this bounds what a flood of them takes from the app
 STATS_RATE = 25.0
 STATS_BURST = 25
 #: /healthz requests answered per second (and at once), from a bucket of their own: a flood of
