@@ -19,6 +19,7 @@ import pytest
 from browser import Chromium, DevTools, Dom, png_size, require_chromium
 from clients import connect, recv_exactly
 from statsclient import get_stats, stats_address, wait_for
+from transports import RecordingTransport
 
 from pollserve.dashboard import page
 from pollserve.http import HTTPEndpoint, Response
@@ -27,18 +28,6 @@ from pollserve.service import STATS_RATE, stats_routes
 
 HELLO = b"Hello world\n"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-
-class RecordingTransport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class FixedCollector:
