@@ -22,7 +22,7 @@ import psutil
 from .apps import ProtocolFactory
 from .backends import Backend
 from .dashboard import page
-from .http import HTTPEndpoint, Response, Route
+from .http import HTTPEndpoint, Response, Route, Slots
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
 from .listeners import DEFAULT_BACKLOG, SocketFile, adopt, bind_tcp, bind_unix
 from .loop import EventLoop
@@ -40,20 +40,30 @@ log = logging.getLogger("pollserve")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 # The stats endpoint must stay cheap whatever is thrown at it, and reachable when the app's
-# connections have used up their budget: its fds are part of the reserve.
-#: stats connections open at once; the excess waits in the kernel's backlog
+# connections have used up their budget: its fds are part of the reserve.  And it is a balancer's
+# health check: no crowd of slow clients and no flood of other requests may keep /healthz from
+# answering, or make it answer anything but the truth.
+#: stats connections held at once; a newcomer past them closes an older one (http.Slots says
+#: which), so its fds are this many plus the newcomer's
 STATS_MAX_CONNECTIONS = 16
-#: stats requests answered per second (and at once): far above a scrape every few seconds,
-#: a dashboard polling every second and a balancer's health checks; the excess gets 503
-STATS_RATE = 50.0
-STATS_BURST = 50
+#: stats requests answered per second (and at once), /healthz apart: far above a scrape every few
+#: seconds and a dashboard polling every second; the excess gets 429.  Each /metrics or /stats
+#: answer renders a snapshot, so this bounds what a flood of them takes from the app
+STATS_RATE = 25.0
+STATS_BURST = 25
+#: /healthz requests answered per second (and at once), from a bucket of their own: a flood of
+#: /metrics or /stats cannot refuse a health check, and a flood of /healthz is bounded too
+HEALTH_RATE = 20.0
+HEALTH_BURST = 20
 #: stats connections accepted per second (and at once); past that the listener is not watched
 #: until the next token, so a connect flood waits in the kernel's backlog and costs the loop
-#: nothing -- answering each of its requests, even with a 503, took most of a core
-STATS_ACCEPT_RATE = 2 * STATS_RATE
-STATS_ACCEPT_BURST = 2 * STATS_BURST
-#: accepts per wakeup on the stats listener, so a connect storm there takes a small share
-STATS_ACCEPT_BATCH = 8
+#: little -- answering each of its requests, even with a refusal, took most of a core.  A health
+#: check waits behind that backlog: N clients flooding take N / STATS_ACCEPT_RATE seconds to pass
+STATS_ACCEPT_RATE = 600.0
+STATS_ACCEPT_BURST = 600
+#: accepts per wakeup on the stats listener, so a connect storm there takes a small share; at most
+#: half the slots, so a client accepted in one wakeup is read in the next before it can be evicted
+STATS_ACCEPT_BATCH = STATS_MAX_CONNECTIONS // 2
 #: beyond --shutdown-timeout, what a worker's shutdown may take (its lingering closes) before the
 #: parent kills it
 STOP_MARGIN = 5.0
@@ -152,7 +162,12 @@ def stats_endpoint(
 ) -> Server:
     """The stats endpoint's server (not started), with the bounds that keep it from hurting the app."""
     endpoint = functools.partial(
-        HTTPEndpoint, stats_routes(collector, health), loop.call_later, rate_limit=RateLimit(STATS_RATE, STATS_BURST)
+        HTTPEndpoint,
+        stats_routes(collector, health),
+        loop.call_later,
+        rate_limit=RateLimit(STATS_RATE, STATS_BURST),
+        own_limits={"/healthz": RateLimit(HEALTH_RATE, HEALTH_BURST)},
+        slots=Slots(STATS_MAX_CONNECTIONS),
     )
     return Server(
         loop,
@@ -160,7 +175,8 @@ def stats_endpoint(
         options.stats_host,
         options.stats_port or 0,
         name="stats",
-        max_connections=STATS_MAX_CONNECTIONS,
+        # the held connections and the newcomer that makes room; never reached while Slots makes room
+        max_connections=STATS_MAX_CONNECTIONS + 1,
         refuse_excess=False,
         accept_batch=STATS_ACCEPT_BATCH,
         accept_rate=RateLimit(STATS_ACCEPT_RATE, STATS_ACCEPT_BURST),
@@ -291,7 +307,7 @@ def serve(options: ServeOptions) -> None:
         socket_files.append(socket_file)
         server.start([unix_socket])  # after any TCP listener: "listening on" names host:port then
 
-    stats_reserve = STATS_MAX_CONNECTIONS if stats_server.sockets else 0
+    stats_reserve = (stats_server.max_connections or 0) if stats_server.sockets else 0
     budget = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, loop.backend.capacity)
     max_connections = options.max_connections or budget.connections
     if budget.connections is not None and max_connections is not None and max_connections > budget.connections:

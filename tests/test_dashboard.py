@@ -20,6 +20,7 @@ import pytest
 from browser import Chromium, DevTools, Dom, png_size, require_chromium
 from clients import connect, recv_exactly
 from statsclient import get_stats, stats_address, wait_for
+from transports import RecordingTransport
 
 from pollserve.dashboard import page
 from pollserve.http import HTTPEndpoint, Response
@@ -28,18 +29,6 @@ from pollserve.service import STATS_RATE, stats_routes
 
 HELLO = b"Hello world\n"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-
-class RecordingTransport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class FixedCollector:
@@ -135,7 +124,7 @@ class TestResponse:
         routes = stats_routes(FixedCollector())
         assert request(b"GET / HTTP/1.0\r\n\r\n", routes, limit)[0] == 200
         status, headers, _ = request(b"GET / HTTP/1.0\r\n\r\n", routes, limit)
-        assert status == 503 and headers["retry-after"] == "1"
+        assert status == 429 and headers["retry-after"] == "1"
         assert "content-security-policy" not in headers
 
     def test_other_routes_unchanged(self) -> None:

@@ -488,7 +488,7 @@ def test_healthz_route(draining: bool, status: int, body: bytes) -> None:
     endpoint = HTTPEndpoint({"/healthz": health.route})
     transport = Written()
     endpoint.connection_made(transport)
-    endpoint.data_received(b"GET /healthz HTTP/1.1\r\n\r\n")
+    endpoint.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.data.startswith(f"HTTP/1.1 {status} ".encode()) and transport.data.endswith(b"\r\n\r\n" + body)
 
 
