@@ -64,23 +64,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_SOURCES})
 
 
-__all__ = [
-    "READ",
-    "WRITE",
-    "Backend",
-    "BackendError",
-    "BackendUnavailableError",
-    "CapacityError",
-    "Connection",
-    "Echo",
-    "EventLoop",
-    "Hello",
-    "Protocol",
-    "Server",
-    "Transport",
-    "available_backends",
-    "create_backend",
-    "get_backend",
-    "load_app",
-    "__version__",
-]
+__all__ = [*_SOURCES, "__version__"]
