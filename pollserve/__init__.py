@@ -28,27 +28,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-#: each public name and the module that defines it
-_SOURCES = {
-    **dict.fromkeys(["Echo", "Hello", "Protocol", "Transport", "load_app"], "apps"),
-    **dict.fromkeys(
-        [
-            "READ",
-            "WRITE",
-            "Backend",
-            "BackendError",
-            "BackendUnavailableError",
-            "CapacityError",
-            "available_backends",
-            "create_backend",
-            "get_backend",
-        ],
-        "backends",
-    ),
-    "EventLoop": "loop",
-    "Connection": "server",
-    "Server": "server",
+#: the module that defines each public name
+_MODULES = {
+    "apps": "Echo Hello Protocol Transport load_app",
+    "backends": "READ WRITE Backend BackendError BackendUnavailableError CapacityError available_backends "
+    "create_backend get_backend",
+    "loop": "EventLoop",
+    "server": "Connection Server",
 }
+_SOURCES = {name: module for module, names in _MODULES.items() for name in names.split()}
 
 
 def __getattr__(name: str) -> Any:
