@@ -52,4 +52,23 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_SOURCES})
 
 
-__all__ = [*_SOURCES, "__version__"]
+__all__ = [
+    "READ",
+    "WRITE",
+    "Backend",
+    "BackendError",
+    "BackendUnavailableError",
+    "CapacityError",
+    "Connection",
+    "Echo",
+    "EventLoop",
+    "Hello",
+    "Protocol",
+    "Server",
+    "Transport",
+    "available_backends",
+    "create_backend",
+    "get_backend",
+    "load_app",
+    "__version__",
+]
