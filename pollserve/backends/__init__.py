@@ -135,7 +135,7 @@ def creation_error(cls: type[Backend]) -> str:
         cls().close()
     except OSError as exc:
         return one_line(exc)
-    except Exception:  # noqa: BLE001 -- is_available() said no; a missing primitive needs no detail
+    except Exception:  # is_available() said no: a missing primitive (AttributeError) needs no detail
         return ""
     return ""
 
