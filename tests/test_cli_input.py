@@ -88,6 +88,21 @@ def test_stats_watch_into_a_closed_pipe_ends_quietly() -> None:
             proc.wait()
 
 
+@pytest.mark.skipif(not POSIX, reason="a closed pipe is SIGPIPE/EPIPE on POSIX")
+def test_any_command_into_a_closed_pipe_ends_without_a_traceback() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pollserve", "backends"],
+        env=pollserve_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # before it prints: it is still importing
+    _, errors = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and errors == "", errors
+
+
 #: makes the import of pollserve.server last long enough for a Ctrl-C to land in it; then the
 #: command starts as `python -m pollserve` does, or as the installed script (run as it is)
 SLOW_IMPORT = """
