@@ -474,8 +474,8 @@ def plot(rows: Sequence[Measurement], spec: LoadSpec, about: dict[str, Any], pat
 
 
 def plot_problem(path: str) -> str | None:
-    """Why ``--plot PATH`` could not be written after the run, found before it: matplotlib, the
-    format its extension names, the folder."""
+    """Why ``--plot PATH`` could not be written after the run, found before it: the folder,
+    matplotlib, the format its extension names."""
     folder = os.path.dirname(path) or os.curdir
     if not os.path.isdir(folder):
         return f"--plot {path}: there is no folder {folder}"

@@ -221,7 +221,8 @@ def serve(options: ServeOptions) -> None:
     fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
     # A limit below what the server needs before any connection: said now, before the backend,
     # the listeners or the stats endpoint fail for want of an fd (EMFILE) somewhere inside.
-    stats_reserve = STATS_MAX_CONNECTIONS if options.stats_port is not None or options.inherited else 0
+    stats_passed = any(passed.name == STATS_NAME for passed in options.inherited)
+    stats_reserve = STATS_MAX_CONNECTIONS if options.stats_port is not None or stats_passed else 0
     early = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, options.backend.capacity)
     if early.connections is not None and early.connections < 1:
         raise no_fds_left(early)
