@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .apps import BUILTIN_APPS, AppError, load_app
@@ -42,6 +43,13 @@ log = logging.getLogger("pollserve")
 
 ENV_BACKEND = "POLLSERVE_BACKEND"
 
+#: why an option may be given once only, for the ones that argparse would silently keep the last of
+ONCE_ONLY = {
+    "--host": "one --host is served; a name that resolves to several addresses (such as localhost) "
+    "listens on each of them",
+    "--unix": "one UNIX socket is served",
+}
+
 #: exit status for usage errors, as argparse uses it
 EXIT_USAGE = 2
 #: closes a connection idle this long by default: long enough for an interactive client or a
@@ -49,6 +57,24 @@ EXIT_USAGE = 2
 #: without a FIN (a host that lost power, a NAT that dropped the mapping: TCP alone never notices)
 #: are reclaimed within minutes, before the ~350 s idle timeouts of common NATs and cloud balancers
 DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class GivenOnce(argparse.Action):
+    """Stores the value as ``store`` does, and notes a second use in ``repeated``: serve() refuses
+    it with one line, where argparse would silently keep the last."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        seen = vars(namespace).setdefault("given", set())
+        if self.dest in seen:
+            vars(namespace).setdefault("repeated", []).append(self.option_strings[0])
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"polling backend: auto, a name `pollserve backends` lists, or MODULE:CLASS "
         f"(default: ${ENV_BACKEND}, else auto: the best this OS has)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; ::1 for IPv6)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        action=GivenOnce,
+        help="address to listen on (default: 127.0.0.1; ::1 for IPv6)",
+    )
     parser.add_argument("--port", type=int, default=5001, help="TCP port; 0 picks a free one (default: 5001)")
     parser.add_argument(
         "--unix",
         metavar="PATH",
+        action=GivenOnce,
         help="listen on a UNIX stream socket at PATH, and on TCP only if --port is given too (default: off)",
     )
     parser.add_argument(
@@ -320,6 +352,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import bench  # only for this command: the server does not pay for importing it
 
     available = available_backends()
+    if args.backends is not None and not args.backends.strip(" ,"):
+        return fail(f"--backends needs comma-separated names (available: {', '.join(available)})", EXIT_USAGE)
     names = [name.strip() for name in (args.backends or ",".join(available)).split(",") if name.strip()]
     for name in names:
         if name not in available:
@@ -394,6 +428,11 @@ def show_stats(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(args.watch)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader has gone (`| head`): end quietly, as cat does.  stdout goes to /dev/null so
+        # that Python's flush at exit does not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
@@ -509,6 +548,15 @@ def check_tls(args: argparse.Namespace) -> tuple[TLSOptions | None, str | None]:
     return options, None
 
 
+def import_from_current_directory() -> None:
+    """MODULE:FACTORY and MODULE:CLASS import from the current directory, as gunicorn and uvicorn
+    do; ``python -m`` puts it on sys.path, the ``pollserve`` script does not.  Added once pollserve
+    is imported, so that a local file cannot stand in for pollserve itself."""
+    here = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == here for entry in sys.path):
+        sys.path.insert(0, here)
+
+
 def worker_role() -> WorkerRole | None:
     """This process is a worker of a supervising parent when WORKER_ENV says so.  Taken out of
     the environment, so that what the app starts does not inherit it."""
@@ -540,11 +588,22 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
         stream=sys.stderr,
     )
+    repeated = getattr(args, "repeated", [])  # GivenOnce sets it
+    if repeated:
+        return fail(f"{repeated[0]} is given more than once: {ONCE_ONLY[repeated[0]]}", EXIT_USAGE)
+    if args.backend == "":
+        return fail("--backend needs a name: auto, or one `pollserve backends` lists", EXIT_USAGE)
+    from_env = args.backend is None and bool(os.environ.get(ENV_BACKEND))
     backend_name = args.backend or os.environ.get(ENV_BACKEND) or "auto"
+    if ":" in backend_name or ":" in args.app:
+        import_from_current_directory()
     try:
         backend_class = get_backend(backend_name)
+    except BackendError as exc:
+        return fail_as(role, f"{ENV_BACKEND}={backend_name}: {exc}" if from_env else str(exc), EXIT_USAGE)
+    try:
         factory = load_app(args.app)
-    except (BackendError, AppError) as exc:
+    except AppError as exc:
         return fail_as(role, str(exc), EXIT_USAGE)
     problem = (
         check_host("--host", args.host)

@@ -10,6 +10,7 @@ before anything is served.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import ipaddress
 import logging
@@ -119,6 +120,19 @@ class ListenError(Exception):
     """An address that cannot be bound; the message is meant for the user as it is."""
 
 
+#: the option that names the host of each port option
+HOST_OPTION = {"--port": "--host", "--stats-port": "--stats-host"}
+
+
+def listen_error(exc: OSError, host: str, port: int | None, option: str) -> ListenError:
+    """One line for an address that cannot be bound, naming the option at fault: the host's when
+    the name does not resolve or is no address of this machine, else the port's."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        option = HOST_OPTION[option]
+    where = exc.filename or format_address((host, port))
+    return ListenError(f"cannot listen on {where} ({option}): {exc.strerror or exc}")
+
+
 class Health:
     """What ``GET /healthz`` tells a balancer: 200 while serving, 503 from the first stop signal
     on, so that its health check takes the server out before the listener closes.  A supervising
@@ -199,6 +213,12 @@ def is_loopback(address: object) -> bool:
         return False
 
 
+def no_fds_left(budget: Budget) -> LimitError:
+    return LimitError(
+        f"no fds left for connections: {budget.bound} leaves none once {budget.reserve} are kept in reserve"
+    )
+
+
 def describe_budget(limit: FdLimit, budget: Budget, max_connections: int | None) -> str:
     if limit.soft is None:
         fds = "fd limit: none on this OS"
@@ -229,6 +249,13 @@ def worker_listeners(options: ServeOptions) -> list[socket.socket]:
 def serve(options: ServeOptions) -> None:
     """Run until SIGINT/SIGTERM has drained the app's connections; raises LimitError or ListenError."""
     fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
+    # A limit below what the server needs before any connection: said now, before the backend,
+    # the listeners or the stats endpoint fail for want of an fd (EMFILE) somewhere inside.
+    stats_passed = any(passed.name == STATS_NAME for passed in options.inherited)
+    stats_reserve = STATS_MAX_CONNECTIONS if options.stats_port is not None or stats_passed else 0
+    early = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, options.backend.capacity)
+    if early.connections is not None and early.connections < 1:
+        raise no_fds_left(early)
     loop = EventLoop(options.backend())
     # --tls-cert: a layer in front of the app, stacked only when asked for; a PROXY header
     # comes before the TLS handshake, so that layer goes in front of this one.
@@ -280,8 +307,7 @@ def serve(options: ServeOptions) -> None:
             passed_app = worker_listeners(options)
         except OSError as exc:
             close_all()
-            where = exc.filename or format_address((options.host, options.port))
-            raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+            raise listen_error(exc, options.host, options.port, "--port") from None
     for listener, passed in ((server, passed_app), (stats_server, passed_stats)):
         if passed:
             listener.start(passed)
@@ -295,8 +321,7 @@ def serve(options: ServeOptions) -> None:
             listener.start()
         except OSError as exc:
             close_all()
-            where = exc.filename or format_address((host, port))
-            raise ListenError(f"cannot listen on {where} ({option}): {exc.strerror or exc}") from None
+            raise listen_error(exc, host, port, option) from None
     if options.unix is not None and not passed_app:
         try:
             unix_socket, socket_file = bind_unix(options.unix, backlog=server.backlog, mode=options.unix_mode)
@@ -318,9 +343,7 @@ def serve(options: ServeOptions) -> None:
         )
     if max_connections is not None and max_connections < 1:
         close_all()
-        raise LimitError(
-            f"no fds left for connections: {budget.bound} leaves none once {budget.reserve} are kept in reserve"
-        )
+        raise no_fds_left(budget)
     server.max_connections = max_connections
 
     stopping = False
@@ -471,8 +494,7 @@ def serve_workers(options: ServeOptions) -> None:
             )
         except OSError as exc:
             loop.close()
-            where = exc.filename or format_address((options.host, options.port))
-            raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+            raise listen_error(exc, options.host, options.port, "--port") from None
     if not options.inherited and options.unix is not None:
         try:
             unix_socket, socket_file = bind_unix(options.unix, backlog=DEFAULT_BACKLOG, mode=options.unix_mode)
@@ -516,8 +538,7 @@ def serve_workers(options: ServeOptions) -> None:
             stats_server.start()
         except OSError as exc:
             close_all()
-            where = exc.filename or format_address((options.stats_host, options.stats_port))
-            raise ListenError(f"cannot listen on {where} (--stats-port): {exc.strerror or exc}") from None
+            raise listen_error(exc, options.stats_host, options.stats_port, "--stats-port") from None
 
     def first_ready() -> None:
         # Exactly one "listening on" line, once a worker accepts: the parent's, for all of them.

@@ -68,6 +68,18 @@ LIVENESS_INTERVAL = 0.5
 STALE_AFTER = 3 * REPORT_INTERVAL
 
 
+def worker_command() -> list[str]:
+    """``python -m pollserve``, without the current directory first on sys.path, where a local
+    pollserve.py (or a file named as a module pollserve imports) would be imported instead; the
+    command adds the directory for the app once pollserve is imported, as in the parent.  Kept
+    when the parent's pollserve itself comes from the current directory (a source checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.normcase(root) == os.path.normcase(os.getcwd()):
+        return [sys.executable, "-m", "pollserve"]
+    boot = "import sys; del sys.path[0]; from pollserve.__main__ import run; sys.exit(run())"
+    return [sys.executable, "-c", boot]
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerRole:
     """What makes a process a worker: its index, its channel to the parent, the inherited listeners."""
@@ -635,7 +647,7 @@ class Supervisor:
         env = {**os.environ, WORKER_ENV: role.to_env()}
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "pollserve", *self.argv],
+                [*worker_command(), *self.argv],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(*listen_fds, child_end.fileno()),
                 env=env,
