@@ -314,7 +314,10 @@ class EventLoop:
         self._running = True
         self.now = time.monotonic()
         try:
-            while self._run():
+            # Handlers timed since a slow pass of several go on being timed across runs.
+            if self.now < self._time_handlers_until:
+                self._run_timed()
+            while not self._stopping and self._run():
                 self._run_timed()
             # What the last iteration scheduled (connection_lost calls, say) still runs.
             self._run_ready()
@@ -389,7 +392,10 @@ class EventLoop:
                 self._collect_due_timers()
             if ready:
                 self._run_ready()
-        self.busy_time = busy_total + monotonic() - now
+        busy = monotonic() - now
+        self.busy_time = busy_total + busy
+        if busy > slow:  # the last pass, before stop() took effect
+            self._slow_pass(events, busy)
         return False
 
     def _run_timed(self) -> None:
@@ -413,17 +419,24 @@ class EventLoop:
                 self._collect_due_timers()
             if self._ready:
                 self._run_ready()
+        waited = time.monotonic()
+        self.busy_time += waited - self.now
+        self.now = waited  # _run counts its passes from here
 
     def busy_seconds(self) -> float:
         """``busy_time`` with the pass under way: exact in a timer's callback (the health probe's)."""
         return self.busy_time + (time.monotonic() - self.now if self._running else 0.0)
 
     def _handlers(self, events: list[tuple[int, int]]) -> list[Callable[[], Any]]:
-        """The handlers a pass's events called (as far as they are still registered)."""
+        """The handlers a pass's events called (as far as they are still registered), but the
+        loop's own wakeup reader: it reads a byte, and a signal or stop() often comes with it."""
         read_bits = self.backend.read_bits
         write_bits = self.backend.write_bits
+        wakeup = self._wakeup_recv.fileno()
         found: list[Callable[[], Any]] = []
         for fd, mask in events:
+            if fd == wakeup:
+                continue
             for bits, table in ((read_bits, self._readers), (write_bits, self._writers)):
                 callback = table.get(fd) if mask & bits else None
                 if callback is not None:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 from clients import connect
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from serverproc import run_pollserve
 from statsclient import get_stats, http_get, stats_address, wait_for
 
@@ -356,3 +359,108 @@ class TestProbe:
         values = [float(v) for v in range(1, 101)]
         assert percentile(values, 0.5) == 50.0 and percentile(values, 0.99) == 99.0
         assert percentile([7.0], 0.99) == 7.0
+
+
+# -- the loop's two modes, as a model ---------------------------------------------------------
+
+#: the model's threshold and how long its slow handlers hold the loop: far apart, so that a busy
+#: machine does not make a quick pass slow
+MODEL_SLOW = 0.08
+MODEL_HOLD = 0.1
+
+
+def nap() -> None:
+    time.sleep(MODEL_HOLD)
+
+
+class NamedHandler:
+    """Handler ``index`` of the model: drains its socket and holds the loop when told to."""
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.hold = 0.0
+
+    def describe_handler(self, handler: object) -> str:
+        return f"handler {self.index}"
+
+    def on_readable(self) -> None:
+        self.sock.recv(100)
+        time.sleep(self.hold)
+
+
+class SlowNamingMachine(RuleBasedStateMachine):
+    """Random sequences of passes against a real loop.  Invariants: a quick pass is never
+    reported; a slow pass is reported exactly once; it names its one handler, or, when several
+    ran and handlers are not timed yet, names them all as candidates and starts timing them; once
+    timed, the slow handler alone is named, with its own time, not the pass's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = EventLoop()
+        self.loop.slow_callback = MODEL_SLOW
+        self.loop.time_handlers_for = 3600  # the model's runs are short: once timed, timed to the end
+        self.seen: list[tuple[str, float]] = []
+        self.loop.on_slow_callback = lambda name, seconds: self.seen.append((name, seconds))
+        self.pairs = [socket.socketpair() for _ in range(3)]
+        self.handlers = [NamedHandler(index, pair[0]) for index, pair in enumerate(self.pairs)]
+        for handler, (ours, _) in zip(self.handlers, self.pairs, strict=True):
+            self.loop.add_reader(ours.fileno(), handler.on_readable)
+        #: the model: whether the loop times each handler
+        self.timed = False
+
+    def one_pass(self, readable: list[int], slow: int | None) -> list[tuple[str, float]]:
+        """Make ``readable`` readable (``slow`` of them holding the loop), run one pass, and
+        return what the loop reported."""
+        for index, handler in enumerate(self.handlers):
+            handler.hold = MODEL_HOLD if index == slow else 0.0
+        for index in readable:
+            self.pairs[index][1].send(b"x")
+        self.loop.call_soon(self.loop.stop)
+        before = len(self.seen)
+        self.loop.run_forever()
+        return self.seen[before:]
+
+    @rule(which=st.sets(st.integers(0, 2), min_size=1))
+    def quick(self, which: set[int]) -> None:
+        assert self.one_pass(sorted(which), None) == []
+
+    @rule(which=st.integers(0, 2))
+    def slow_alone(self, which: int) -> None:
+        reports = self.one_pass([which], which)
+        assert [name for name, _ in reports] == [f"handler {which}"]
+
+    @rule(which=st.integers(0, 2), others=st.sets(st.integers(0, 2), min_size=1))
+    def slow_among_others(self, which: int, others: set[int]) -> None:
+        readable = sorted(others | {which})
+        reports = self.one_pass(readable, which)
+        assert len(reports) == 1, reports
+        name, seconds = reports[0]
+        if len(readable) == 1 or self.timed:
+            assert name == f"handler {which}"
+            assert seconds >= MODEL_HOLD
+        else:
+            assert name.startswith("one of ") and f"handler {which}" in name
+            assert all(f"handler {index}" in name for index in readable)
+            self.timed = True
+
+    @rule()
+    def slow_callback(self) -> None:
+        self.loop.call_soon(nap)
+        reports = self.one_pass([], None)
+        assert [name for name, _ in reports] == [f"{__name__}:nap"]
+
+    @invariant()
+    def busy_time_counts_every_hold(self) -> None:
+        holds = sum(seconds for _, seconds in self.seen)
+        assert self.loop.busy_time >= holds * 0.99
+
+    def teardown(self) -> None:
+        self.loop.close()
+        for ours, theirs in self.pairs:
+            ours.close()
+            theirs.close()
+
+
+TestSlowNaming = SlowNamingMachine.TestCase
+TestSlowNaming.settings = settings(max_examples=12, stateful_step_count=6, deadline=None)
