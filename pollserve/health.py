@@ -6,7 +6,7 @@ a timer fires).  The loop itself only sums its busy seconds and names a slow
 handler (loop.py); this module turns those into figures:
 
 - utilization: busy seconds over wall seconds in the last ``WINDOW`` seconds,
-  from a reading of the loop's busy total at every probe;
+  from a reading of the loop's busy total at every probe tick;
 - lag: a probe timer due every ``PROBE_PERIOD`` seconds records how late it
   runs.  Its ticks are at fixed times, and a tick missed while the loop was
   held counts as late as it was (a loop held 300 ms makes the ticks inside

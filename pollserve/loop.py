@@ -404,9 +404,9 @@ class EventLoop:
         plain rather than fast."""
         while not self._stopping and self.now < self._time_handlers_until:
             if self._ready:
-                timeout: float | None = 0
+                timeout: float | None = 0.0
             elif self._timers:
-                timeout = min(max(self._timers[0][0] - self.now, 0), self.max_poll_timeout)
+                timeout = min(max(self._timers[0][0] - self.now, 0.0), self.max_poll_timeout)
             else:
                 timeout = None
             self.busy_time += time.monotonic() - self.now
@@ -445,7 +445,9 @@ class EventLoop:
 
     def _slow_pass(self, events: list[tuple[int, int]], seconds: float) -> bool:
         """A pass held the loop past slow_callback: say who, if the pass tells; else time each
-        handler for a while, so the next slow one is named.  True to start timing them."""
+        handler for a while, so the next slow one is named.  True to start timing them.  A pass of
+        several handlers is reported (naming them as candidates) only when it is certain that one
+        of them was slow: not when it may have been many quick ones."""
         if self._ready_pass == self.iterations:
             seconds -= self._ready_seconds  # the timed callbacks have been reported already
         if seconds <= self.slow_callback:
@@ -455,6 +457,10 @@ class EventLoop:
             self._report_slow(handlers[0], seconds)
             return False
         self._time_handlers_until = self.now + self.time_handlers_for
+        ran = len(handlers) or len(events)
+        if seconds / ran <= self.slow_callback:
+            return True  # maybe many quick handlers: only the timed passes can tell
+        # Longer than the threshold times the handlers: one of them, at least, held the loop that long.
         if not handlers:  # what ran is unregistered now: a connection that closed, say
             name = f"the handlers of {len(events)} events"
         else:

@@ -68,10 +68,11 @@ class Snapshot:
     tls_handshakes: int = 0
     tls_handshake_failures: int = 0
     #: loop health (pollserve.health), over the last ``loop_window_s`` seconds: the share of wall
-    #: time spent outside the backend's wait (0 idle .. 1 saturated), and the busy seconds since start
+    #: time spent outside the backend's wait (0 idle .. 1 saturated), and the busy seconds since start;
+    #: None where nothing measures the loop
     loop_window_s: float = WINDOW
-    loop_utilization: float = 0.0
-    loop_busy_s: float = 0.0
+    loop_utilization: float | None = None
+    loop_busy_s: float | None = None
     #: how late a timer due in the window ran: p50, p99 and max, seconds; None before the first probe
     loop_lag_p50_s: float | None = None
     loop_lag_p99_s: float | None = None
@@ -228,7 +229,7 @@ class StatsCollector:
 
 
 def health_fields(health: LoopHealth | None) -> dict[str, Any]:
-    """The snapshot's loop health keys; the busy total alone when there is no probe."""
+    """The snapshot's loop health keys; none (the defaults) when nothing measures the loop."""
     if health is None:
         return {}
     lag = health.lag()
@@ -293,7 +294,9 @@ def seconds_text(value: float | None) -> str:
 def loop_health_text(snap: dict[str, Any]) -> str:
     """Utilization, lag and the slowest callback of a snapshot, in words."""
     window = snap.get("loop_window_s") or WINDOW
-    text = f"loop busy {100 * (snap.get('loop_utilization') or 0):.0f}% (last {window:g} s)"
+    utilization = snap.get("loop_utilization")
+    busy = "?" if utilization is None else f"{100 * utilization:.0f}%"
+    text = f"loop busy {busy} (last {window:g} s)"
     if snap.get("loop_lag_p99_s") is not None:
         text += (
             f", lag p50 {seconds_text(snap.get('loop_lag_p50_s'))} p99 {seconds_text(snap.get('loop_lag_p99_s'))}"

@@ -365,8 +365,8 @@ class TestProbe:
 
 #: the model's threshold and how long its slow handlers hold the loop: far apart, so that a busy
 #: machine does not make a quick pass slow
-MODEL_SLOW = 0.08
-MODEL_HOLD = 0.1
+MODEL_SLOW = 0.05
+MODEL_HOLD = 0.12
 
 
 def nap() -> None:
@@ -391,9 +391,10 @@ class NamedHandler:
 
 class SlowNamingMachine(RuleBasedStateMachine):
     """Random sequences of passes against a real loop.  Invariants: a quick pass is never
-    reported; a slow pass is reported exactly once; it names its one handler, or, when several
-    ran and handlers are not timed yet, names them all as candidates and starts timing them; once
-    timed, the slow handler alone is named, with its own time, not the pass's."""
+    reported; a slow pass of one handler names it; a slow pass of several, while handlers are not
+    timed yet, starts timing them, and names them all as candidates only if one of them must have
+    been slow (the pass took longer than the threshold times their number); once timed, the slow
+    handler alone is named, with its own time, not the pass's."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -434,14 +435,17 @@ class SlowNamingMachine(RuleBasedStateMachine):
     def slow_among_others(self, which: int, others: set[int]) -> None:
         readable = sorted(others | {which})
         reports = self.one_pass(readable, which)
-        assert len(reports) == 1, reports
-        name, seconds = reports[0]
         if len(readable) == 1 or self.timed:
-            assert name == f"handler {which}"
-            assert seconds >= MODEL_HOLD
-        else:
-            assert name.startswith("one of ") and f"handler {which}" in name
-            assert all(f"handler {index}" in name for index in readable)
+            assert len(reports) == 1, reports
+            assert reports[0][0] == f"handler {which}"
+            assert reports[0][1] >= MODEL_HOLD
+        elif MODEL_HOLD / len(readable) > MODEL_SLOW:  # certain that one of them was slow
+            assert len(reports) == 1, reports
+            assert reports[0][0].startswith("one of ")
+            assert all(f"handler {index}" in reports[0][0] for index in readable)
+            self.timed = True
+        else:  # as far as the loop can tell, several quick handlers: no report, but timing from now on
+            assert reports == []
             self.timed = True
 
     @rule()
