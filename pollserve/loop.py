@@ -48,11 +48,12 @@ DEFAULT_SLOW_CALLBACK = 0.1
 
 def describe_callback(callback: object) -> str:
     """A callback as its author knows it: ``module:Class.method``, or what the object it is bound
-    to says of it (a connection names its app's protocol and peer)."""
+    to says of it through a ``_describe_handler(callback)`` method (a connection names its app's
+    protocol and peer).  Underscored: it is the loop's business, not part of the Transport."""
     while isinstance(callback, functools.partial):
         callback = callback.func
     owner = getattr(callback, "__self__", None)
-    describe = getattr(owner, "describe_handler", None)
+    describe = getattr(owner, "_describe_handler", None)
     if callable(describe):
         return str(describe(callback))
     module = getattr(callback, "__module__", None)

@@ -142,7 +142,7 @@ class Connection:
         state = "lost" if self._lost else "closing" if self._closing else "open"
         return f"<Connection fd={self._fd} peer={format_address(self._peername)} {state}>"
 
-    def describe_handler(self, handler: object) -> str:
+    def _describe_handler(self, handler: object) -> str:
         """How a slow-callback warning names this connection's handler: the app's protocol, as
         its author wrote it, and the client."""
         protocol = type(self._protocol)
@@ -635,7 +635,7 @@ class Server:
         """The bound addresses of every listening socket."""
         return [sock.getsockname() for sock in self.sockets]
 
-    def describe_handler(self, handler: object) -> str:
+    def _describe_handler(self, handler: object) -> str:
         """How a slow-callback warning names the accept handler."""
         return f"accepting {self.name} clients on {format_address(self.address)}"
 

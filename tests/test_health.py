@@ -244,7 +244,7 @@ class Holder:
         self.sock = sock
         self.seconds = seconds
 
-    def describe_handler(self, handler: object) -> str:
+    def _describe_handler(self, handler: object) -> str:
         return "holder.on_readable of test"
 
     def on_readable(self) -> None:
@@ -381,7 +381,7 @@ class NamedHandler:
         self.sock = sock
         self.hold = 0.0
 
-    def describe_handler(self, handler: object) -> str:
+    def _describe_handler(self, handler: object) -> str:
         return f"handler {self.index}"
 
     def on_readable(self) -> None:
