@@ -22,6 +22,7 @@ from . import __version__
 from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BackendError, auto_backend, available_backends, get_backend, list_backends
 from .limits import LimitError
+from .loop import DEFAULT_SLOW_CALLBACK
 from .probe import ProbeArgumentError, ProbeError, fetch_stats, probe_process
 from .proxy import Network, parse_networks
 from .service import ListenError, ServeOptions, serve_workers
@@ -189,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         "so a balancer takes the server out first (default: 0)",
     )
     parser.add_argument(
+        "--slow-callback",
+        type=float,
+        default=DEFAULT_SLOW_CALLBACK,
+        metavar="SECONDS",
+        help="log a handler or callback that holds the loop longer than SECONDS, naming it; 0 disables "
+        f"(default: {DEFAULT_SLOW_CALLBACK:g})",
+    )
+    parser.add_argument(
         "--workers",
         default="1",
         metavar="N",
@@ -305,6 +314,7 @@ SERVER_OPTIONS = (
     "proxy_protocol",
     "proxy_from",
     "drain_delay",
+    "slow_callback",
     "workers",
     "reuse_port",
     "worker_timeout",
@@ -639,6 +649,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         problem = "--reuse-port is for TCP: with --unix the workers share the parent's socket"
     proxy_from, proxy_problem = check_proxy_from(args.proxy_from, args.proxy_protocol)
     problem = problem or proxy_problem or check_seconds("--drain-delay", args.drain_delay, zero_ok=True)
+    problem = problem or check_seconds("--slow-callback", args.slow_callback, zero_ok=True)
     tls_options, tls_problem = check_tls(args)
     problem = problem or tls_problem
     if not problem and workers > 1 and role is None:
@@ -690,6 +701,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         proxy_from=proxy_from,
         drain_delay=args.drain_delay,
         tls=tls,
+        slow_callback=args.slow_callback,
     )
     try:
         if workers > 1:

@@ -157,6 +157,15 @@ class Connection:
         state = "lost" if self._lost else "closing" if self._closing else "open"
         return f"<Connection fd={self._fd} peer={format_address(self._peername)} {state}>"
 
+    def _describe_handler(self, handler: object) -> str:
+        """How a slow-callback warning names this connection's handler: the app's protocol, as
+        its author wrote it, and the client."""
+        protocol = type(self._protocol)
+        name = f"{protocol.__module__}:{protocol.__qualname__}"
+        if getattr(handler, "__name__", "") == "_on_writable":
+            return f"sending {name}'s buffered data to {format_address(self._peername)}"
+        return f"{name}.data_received on {format_address(self._peername)}"
+
     # -- reading -------------------------------------------------------------
 
     def _on_readable(self) -> None:
@@ -694,6 +703,10 @@ class Server:
     def addresses(self) -> list[Any]:
         """The bound addresses of every listening socket."""
         return [sock.getsockname() for sock in self.sockets]
+
+    def _describe_handler(self, handler: object) -> str:
+        """How a slow-callback warning names the accept handler."""
+        return f"accepting {self.name} clients on {format_address(self.address)}"
 
     def _watch(self, listener: socket.socket) -> None:
         self.loop.add_reader(listener.fileno(), functools.partial(self._on_acceptable, listener))

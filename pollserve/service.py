@@ -23,10 +23,11 @@ import psutil
 from .apps import ProtocolFactory
 from .backends import Backend
 from .dashboard import page
+from .health import LoopHealth
 from .http import HTTPEndpoint, Response, Route, Slots
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
 from .listeners import DEFAULT_BACKLOG, SocketFile, adopt, bind_tcp, bind_unix
-from .loop import EventLoop
+from .loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from .proxy import Network, ProxyLayerFactory
 from .rates import RateLimit
 from .server import Server, format_address
@@ -114,6 +115,8 @@ class ServeOptions:
     drain_delay: float = 0.0
     #: --tls-*: the app is served over TLS (pollserve.tls), with the files already loaded
     tls: ServerTLS | None = None
+    #: --slow-callback: a handler or callback holding the loop longer is logged and counted (0: off)
+    slow_callback: float = DEFAULT_SLOW_CALLBACK
 
 
 class ListenError(Exception):
@@ -271,7 +274,8 @@ def serve(options: ServeOptions) -> None:
         app=options.app,
         idle_timeout=options.idle_timeout,
     )
-    collector = StatsCollector(loop, server, tls_layer)
+    loop_health = LoopHealth(loop, log, options.slow_callback)
+    collector = StatsCollector(loop, server, tls_layer, loop_health)
     health = Health()
     # The endpoint's own connections are kept out of the app's counters: a Server of its own.
     stats_server = stats_endpoint(loop, collector, health, options)
@@ -286,6 +290,7 @@ def serve(options: ServeOptions) -> None:
 
     def close_all() -> None:
         remove_socket_files()
+        loop_health.close()
         server.close()
         stats_server.close()
         if proxy_layer is not None:
@@ -362,7 +367,7 @@ def serve(options: ServeOptions) -> None:
         if options.notifier is not None:  # systemd counts the service as stopping from the signal on
             options.notifier.stopping(f"stopping: draining {len(server.connections)} connections")
         # The stats endpoint stays up to the end, so a balancer sees /healthz answer 503.
-        health.draining = True
+        health.draining = collector.draining = True
         if options.drain_delay > 0:
             health_note = "" if options.worker is not None else "/healthz answers 503; "  # the parent's
             log.info("%s: draining: %sstill accepting for %g s", signame, health_note, options.drain_delay)
@@ -444,6 +449,7 @@ def serve(options: ServeOptions) -> None:
     if options.notifier is not None:  # Type=notify: systemd counts the service started from here
         options.notifier.ready(f"serving on {format_address(server.address)}")
     reporter.start()
+    loop_health.start()
     try:
         loop.run_forever()
     finally:
@@ -560,7 +566,7 @@ def serve_workers(options: ServeOptions) -> None:
     supervisor.on_first_ready = first_ready
 
     def on_stop_signal(signame: str) -> None:
-        health.draining = True  # /healthz: 503 from the first signal on, while the workers drain
+        health.draining = view.draining = True  # /healthz: 503 from the first signal on, while the workers drain
         if options.notifier is not None and not supervisor.stopping:
             options.notifier.stopping(f"stopping {len(supervisor.workers)} workers")
         supervisor.stop(signame)

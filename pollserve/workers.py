@@ -772,6 +772,7 @@ COUNTERS = (
     "events_total",
     "tls_handshakes",
     "tls_handshake_failures",
+    "slow_callbacks",
 )
 #: snapshot fields that are levels: summed over the workers alive now
 LEVELS = ("registered_fds", "process_fds", "connections_open", "write_buffer_bytes")
@@ -782,7 +783,9 @@ class SupervisorStats:
     server's snapshot, meaning all the workers together (counters summed, the exited workers'
     included, so they never go back; ``pid`` the parent's; fds of the parent and the workers
     together; ``fd_usage`` the highest of any worker, since each hits its own limit), plus
-    ``workers``: each worker's own snapshot with its ``index`` and ``pid``."""
+    ``workers``: each worker's own snapshot with its ``index`` and ``pid``.  Loop health is the
+    worst worker's (an average would hide the one that is stuck): utilization and lag the highest,
+    the slowest callback of any; busy seconds and the lag histogram are summed."""
 
     #: the parent's own fd count is refreshed at most this often
     fd_refresh_interval = 1.0
@@ -794,6 +797,8 @@ class SupervisorStats:
         self.started = time.monotonic()
         self._parent_fds: int | None = None
         self._parent_fds_at = -1.0
+        #: set from the first stop signal on
+        self.draining = False
 
     def parent_fds(self) -> int | None:
         now = time.monotonic()
@@ -858,7 +863,12 @@ class SupervisorStats:
         usages = [u for snap in everyone if (u := snap.get("fd_usage")) is not None]
         out["fd_usage"] = max(usages) if usages else usage(parent_fds, out["fd_soft_limit"])
         now = time.monotonic()
-        out["workers"] = [self.worker_row(worker, now) for worker in self.current()]
+        shown = self.current()
+        out.update(
+            worst_loop_health([(worker.index, worker.pid, worker.snapshot or {}) for worker in shown]),
+            draining=self.draining,
+        )
+        out["workers"] = [self.worker_row(worker, now) for worker in shown]
         out["workers_serving"] = self.supervisor.serving
         out["workers_wanted"] = self.supervisor.count
         out["worker_timeouts_total"] = self.supervisor.timeouts_total
@@ -900,3 +910,29 @@ class SupervisorStats:
             *(f'pollserve_worker_stale{{worker="{index}"}} {int(age > STALE_AFTER)}' for index, age in ages),
         ]
         return page + ("\n".join(lines) + "\n" if ages else "")
+
+
+def worst_loop_health(workers: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
+    """The whole server's loop health keys from its workers' (see SupervisorStats)."""
+    snaps = [snap for _, _, snap in workers]
+    out: dict[str, Any] = {}
+    if not snaps:
+        return out
+    out["loop_window_s"] = snaps[0].get("loop_window_s")
+    for key in ("loop_utilization", "loop_lag_p50_s", "loop_lag_p99_s", "loop_lag_max_s"):
+        values = [value for snap in snaps if (value := snap.get(key)) is not None]
+        out[key] = max(values) if values else None
+    out["loop_busy_s"] = round(sum(snap.get("loop_busy_s") or 0 for snap in snaps), 6)
+    histograms = [snap.get("loop_lag_buckets") or [] for snap in snaps]
+    width = max(map(len, histograms))
+    if all(len(counts) == width for counts in histograms):
+        out["loop_lag_buckets"] = [sum(column) for column in zip(*histograms, strict=True)]
+        out["loop_lag_sum_s"] = round(sum(snap.get("loop_lag_sum_s") or 0 for snap in snaps), 6)
+    slowest = [
+        (snap["slowest_callback_s"], f"worker {index}: {snap['slowest_callback']}")
+        for index, _, snap in workers
+        if snap.get("slowest_callback") and snap.get("slowest_callback_s") is not None
+    ]
+    if slowest:
+        out["slowest_callback_s"], out["slowest_callback"] = max(slowest)
+    return out

@@ -1,5 +1,7 @@
 """User apps loaded by the end-to-end tests through ``--app sample_apps:NAME``."""
 
+import time
+
 from pollserve import Protocol
 
 
@@ -77,3 +79,25 @@ class ReplyPeername(Protocol):
         peer = self.transport.get_extra_info("peername")
         sock = self.transport.get_extra_info("sockname")
         self.transport.write(f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}\n".encode())
+
+
+#: how long Sleepy holds the loop on every chunk
+SLEEPY_SECONDS = 0.3
+
+
+class Sleepy(Protocol):
+    """Blocks the loop 300 ms on every chunk, as an app calling a slow library would, then echoes it."""
+
+    def data_received(self, data: bytes) -> None:
+        time.sleep(SLEEPY_SECONDS)
+        self.transport.write(data)
+
+
+class Spin(Protocol):
+    """Burns the CPU 20 ms on every chunk, then echoes it: steady input keeps the loop saturated."""
+
+    def data_received(self, data: bytes) -> None:
+        deadline = time.perf_counter() + 0.02
+        while time.perf_counter() < deadline:
+            pass
+        self.transport.write(data)
