@@ -5,8 +5,13 @@ holder process keeps N idle app connections open.  Then, rep after rep, two
 windows are measured back to back: the app's closed-loop hello throughput
 alone, and the same while F concurrent clients request ``/metrics`` as fast
 as the server answers them (each connects, sends one request, reads to EOF,
-closes, and starts again).  The table shows both rates, their ratio per rep
-(paired, so machine drift cancels), what the flood got, and the server's CPU.
+closes, and starts again).  Odd reps measure alone first, even reps flooded
+first, so a drift within a rep does not always favour one side.  Everything is
+measured from outside the server: the load client counts the hello replies,
+and a prober asks ``/healthz`` every half second, as a balancer would, timing
+each answer.  The table shows both rates, their ratio per rep (paired, so
+machine drift cancels), the /healthz answers, what the flood got, and the
+server's CPU.
 
 Timings never fail the run; the exit status is 1 only when a server does not
 start or stop cleanly or a hello reply is wrong.  benchmarks/README.md says
@@ -26,6 +31,7 @@ import selectors
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +45,8 @@ from pollserve.load import LoadSpec, raise_fd_limit
 HOST = "127.0.0.1"
 #: connecting a helper process's sockets; generous for slow machines
 READY_TIMEOUT = 30.0
+#: seconds of flood with no app load, to read what the flood alone costs the server
+FLOOD_ONLY_SECONDS = 2.0
 
 STATS_RE = re.compile(r"stats on http://127\.0\.0\.1:(\d+)")
 METRICS_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -122,6 +130,47 @@ def flood(pipe: Connection, port: int, concurrency: int) -> None:
     pipe.send(("result", dict(statuses)))
 
 
+class HealthProber:
+    """GET /healthz every half second on a thread, as a balancer's check does (HTTP/1.0, no Host),
+    until stopped: each answer's status (or error) and how long it took, connect included."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            reply = b""
+            try:
+                with socket.create_connection((HOST, self.port), timeout=10) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                    while chunk := sock.recv(4096):
+                        reply += chunk
+                status = reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply"
+            except OSError as exc:
+                status = type(exc).__name__
+            self.answers.append((time.monotonic() - started, status))
+            self._stop.wait(0.5)
+
+    def stop(self) -> list[tuple[float, str]]:
+        self._stop.set()
+        self._thread.join(15)
+        return self.answers
+
+
+def health_summary(answers: list[tuple[float, str]]) -> str:
+    if not answers:
+        return "none"
+    seconds = sorted(took for took, _ in answers)
+    statuses = Counter(status for _, status in answers)
+    shown = " ".join(f"{status}x{count}" for status, count in sorted(statuses.items()))
+    return f"{statistics.median(seconds):.2f}/{seconds[-1]:.2f} s {shown}"
+
+
 # -- the parent ------------------------------------------------------------------------
 
 
@@ -177,6 +226,63 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def measure_alone(server: ServerProcess, spec: LoadSpec, stats_port: int) -> tuple[Measurement, list]:
+    prober = HealthProber(stats_port)
+    try:
+        return drive(server, spec), prober.answers
+    finally:
+        prober.stop()
+
+
+def measure_flooded(
+    server: ServerProcess, spec: LoadSpec, stats_port: int, args: argparse.Namespace
+) -> tuple[Measurement, list, Counter[str], float]:
+    flooders = [start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs]
+    try:
+        for _, pipe in flooders:
+            expect(pipe, "ready", READY_TIMEOUT, "starting the flood")
+        for _, pipe in flooders:
+            pipe.send("go")
+        time.sleep(1.0)  # let the flood reach its steady state
+        # What the flood alone costs the server, as a share of one core: with no app load to
+        # compete with, a figure that the machine's other load barely moves (unlike a rate).
+        cpu_before = server.cpu_seconds()
+        time.sleep(FLOOD_ONLY_SECONDS)
+        flood_cpu = (server.cpu_seconds() - cpu_before) / FLOOD_ONLY_SECONDS
+        prober = HealthProber(stats_port)
+        try:
+            flooded = drive(server, spec)
+        finally:
+            answers = prober.stop()
+        outcomes: Counter[str] = Counter()
+        for _, pipe in flooders:
+            pipe.send("stop")
+        for _, pipe in flooders:
+            outcomes.update(expect(pipe, "result", 30, "stopping the flood"))
+    finally:
+        for proc, pipe in flooders:
+            stop_child(proc, pipe)
+    settle(stats_port)
+    return flooded, answers, outcomes, flood_cpu
+
+
+def settle(stats_port: int, limit: float = 60.0) -> None:
+    """Wait until /healthz answers within half a second: the flood's connections left in the
+    kernel's backlog are drained, so the next window (alone, in even reps) starts clean."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            with socket.create_connection((HOST, stats_port), timeout=1) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                while sock.recv(4096):
+                    pass
+            if time.monotonic() - started < 0.5:
+                return
+        time.sleep(0.2)
+    raise BenchError(f"the stats endpoint did not settle within {limit:g} s of the flood stopping")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -205,28 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             holder = start_child(hold_idle, port, args.idle)
             expect(holder[1], "ready", READY_TIMEOUT + args.idle / 500, f"opening {args.idle} idle connections")
         for rep in range(1, args.reps + 1):
-            alone = drive(server, spec)
-            flooders = [
-                start_child(flood, stats_port, share) for share in [args.flood // args.flood_procs] * args.flood_procs
-            ]
-            try:
-                for _, pipe in flooders:
-                    expect(pipe, "ready", READY_TIMEOUT, "starting the flood")
-                for _, pipe in flooders:
-                    pipe.send("go")
-                time.sleep(1.0)  # let the flood reach its steady state
-                flooded = drive(server, spec)
-                outcomes: Counter[str] = Counter()
-                for _, pipe in flooders:
-                    pipe.send("stop")
-                for _, pipe in flooders:
-                    outcomes.update(expect(pipe, "result", 30, "stopping the flood"))
-            finally:
-                for proc, pipe in flooders:
-                    stop_child(proc, pipe)
+            if rep % 2:
+                alone, health_alone = measure_alone(server, spec, stats_port)
+                flooded, health_flooded, outcomes, flood_cpu = measure_flooded(server, spec, stats_port, args)
+            else:
+                flooded, health_flooded, outcomes, flood_cpu = measure_flooded(server, spec, stats_port, args)
+                alone, health_alone = measure_alone(server, spec, stats_port)
             if alone.errors or flooded.errors:
                 raise BenchError(f"hello errors: {(alone.messages + flooded.messages)[:3]}")
-            rows.append((rep, alone, flooded, outcomes))
+            rows.append((rep, alone, flooded, outcomes, health_alone, health_flooded, flood_cpu))
     except BaseException:
         server.kill()
         raise
@@ -247,20 +340,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     head = f"{'rep':>3}  {'alone req/s':>11}  {'flooded req/s':>13}  {'ratio':>6}  {'srv cpu alone':>13}"
-    head += f"  {'srv cpu flood':>13}  flood answers (whole flood window)"
+    head += f"  {'srv cpu flood':>13}  {'flood only':>10}"
+    head += f"  {'/healthz alone: median/max':<30}  {'/healthz flooded: median/max':<30}"
+    head += "  flood answers (whole flood window)"
     print(head)
     print("-" * len(head))
     ratios = []
-    for rep, alone, flooded, outcomes in rows:
+    flood_cpus = []
+    for rep, alone, flooded, outcomes, health_alone, health_flooded, flood_cpu in rows:
+        flood_cpus.append(flood_cpu)
         ratio = flooded.rate / alone.rate if alone.rate else 0.0
         ratios.append(ratio)
         answers = ", ".join(f"{key} {value:,}" for key, value in sorted(outcomes.items()))
         cpu_alone, cpu_flood = cpu_share(alone), cpu_share(flooded)
         print(
             f"{rep:>3}  {alone.rate:>11,.0f}  {flooded.rate:>13,.0f}  {ratio:>6.3f}  {cpu_alone:>12.0%}  "
-            f"{cpu_flood:>12.0%}  {answers}"
+            f"{cpu_flood:>12.0%}  {flood_cpu:>9.1%}  "
+            f"{health_summary(health_alone):<30}  {health_summary(health_flooded):<30}  {answers}"
         )
-    print(f"median ratio flooded/alone: {statistics.median(ratios):.3f}")
+    print(
+        f"ratio flooded/alone: median {statistics.median(ratios):.3f}, "
+        f"range {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} reps"
+    )
+    print(
+        f"server CPU of the flood alone: median {statistics.median(flood_cpus):.1%} of a core, "
+        f"range {min(flood_cpus):.1%}-{max(flood_cpus):.1%}"
+    )
     return 0
 
 

@@ -400,8 +400,22 @@ def table(rows: Sequence[Measurement], spec: LoadSpec, about: dict[str, Any]) ->
     lines += [aligned(line, widths) for line in body]
     for note in sorted({row.note for row in rows if row.note}):
         lines.append(f"* {note}")
+    lines.append(LATE_NOTE)
+    behind = [row for row in rows if row.late]
+    if behind:
+        lines.append(
+            f"  {len(behind)} of {len(rows)} runs fell behind {spec.rate:g} requests/s: their req/s is the rate "
+            "achieved, and CPU per request at a different rate ranks nothing"
+        )
     lines += ["", *verdict(rows)]
     return "\n".join(lines)
+
+
+#: what the ``late`` column counts, under every table
+LATE_NOTE = (
+    "late: requests that fell due while every load connection still waited for a reply (the server, "
+    "or the load client, could not keep the pace)"
+)
 
 
 def verdict(rows: Sequence[Measurement]) -> list[str]:
@@ -409,10 +423,22 @@ def verdict(rows: Sequence[Measurement]) -> list[str]:
     backends = [row for row in rows if row.target in BACKENDS and row.cpu_us_per_request is not None]
     if not backends:
         return []
-    most_idle = max(row.idle for row in backends if not row.note)
-    at_most = [row for row in backends if row.idle == most_idle and not row.note]
+    # A capped row (select) was measured with fewer idle connections than asked: it competes
+    # only when every row is capped.
+    full = [row for row in backends if not row.note] or backends
+    most_idle = max(row.idle for row in full)
+    at_most = [row for row in full if row.idle == most_idle]
     best = min(at_most, key=lambda row: row.cpu_us_per_request or 0.0)
     lines = [f"Least CPU per request with {most_idle} idle connections: {best.target}."]
+    best_cpu = best.cpu_us_per_request or 0.0
+    better = sorted(
+        (row for row in rows if row.target not in BACKENDS and row.idle == most_idle and row.cpu_us_per_request),
+        key=lambda row: row.cpu_us_per_request or 0.0,
+    )
+    for row in better:
+        peer_cpu = row.cpu_us_per_request or 0.0
+        if peer_cpu < best_cpu:
+            lines[0] += f" {row.target} did better: {peer_cpu:.1f} us per request against {best_cpu:.1f}."
     for name in dict.fromkeys(row.target for row in backends):
         own = sorted((row for row in backends if row.target == name), key=lambda row: row.idle)
         if len(own) > 1 and own[0].cpu_us_per_request and own[-1].cpu_us_per_request:
@@ -448,14 +474,32 @@ def plot(rows: Sequence[Measurement], spec: LoadSpec, about: dict[str, Any], pat
     plt.close(figure)
 
 
+def plot_problem(path: str) -> str | None:
+    """Why ``--plot PATH`` could not be written after the run, found before it: the folder,
+    matplotlib, the format its extension names."""
+    folder = os.path.dirname(path) or os.curdir
+    if not os.path.isdir(folder):
+        return f"--plot {path}: there is no folder {folder}"
+    if not os.access(folder, os.W_OK):
+        return f"--plot {path}: cannot write in {folder}"
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return "--plot needs matplotlib (pip install 'pollserve[plot]')"
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        known = ", ".join("." + name for name in sorted(formats))
+        return f"--plot {path}: the name must end in a format matplotlib writes: {known}"
+    return None
+
+
 def main(args: Any) -> int:
     """The ``pollserve bench`` command; ``args`` come checked from cli.py."""
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("pollserve: --plot needs matplotlib (pip install 'pollserve[plot]')", file=sys.stderr)
-            return 2
+    problem = plot_problem(args.plot) if args.plot else None
+    if problem:
+        print(f"pollserve: {problem}", file=sys.stderr)
+        return 2
     spec = LoadSpec(
         port=0,
         app=args.app,

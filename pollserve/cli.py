@@ -11,25 +11,45 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, compiled
 from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BackendError, auto_backend, available_backends, get_backend, list_backends
 from .limits import LimitError
+from .loop import DEFAULT_SLOW_CALLBACK
 from .probe import ProbeArgumentError, ProbeError, fetch_stats, probe_process
 from .proxy import Network, parse_networks
 from .service import ListenError, ServeOptions, serve_workers
 from .service import serve as run_server
 from .stats import table
 from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
-from .tls import DEFAULT_HANDSHAKE_TIMEOUT, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
-from .workers import WORKER_ENV, WorkerRole, auto_count
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TLS12_CIPHERS, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
+from .workers import (
+    DEFAULT_WORKER_TIMEOUT,
+    REPORT_INTERVAL,
+    WORKER_ENV,
+    WorkerRole,
+    auto_count,
+    capacity_problem,
+    tell_parent_failed,
+)
+
+log = logging.getLogger("pollserve")
 
 ENV_BACKEND = "POLLSERVE_BACKEND"
+
+#: why an option may be given once only, for the ones that argparse would silently keep the last of
+ONCE_ONLY = {
+    "--host": "one --host is served; a name that resolves to several addresses (such as localhost) "
+    "listens on each of them",
+    "--unix": "one UNIX socket is served",
+}
 
 #: exit status for usage errors, as argparse uses it
 EXIT_USAGE = 2
@@ -38,6 +58,24 @@ EXIT_USAGE = 2
 #: without a FIN (a host that lost power, a NAT that dropped the mapping: TCP alone never notices)
 #: are reclaimed within minutes, before the ~350 s idle timeouts of common NATs and cloud balancers
 DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class GivenOnce(argparse.Action):
+    """Stores the value as ``store`` does, and notes a second use in ``repeated``: serve() refuses
+    it with one line, where argparse would silently keep the last."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        seen = vars(namespace).setdefault("given", set())
+        if self.dest in seen:
+            vars(namespace).setdefault("repeated", []).append(self.option_strings[0])
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,11 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"polling backend: auto, a name `pollserve backends` lists, or MODULE:CLASS "
         f"(default: ${ENV_BACKEND}, else auto: the best this OS has)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; ::1 for IPv6)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        action=GivenOnce,
+        help="address to listen on (default: 127.0.0.1; ::1 for IPv6)",
+    )
     parser.add_argument("--port", type=int, default=5001, help="TCP port; 0 picks a free one (default: 5001)")
     parser.add_argument(
         "--unix",
         metavar="PATH",
+        action=GivenOnce,
         help="listen on a UNIX stream socket at PATH, and on TCP only if --port is given too (default: off)",
     )
     parser.add_argument(
@@ -123,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help=f"close a connection that has neither sent nor received for SECONDS; 0 disables "
-        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
+        help=f"close a connection that made no progress either way for SECONDS (a client still reading "
+        f"counts); 0 disables (default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--proxy-protocol",
@@ -146,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
         "so a balancer takes the server out first (default: 0)",
     )
     parser.add_argument(
+        "--slow-callback",
+        type=float,
+        default=DEFAULT_SLOW_CALLBACK,
+        metavar="SECONDS",
+        help="log a handler or callback that holds the loop longer than SECONDS, naming it; 0 disables "
+        f"(default: {DEFAULT_SLOW_CALLBACK:g})",
+    )
+    parser.add_argument(
         "--workers",
         default="1",
         metavar="N",
@@ -155,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-port",
         action="store_true",
         help="with --workers: each worker listens on its own SO_REUSEPORT socket (default: they share the parent's)",
+    )
+    parser.add_argument(
+        "--worker-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --workers: kill and replace a worker whose loop has not reported for SECONDS since it "
+        f"was ready; 0: never (default: {DEFAULT_WORKER_TIMEOUT:g})",
     )
     parser.add_argument(
         "--tls-cert",
@@ -184,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-alpn",
         metavar="LIST",
         help="comma-separated protocols offered through ALPN, preferred first, e.g. h2,http/1.1 (default: none)",
+    )
+    parser.add_argument(
+        "--tls-ciphers",
+        metavar="STRING",
+        help=f"OpenSSL cipher string for the TLS 1.2 suites; TLS 1.3's are all AEAD (default: {DEFAULT_TLS12_CIPHERS})",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Each command names its own prog and usage: argparse would build them from the one-line usage above.
@@ -250,8 +314,10 @@ SERVER_OPTIONS = (
     "proxy_protocol",
     "proxy_from",
     "drain_delay",
+    "slow_callback",
     "workers",
     "reuse_port",
+    "worker_timeout",
     "unix",
     "unix_mode",
     "tls_cert",
@@ -260,6 +326,7 @@ SERVER_OPTIONS = (
     "tls_verify_client",
     "tls_handshake_timeout",
     "tls_alpn",
+    "tls_ciphers",
 )
 
 
@@ -295,6 +362,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import bench  # only for this command: the server does not pay for importing it
 
     available = available_backends()
+    if args.backends is not None and not args.backends.strip(" ,"):
+        return fail(f"--backends needs comma-separated names (available: {', '.join(available)})", EXIT_USAGE)
     names = [name.strip() for name in (args.backends or ",".join(available)).split(",") if name.strip()]
     for name in names:
         if name not in available:
@@ -369,6 +438,11 @@ def show_stats(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(args.watch)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader has gone (`| head`): end quietly, as cat does.  stdout goes to /dev/null so
+        # that Python's flush at exit does not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
@@ -461,7 +535,7 @@ def check_tls(args: argparse.Namespace) -> tuple[TLSOptions | None, str | None]:
     """The --tls-* options, or the problem; every one but --tls-cert needs --tls-cert.  The files
     are not read here (ServerTLS.load does)."""
     if args.tls_cert is None:
-        names = ("tls_key", "tls_ca", "tls_handshake_timeout", "tls_alpn")
+        names = ("tls_key", "tls_ca", "tls_handshake_timeout", "tls_alpn", "tls_ciphers")
         given = [name for name in names if getattr(args, name) is not None]
         given += ["tls_verify_client"] if args.tls_verify_client else []
         if given:
@@ -478,8 +552,19 @@ def check_tls(args: argparse.Namespace) -> tuple[TLSOptions | None, str | None]:
         alpn = parse_alpn(args.tls_alpn) if args.tls_alpn is not None else ()
     except ValueError as exc:
         return None, f"--tls-alpn: {exc}"
-    options = TLSOptions(args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify_client, timeout, alpn)
+    options = TLSOptions(
+        args.tls_cert, args.tls_key, args.tls_ca, args.tls_verify_client, timeout, alpn, args.tls_ciphers
+    )
     return options, None
+
+
+def import_from_current_directory() -> None:
+    """MODULE:FACTORY and MODULE:CLASS import from the current directory, as gunicorn and uvicorn
+    do; ``python -m`` puts it on sys.path, the ``pollserve`` script does not.  Added once pollserve
+    is imported, so that a local file cannot stand in for pollserve itself."""
+    here = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == here for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 def worker_role() -> WorkerRole | None:
@@ -489,20 +574,47 @@ def worker_role() -> WorkerRole | None:
     return None if value is None else WorkerRole.from_env(value)
 
 
+def fail_as(role: WorkerRole | None, message: str, status: int = 1) -> int:
+    """fail(), or in a worker (a reload whose new code does not start, say) a log line with the
+    time and ``worker N:`` like every worker line, and the reason sent to the parent."""
+    if role is None:
+        return fail(message, status)
+    log.error("%s", message)
+    tell_parent_failed(role, message)
+    return status
+
+
 def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     role = worker_role()
     prefix = "" if role is None else f"worker {role.index}: "
+    if role is not None:
+        # A Ctrl-C reaches the whole process group: only the parent counts it, or each worker
+        # would see it twice.  SIGHUP is the parent's rolling restart.  Both from the first moment,
+        # so a signal during the app's import neither kills nor interrupts it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
         stream=sys.stderr,
     )
+    repeated = getattr(args, "repeated", [])  # GivenOnce sets it
+    if repeated:
+        return fail(f"{repeated[0]} is given more than once: {ONCE_ONLY[repeated[0]]}", EXIT_USAGE)
+    if args.backend == "":
+        return fail("--backend needs a name: auto, or one `pollserve backends` lists", EXIT_USAGE)
+    from_env = args.backend is None and bool(os.environ.get(ENV_BACKEND))
     backend_name = args.backend or os.environ.get(ENV_BACKEND) or "auto"
+    if ":" in backend_name or ":" in args.app:
+        import_from_current_directory()
     try:
         backend_class = get_backend(backend_name)
+    except BackendError as exc:
+        return fail_as(role, f"{ENV_BACKEND}={backend_name}: {exc}" if from_env else str(exc), EXIT_USAGE)
+    try:
         factory = load_app(args.app)
-    except (BackendError, AppError) as exc:
-        return fail(str(exc), EXIT_USAGE)
+    except AppError as exc:
+        return fail_as(role, str(exc), EXIT_USAGE)
     problem = (
         check_host("--host", args.host)
         or check_host("--stats-host", args.stats_host)
@@ -521,6 +633,15 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     problem = problem or workers_problem
     if not problem and args.reuse_port and workers < 2:
         problem = "--reuse-port needs --workers 2 or more: it gives each worker a listener of its own"
+    worker_timeout = DEFAULT_WORKER_TIMEOUT if args.worker_timeout is None else args.worker_timeout
+    if not problem and args.worker_timeout is not None and workers < 2:
+        problem = "--worker-timeout needs --workers 2 or more: it is how the parent finds a hung worker"
+    problem = problem or check_seconds("--worker-timeout", worker_timeout, zero_ok=True)
+    if not problem and 0 < worker_timeout < 2 * REPORT_INTERVAL:
+        problem = (
+            f"--worker-timeout {worker_timeout:g} is shorter than two of the workers' reports "
+            f"({REPORT_INTERVAL:g} s apart): give 0 (off) or at least {2 * REPORT_INTERVAL:g}"
+        )
     if not problem and args.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
         problem = "--reuse-port needs SO_REUSEPORT, which this OS does not have"
     problem = problem or check_unix(args.unix, args.unix_mode)
@@ -528,16 +649,19 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         problem = "--reuse-port is for TCP: with --unix the workers share the parent's socket"
     proxy_from, proxy_problem = check_proxy_from(args.proxy_from, args.proxy_protocol)
     problem = problem or proxy_problem or check_seconds("--drain-delay", args.drain_delay, zero_ok=True)
+    problem = problem or check_seconds("--slow-callback", args.slow_callback, zero_ok=True)
     tls_options, tls_problem = check_tls(args)
     problem = problem or tls_problem
+    if not problem and workers > 1 and role is None:
+        problem = capacity_problem(workers)
     if problem:
-        return fail(problem, EXIT_USAGE)
+        return fail_as(role, problem, EXIT_USAGE)
     # Loaded before anything binds, so a bad file is exit 2 and not a server that cannot handshake.
     # With --workers the parent only checks them: each worker loads its own.
     try:
         tls = ServerTLS.load(tls_options) if tls_options is not None else None
     except TLSConfigError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     if role is not None:  # the parent serves the stats endpoint, and supervises
         args.stats_port, workers = None, 1
     # systemd's sockets and notify socket belong to the process it started: read once, not by workers.
@@ -570,12 +694,14 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         notifier=notifier,
         workers=workers,
         reuse_port=args.reuse_port,
+        worker_timeout=worker_timeout,
         argv=tuple(argv),
         worker=role,
         proxy_protocol=args.proxy_protocol,
         proxy_from=proxy_from,
         drain_delay=args.drain_delay,
         tls=tls,
+        slow_callback=args.slow_callback,
     )
     try:
         if workers > 1:
@@ -583,7 +709,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         else:
             run_server(options)
     except LimitError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail_as(role, str(exc), EXIT_USAGE)
     except ListenError as exc:
-        return fail(str(exc))
+        return fail_as(role, str(exc))
     return 0

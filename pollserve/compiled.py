@@ -38,7 +38,15 @@ def command(root: str | None = None) -> list[str]:
     """The argv that runs ``pollserve`` from ``root`` (default: the one this process runs) in a new
     interpreter.  ``python -m pollserve`` would put the working directory first on ``sys.path``, so
     from a source checkout a compiled install's workers would run the pure source beside it; this puts
-    ``root`` first and keeps the working directory after it (an ``--app`` module there still imports)."""
+    ``root`` first and leaves the working directory out until pollserve is imported (then the command
+    adds it back for a ``MODULE:FACTORY`` app, as the parent does)."""
     root = package_root() if root is None else root
-    bootstrap = f"import runpy, sys; sys.path.insert(0, {root!r}); runpy.run_module('pollserve', run_name='__main__')"
+    # The working directory (sys.path[0] of ``-c``) goes: a local pollserve.py, or a file named as a
+    # module pollserve imports, must not stand in for it; the command puts the directory back, after
+    # pollserve is imported, when the app is a MODULE:FACTORY of the user's.
+    bootstrap = (
+        "import runpy, sys; "
+        f"sys.path[:] = [{root!r}, *(p for p in sys.path if p not in ('', '.'))]; "
+        "runpy.run_module('pollserve', run_name='__main__')"
+    )
     return [sys.executable, "-c", bootstrap]

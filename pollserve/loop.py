@@ -13,13 +13,24 @@ handler's byte still matters: it wakes a poll() that a signal landing just
 before it would otherwise not interrupt.  ``call_soon_threadsafe`` and
 ``stop`` write a byte only when none is pending.  A socketpair rather than a
 pipe because on Windows select() accepts sockets only.
+
+Loop health costs one more clock reading per pass, taken just before the
+backend's wait: the time from the reading after one wait to the reading
+before the next is the pass's busy time, summed in ``busy_time``.  A pass
+longer than ``slow_callback`` seconds is then explained after the fact: when
+it dispatched one event, its handler held the loop; when it dispatched more,
+the loop times each handler for a while (``time_handlers_for``) so that the
+next slow one is named.  Callbacks from ``call_soon`` and timers, which are not
+on the per-request path, are timed one by one when the check is on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import logging
+import math
 import signal
 import socket
 import time
@@ -32,6 +43,29 @@ from mypy_extensions import mypyc_attr
 from .backends import READ, WRITE, Backend, create_backend
 
 log = logging.getLogger("pollserve")
+
+#: --slow-callback's default: asyncio's slow_callback_duration
+DEFAULT_SLOW_CALLBACK = 0.1
+
+
+def describe_callback(callback: object) -> str:
+    """A callback as its author knows it: ``module:Class.method``, or what the object it is bound
+    to says of it through a ``_describe_handler(callback)`` method (a connection names its app's
+    protocol and peer).  Underscored: it is the loop's business, not part of the Transport."""
+    while isinstance(callback, functools.partial):
+        callback = callback.func
+    owner = getattr(callback, "__self__", None)
+    describe = getattr(owner, "_describe_handler", None)
+    if callable(describe):
+        return str(describe(callback))
+    module = getattr(callback, "__module__", None)
+    name = getattr(callback, "__qualname__", None) or repr(callback)
+    return f"{module}:{name}" if module else name
+
+
+def log_slow_callback(name: str, seconds: float) -> None:
+    """What the loop does about a slow callback when nobody asked for more (service.py does)."""
+    log.warning("slow callback: %s took %.3f s", name, seconds)
 
 
 class Handle:
@@ -91,6 +125,19 @@ class EventLoop:
         #: the monotonic clock, read once per iteration right after poll() returns: a
         #: timestamp for handlers that need one per event without a clock call each
         self.now = time.monotonic()
+        #: seconds spent outside the backend's wait while running, up to the pass that last ran
+        #: timers (the loop publishes it then, not every pass); busy_seconds() adds that pass so far
+        self.busy_time = 0.0
+        #: a handler or callback running longer than this is reported to ``on_slow_callback``
+        #: (0 disables); read when run_forever() starts
+        self.slow_callback = DEFAULT_SLOW_CALLBACK
+        self.on_slow_callback: Callable[[str, float], object] = log_slow_callback
+        #: after a slow pass that ran several handlers, each is timed this long, to name the next one
+        self.time_handlers_for = 60.0
+        self._time_handlers_until = 0.0
+        #: the pass whose ready callbacks were timed, and the seconds they took
+        self._ready_pass = -1
+        self._ready_seconds = 0.0
         self._signal_handlers: dict[int, Handle] = {}
         #: signal numbers the Python-level handler recorded, for the loop to dispatch
         self._pending_signals: deque[int] = deque()
@@ -272,22 +319,28 @@ class EventLoop:
         self._running = True
         self.now = time.monotonic()
         try:
-            self._run()
+            # Handlers timed since a slow pass of several go on being timed across runs.
+            if self.now < self._time_handlers_until:
+                self._run_timed()
+            while not self._stopping and self._run():
+                self._run_timed()
             # What the last iteration scheduled (connection_lost calls, say) still runs.
             self._run_ready()
         finally:
             self._stopping = False
             self._running = False
 
-    def _run(self) -> None:
-        """The hot path: one pass per wakeup of the backend, until stop().
+    def _run(self) -> bool:
+        """The hot path: one pass per wakeup of the backend, until stop(); True instead when a
+        slow pass ran several handlers, for run_forever() to time each for a while (_run_timed).
 
         Everything a pass uses is a local variable, and a pass calls no Python
         function of its own unless there is work for it (a due timer, a ready
-        callback): at a steady load a wakeup often brings a single event, so what
-        a pass costs is paid per request.  One clock reading per pass, taken after
-        poll(): the timeout is reckoned from the previous one, so a timer may fire
-        late by the time the previous pass's callbacks took, never early.
+        callback, a slow pass): at a steady load a wakeup often brings a single
+        event, so what a pass costs is paid per request.  Two clock readings per
+        pass, one on each side of poll(): the one after is the loop's ``now``, the
+        one before ends the pass for ``busy_time``.  The timeout is reckoned from
+        ``now``, so a timer may fire late by the time the pass took, never early.
         """
         poll = self.backend.wait
         read_bits = self.backend.read_bits
@@ -298,18 +351,31 @@ class EventLoop:
         timers = self._timers  # rebuilt and cleared in place, never replaced
         monotonic = time.monotonic
         max_timeout = self.max_poll_timeout
+        slow = self.slow_callback if self.slow_callback > 0 else math.inf
+        events: list[tuple[int, int]] = []
+        now = self.now
+        # A local, published to busy_time when timers run (the health probe's tick reads it there)
+        # and on the way out: a store per pass cost ~200 instructions (callgrind).
+        busy_total = self.busy_time
         while not self._stopping:
             if ready:
                 timeout: float | None = 0
             elif timers:
                 # Comparisons, not min()/max(): the builtins cost ~1,500 instructions here.
-                timeout = timers[0][0] - self.now
+                timeout = timers[0][0] - now
                 if timeout < 0:
                     timeout = 0
                 elif timeout > max_timeout:
                     timeout = max_timeout
             else:
                 timeout = None
+            waited = monotonic()
+            busy = waited - now
+            busy_total += busy
+            if busy > slow and self._slow_pass(events, busy):
+                self.busy_time = busy_total
+                self.now = waited  # _run_timed counts its passes from here
+                return True
             events = poll(timeout)
             self.now = now = monotonic()
             self.iterations += 1
@@ -327,9 +393,116 @@ class EventLoop:
                 except Exception:
                     log.exception("unhandled error in the handler of fd %d", fd)
             if timers and timers[0][0] <= now:
+                self.busy_time = busy_total
                 self._collect_due_timers()
             if ready:
                 self._run_ready()
+        busy = monotonic() - now
+        self.busy_time = busy_total + busy
+        if busy > slow:  # the last pass, before stop() took effect
+            self._slow_pass(events, busy)
+        return False
+
+    def _run_timed(self) -> None:
+        """The loop as _run, but with each handler timed, until ``time_handlers_for`` has passed
+        since the last slow pass that ran several (or stop()): the slow one is named.  Rare, so
+        plain rather than fast."""
+        while not self._stopping and self.now < self._time_handlers_until:
+            if self._ready:
+                timeout: float | None = 0.0
+            elif self._timers:
+                timeout = min(max(self._timers[0][0] - self.now, 0.0), self.max_poll_timeout)
+            else:
+                timeout = None
+            self.busy_time += time.monotonic() - self.now
+            events = self.backend.wait(timeout)
+            self.now = time.monotonic()
+            self.iterations += 1
+            self.events_total += len(events)
+            self._dispatch_timed(events)
+            if self._timers and self._timers[0][0] <= self.now:
+                self._collect_due_timers()
+            if self._ready:
+                self._run_ready()
+        waited = time.monotonic()
+        self.busy_time += waited - self.now
+        self.now = waited  # _run counts its passes from here
+
+    def busy_seconds(self) -> float:
+        """``busy_time`` with the pass under way: exact in a timer's callback (the health probe's)."""
+        return self.busy_time + (time.monotonic() - self.now if self._running else 0.0)
+
+    def _handlers(self, events: list[tuple[int, int]]) -> list[Callable[[], Any]]:
+        """The handlers a pass's events called (as far as they are still registered), but the
+        loop's own wakeup reader: it reads a byte, and a signal or stop() often comes with it."""
+        read_bits = self.backend.read_bits
+        write_bits = self.backend.write_bits
+        wakeup = self._wakeup_recv.fileno()
+        found: list[Callable[[], Any]] = []
+        for fd, mask in events:
+            if fd == wakeup:
+                continue
+            for bits, table in ((read_bits, self._readers), (write_bits, self._writers)):
+                callback = table.get(fd) if mask & bits else None
+                if callback is not None:
+                    found.append(callback)
+        return found
+
+    def _slow_pass(self, events: list[tuple[int, int]], seconds: float) -> bool:
+        """A pass held the loop past slow_callback: say who, if the pass tells; else time each
+        handler for a while, so the next slow one is named.  True to start timing them.  A pass of
+        several handlers is reported (naming them as candidates) only when it is certain that one
+        of them was slow: not when it may have been many quick ones."""
+        if self._ready_pass == self.iterations:
+            seconds -= self._ready_seconds  # the timed callbacks have been reported already
+        if seconds <= self.slow_callback:
+            return False
+        handlers = self._handlers(events)
+        if len(handlers) == 1:
+            self._report_slow(handlers[0], seconds)
+            return False
+        self._time_handlers_until = self.now + self.time_handlers_for
+        ran = len(handlers) or len(events)
+        if seconds / ran <= self.slow_callback:
+            return True  # maybe many quick handlers: only the timed passes can tell
+        # Longer than the threshold times the handlers: one of them, at least, held the loop that long.
+        if not handlers:  # what ran is unregistered now: a connection that closed, say
+            name = f"the handlers of {len(events)} events"
+        else:
+            shown = ", ".join(sorted({describe_callback(handler) for handler in handlers[:3]}))
+            more = f" and {len(handlers) - 3} more" if len(handlers) > 3 else ""
+            name = f"one of {shown}{more}"
+        self._notify_slow(name, seconds)
+        return True
+
+    def _dispatch_timed(self, events: list[tuple[int, int]]) -> None:
+        """A pass's dispatch with each handler timed: the slow one is named."""
+        read_bits = self.backend.read_bits
+        write_bits = self.backend.write_bits
+        slow = self.slow_callback
+        started = time.monotonic()
+        for fd, mask in events:
+            for bits, table in ((read_bits, self._readers), (write_bits, self._writers)):
+                callback = table.get(fd) if mask & bits else None
+                if callback is None:
+                    continue
+                try:
+                    callback()
+                except Exception:
+                    log.exception("unhandled error in the handler of fd %d", fd)
+                ended = time.monotonic()
+                if ended - started > slow:
+                    self._report_slow(callback, ended - started)
+                started = ended
+
+    def _report_slow(self, callback: object, seconds: float) -> None:
+        self._notify_slow(describe_callback(callback), seconds)
+
+    def _notify_slow(self, name: str, seconds: float) -> None:
+        try:
+            self.on_slow_callback(name, seconds)
+        except Exception:
+            log.exception("unhandled error reporting the slow callback %s", name)
 
     def _collect_due_timers(self) -> None:
         timers = self._timers
@@ -344,6 +517,9 @@ class EventLoop:
 
     def _run_ready(self) -> None:
         ready = self._ready
+        slow = self.slow_callback
+        timed = slow > 0
+        started = first = time.monotonic() if timed else 0.0
         # Only what is queued now: callbacks queued by these callbacks wait a turn,
         # so I/O cannot starve.
         for _ in range(len(ready)):
@@ -355,6 +531,14 @@ class EventLoop:
                 callback(*handle.args)
             except Exception:
                 log.exception("unhandled error in callback %r", handle)
+            if timed:
+                ended = time.monotonic()
+                if ended - started > slow:
+                    self._report_slow(callback, ended - started)
+                started = ended
+        if timed:
+            self._ready_pass = self.iterations
+            self._ready_seconds = started - first
 
     def close(self) -> None:
         """Restore signal handlers, close the wakeup socketpair and the backend."""

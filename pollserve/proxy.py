@@ -337,7 +337,7 @@ class ProxyLayer(Protocol):
         if not factory.may_send(peername):
             factory.peers_refused += 1
             factory._outsiders.event(f"{format_address(peername)} may not send a PROXY header")
-            transport.close()
+            self._refuse("the peer is outside --proxy-from")
             return
         self._timer = transport.get_extra_info("loop").call_later(factory.timeout, self._timed_out)
 
@@ -348,7 +348,7 @@ class ProxyLayer(Protocol):
             header = parse_header(buffer)
         except BadHeader as exc:
             self._reject(f"from {self._peer()}: {exc}")
-            self.transport.close()
+            self._refuse(f"bad PROXY header: {exc}")
             return
         if header is not None:
             self._step_aside(header, bytes(buffer[header.length :]))
@@ -364,9 +364,9 @@ class ProxyLayer(Protocol):
             log.debug("%s: %s sent a PROXY v%d header for %s", self.factory._name, self._peer(), header.version, client)
         connection.set_protocol(self.app)
         self.app.connection_made(transport)
-        # Bytes that came with the header are the app's first chunk.
-        if rest and not connection.is_closing():
-            self.app.data_received(rest)
+        # Bytes that came with the header are the app's first chunk, held back while the app
+        # does not read (it may pause in connection_made: nothing until resume_reading()).
+        connection._unread(rest)
 
     def eof_received(self) -> bool | None:
         self._cancel_timer()
@@ -385,12 +385,17 @@ class ProxyLayer(Protocol):
                 f"from {self._peer()}: not complete within {self.factory.timeout:g} s "
                 f"({len(self._buffer)} bytes received)"
             )
-            self.transport.close()
+            self._refuse(f"no whole PROXY header within {self.factory.timeout:g} s")
 
     def _reject(self, reason: str) -> None:
         self._cancel_timer()
         self.factory.headers_rejected += 1
         self.factory._bad_headers.event(reason)
+
+    def _refuse(self, why: str) -> None:
+        """Close a connection the app never saw: a close the server decides on, so that the debug
+        log's closing line gives this reason and not "closed by the app"."""
+        cast("Connection", self.transport)._server_close(f"refused by the PROXY layer: {why}")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

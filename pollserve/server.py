@@ -31,6 +31,7 @@ from .backends import CapacityError
 from .listeners import bind_tcp, format_address
 from .loop import EventLoop, Handle
 from .rates import EpisodeLog, RateLimit
+from .sendqueue import unsent_bytes
 from .transport_socket import TransportSocket
 
 log = logging.getLogger("pollserve")
@@ -47,8 +48,14 @@ _write: Final = os.write
 
 #: accept() failures that mean "out of fds or kernel memory": back off, don't spin
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-#: accept() failures about one pending client only: skip it
-_CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM}
+#: accept() failures about one pending client only: skip it.  Linux passes a new connection's
+#: pending network error out of accept(), and accept(2) asks to "treat them like EAGAIN by
+#: retrying" (ENONET is Linux's only; the others exist everywhere but are harmless to retry).
+_CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM} | {
+    getattr(errno, name)
+    for name in ("ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
+    if hasattr(errno, name)
+}
 
 
 def _byte_view(data: Any) -> bytes | bytearray | memoryview:
@@ -107,7 +114,10 @@ class Connection:
         "_paused_by_user",
         "_paused_by_backpressure",
         "_linger_timer",
+        "_held",
         "_last_active",
+        "_unsent",
+        "_unsent_at",
         "high_water",
         "low_water",
     )
@@ -136,14 +146,28 @@ class Connection:
         self._paused_by_user = False
         self._paused_by_backpressure = False
         self._linger_timer: Handle | None = None
+        #: bytes a layer read ahead of the protocol it stepped aside for, not yet delivered (_unread)
+        self._held: bytes | None = None
         #: the loop's clock when bytes last moved either way (the idle sweep reads it)
         self._last_active = self._loop.now
+        #: the kernel's send queue when the idle sweep last looked, and when (_kernel_progress)
+        self._unsent = 0
+        self._unsent_at = -1.0
         self.high_water = server.high_water
         self.low_water = server.low_water
 
     def __repr__(self) -> str:
         state = "lost" if self._lost else "closing" if self._closing else "open"
         return f"<Connection fd={self._fd} peer={format_address(self._peername)} {state}>"
+
+    def _describe_handler(self, handler: object) -> str:
+        """How a slow-callback warning names this connection's handler: the app's protocol, as
+        its author wrote it, and the client."""
+        protocol = type(self._protocol)
+        name = f"{protocol.__module__}:{protocol.__qualname__}"
+        if getattr(handler, "__name__", "") == "_on_writable":
+            return f"sending {name}'s buffered data to {format_address(self._peername)}"
+        return f"{name}.data_received on {format_address(self._peername)}"
 
     # -- reading -------------------------------------------------------------
 
@@ -202,8 +226,33 @@ class Connection:
             return
         if self._paused_by_user or self._paused_by_backpressure:
             self._loop.remove_reader(self._fd)
+        elif self._held is not None:
+            self._loop.call_soon(self._deliver_held)  # not from inside resume_reading(), as asyncio
         elif not self._loop.has_reader(self._fd):
             self._loop.add_reader(self._fd, self._on_readable)
+
+    def _unread(self, data: bytes) -> None:
+        """Bytes a layer read ahead of the protocol it steps aside for (pollserve.proxy: what came
+        with the header): delivered now if that protocol is reading, else once it resumes, and
+        before anything read after them (the socket is not read until then)."""
+        if self._closing or not data:
+            return
+        if self.is_reading():
+            self._protocol.data_received(data)
+        else:
+            self._held = data
+            self._loop.remove_reader(self._fd)
+
+    def _deliver_held(self) -> None:
+        data = self._held
+        if data is None or not self.is_reading():  # delivered already, or paused again meanwhile
+            return
+        self._held = None
+        self._loop.add_reader(self._fd, self._on_readable)
+        try:
+            self._protocol.data_received(data)
+        except Exception as exc:
+            self._protocol_failed("data_received", exc)
 
     # -- writing -------------------------------------------------------------
 
@@ -328,6 +377,8 @@ class Connection:
         self._loop.remove_reader(self._fd)
         if not self._buffer:
             self._linger()
+        else:
+            self._server._watch_flush()  # a client that stopped reading must not hold it forever
 
     def _linger(self) -> None:
         """Shut the write side, then read and drop until the client's EOF or linger_timeout.
@@ -377,6 +428,22 @@ class Connection:
             self._server_abort(why)
         else:
             self._server_close(why)
+
+    def _kernel_progress(self, now: float) -> bool | None:
+        """Whether the client read since the sweep last looked, though no send() of ours moved a
+        byte: the kernel's send queue shrank (sendqueue.py says why only the kernel can tell).
+        None: this is the first look since our last transfer, so look again at the next sweep.
+        False where the OS cannot say: then only our own transfers count."""
+        unsent = unsent_bytes(self._fd)
+        if unsent is None:
+            return False
+        seen, seen_at = self._unsent, self._unsent_at
+        self._unsent, self._unsent_at = unsent, now
+        if unsent == 0:
+            return False  # nothing outstanding: idle indeed
+        if seen_at < self._last_active:
+            return None
+        return unsent < seen
 
     def _finish(self, exc: Exception | None) -> None:
         if self._lost:
@@ -508,7 +575,8 @@ class TracedConnection(Connection):
         super()._server_close(why)
 
     def _server_abort(self, why: str) -> None:
-        self._why = self._why or why
+        # A close already under way (the app's, a shutdown's) that the server now cuts short says both.
+        self._why = f"{self._why}, then aborted: {why}" if self._why else why
         super().abort()
 
     def _finish(self, exc: Exception | None) -> None:
@@ -541,9 +609,15 @@ class Server:
     ``accept_rate`` paces accepts: when its bucket is empty the listeners are
     not watched until the next token, so a connect flood waits in the backlog
     instead of taking a share of every loop iteration (the stats endpoint's
-    protection).  ``idle_timeout`` closes a connection that has neither sent nor
-    received for that long, found by a coarse periodic sweep: the hot path only
-    stores the loop's clock reading on each transfer.
+    protection).  ``idle_timeout`` closes a connection that has made no progress in
+    either direction for that long, found by a coarse periodic sweep: the hot path
+    only stores the loop's clock reading on each transfer, and the sweep asks the
+    kernel whether a connection that looks idle has had its send queue read
+    (Connection._kernel_progress).
+
+    Invariant: a closing connection is gone within the idle timeout (or, with none,
+    ``flush_timeout``) plus two sweep intervals if its peer makes no progress: its
+    flush is held to the same rule, and its linger has a timer of its own.
     """
 
     def __init__(
@@ -564,6 +638,7 @@ class Server:
         refuse_excess: bool = True,
         accept_rate: RateLimit | None = None,
         idle_timeout: float | None = None,
+        flush_timeout: float = 60.0,
     ) -> None:
         self.loop = loop
         self.protocol_factory = protocol_factory
@@ -584,6 +659,9 @@ class Server:
         self.refuse_excess = refuse_excess
         self.accept_rate = accept_rate
         self.idle_timeout = idle_timeout or None
+        #: without an idle timeout, how long a closing connection may go without progress while it
+        #: flushes its buffer (nginx's send_timeout is the same rule, with the same 60 s default)
+        self.flush_timeout = flush_timeout
         self.sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
         # Plain counters, running totals: a snapshot reads them in O(1).
@@ -630,6 +708,10 @@ class Server:
     def addresses(self) -> list[Any]:
         """The bound addresses of every listening socket."""
         return [sock.getsockname() for sock in self.sockets]
+
+    def _describe_handler(self, handler: object) -> str:
+        """How a slow-callback warning names the accept handler."""
+        return f"accepting {self.name} clients on {format_address(self.address)}"
 
     def _watch(self, listener: socket.socket) -> None:
         self.loop.add_reader(listener.fileno(), functools.partial(self._on_acceptable, listener))
@@ -772,19 +854,54 @@ class Server:
 
     # -- idle connections -----------------------------------------------------------
 
+    def _no_progress_limit(self) -> float:
+        """How long a connection may make no progress: the idle timeout, or without one the flush
+        timeout, which then applies to closing connections only."""
+        return self.idle_timeout or self.flush_timeout
+
     def _sweep_interval(self) -> float:
-        """A quarter of the timeout, within [0.05 s, 5 s]: idle clients go within 1.25 timeouts."""
-        assert self.idle_timeout is not None
-        return min(max(self.idle_timeout / 4, 0.05), 5.0)
+        """A quarter of the limit, within [0.05 s, 5 s]."""
+        return min(max(self._no_progress_limit() / 4, 0.05), 5.0)
+
+    def _watch_flush(self) -> None:
+        """A connection closes with bytes still buffered: make sure a sweep will watch it."""
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        assert self.idle_timeout is not None
-        deadline = self.loop.now - self.idle_timeout
-        idle = [conn for conn in self.connections if conn._last_active <= deadline and not conn._closing]
+        """Close what made no progress for the limit.  Only connections without a transfer for half
+        of it are looked at closer, one ioctl each per sweep: one whose kernel send queue shrank
+        since the last look is reading, and counts as active now.  So a connection is closed when
+        the server moved no byte for the limit and its client read nothing for the last half of
+        it at least.  Lingering connections have their own timer."""
+        self._idle_timer = None
+        now = self.loop.now
+        limit = self._no_progress_limit()
+        interval = self._sweep_interval()
+        deadline = now - limit
+        look_from = now - limit / 2
+        idle = []
+        flushing = False
+        for conn in self.connections:
+            if conn._closing:
+                if not conn._buffer:
+                    continue
+                flushing = True
+            elif self.idle_timeout is None:
+                continue
+            if conn._last_active > look_from:
+                continue
+            progress = conn._kernel_progress(now)
+            if progress:
+                conn._last_active = now
+            elif progress is not None and conn._last_active <= deadline:
+                idle.append(conn)
         for conn in idle:
             self.connections_idle_closed += 1
-            conn._close_idle(f"idle for {self.idle_timeout:g} s")
-        self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
+            what = "flushing" if conn._closing else "idle"
+            conn._close_idle(f"{what}, no progress for {limit:g} s")
+        if self.idle_timeout is not None or flushing:
+            self._idle_timer = self.loop.call_later(interval, self._sweep_idle)
 
     # -- accounting --------------------------------------------------------------
 
@@ -851,7 +968,10 @@ class Server:
 
     def retire(self, timeout: float, on_done: Callable[[], Any]) -> None:
         """Stop accepting and let the connections end on their own (a worker replaced by a rolling
-        restart); those still open after timeout seconds are shut down as by shutdown()."""
+        restart); those still open after timeout seconds are shut down as by shutdown().  The
+        clients already queued are accepted first, as shutdown() does: a listener of this worker
+        alone (SO_REUSEPORT) resets its queue when it closes."""
+        self._accept_backlog()
         self.stop_accepting()
         self._on_drained = on_done
         if not self.connections:

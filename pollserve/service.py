@@ -10,28 +10,31 @@ before anything is served.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import ipaddress
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 import psutil
 
 from .apps import ProtocolFactory
 from .backends import Backend
 from .dashboard import page
-from .http import HTTPEndpoint, Response, Route
+from .health import LoopHealth
+from .http import HTTPEndpoint, Response, Route, Slots
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
 from .listeners import DEFAULT_BACKLOG, SocketFile, adopt, bind_tcp, bind_unix
-from .loop import EventLoop
+from .loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from .proxy import Network, ProxyLayerFactory
 from .rates import RateLimit
 from .server import Server, format_address
 from .stats import StatsCollector, StatsReporter, count_fds
 from .systemd import STATS_NAME, ListenSocket, Notifier
 from .tls import ServerTLS, TLSLayerFactory, reload_certificates
-from .workers import Supervisor, SupervisorStats, WorkerLink, WorkerRole
+from .workers import DEFAULT_WORKER_TIMEOUT, Supervisor, SupervisorStats, WorkerLink, WorkerRole
 
 log = logging.getLogger("pollserve")
 
@@ -39,20 +42,30 @@ log = logging.getLogger("pollserve")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 # The stats endpoint must stay cheap whatever is thrown at it, and reachable when the app's
-# connections have used up their budget: its fds are part of the reserve.
-#: stats connections open at once; the excess waits in the kernel's backlog
+# connections have used up their budget: its fds are part of the reserve.  And it is a balancer's
+# health check: no crowd of slow clients and no flood of other requests may keep /healthz from
+# answering, or make it answer anything but the truth.
+#: stats connections held at once; a newcomer past them closes an older one (http.Slots says
+#: which), so its fds are this many plus the newcomer's
 STATS_MAX_CONNECTIONS = 16
-#: stats requests answered per second (and at once): far above a scrape every few seconds,
-#: a dashboard polling every second and a balancer's health checks; the excess gets 503
-STATS_RATE = 50.0
-STATS_BURST = 50
+#: stats requests answered per second (and at once), /healthz apart: far above a scrape every few
+#: seconds and a dashboard polling every second; the excess gets 429.  Each /metrics or /stats
+#: answer renders a snapshot, so this bounds what a flood of them takes from the app
+STATS_RATE = 25.0
+STATS_BURST = 25
+#: /healthz requests answered per second (and at once), from a bucket of their own: a flood of
+#: /metrics or /stats cannot refuse a health check, and a flood of /healthz is bounded too
+HEALTH_RATE = 20.0
+HEALTH_BURST = 20
 #: stats connections accepted per second (and at once); past that the listener is not watched
 #: until the next token, so a connect flood waits in the kernel's backlog and costs the loop
-#: nothing -- answering each of its requests, even with a 503, took most of a core
-STATS_ACCEPT_RATE = 2 * STATS_RATE
-STATS_ACCEPT_BURST = 2 * STATS_BURST
-#: accepts per wakeup on the stats listener, so a connect storm there takes a small share
-STATS_ACCEPT_BATCH = 8
+#: little -- answering each of its requests, even with a refusal, took most of a core.  A health
+#: check waits behind that backlog: N clients flooding take N / STATS_ACCEPT_RATE seconds to pass
+STATS_ACCEPT_RATE = 600.0
+STATS_ACCEPT_BURST = 600
+#: accepts per wakeup on the stats listener, so a connect storm there takes a small share; at most
+#: half the slots, so a client accepted in one wakeup is read in the next before it can be evicted
+STATS_ACCEPT_BATCH = STATS_MAX_CONNECTIONS // 2
 #: beyond --shutdown-timeout, what a worker's shutdown may take (its lingering closes) before the
 #: parent kills it
 STOP_MARGIN = 5.0
@@ -87,6 +100,8 @@ class ServeOptions:
     workers: int = 1
     #: --reuse-port: each worker binds its own SO_REUSEPORT listener instead of inheriting the parent's
     reuse_port: bool = False
+    #: --worker-timeout: a worker silent this long after ready is killed and replaced; 0: never
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT
     #: the command line after ``pollserve``, for the supervisor to start its workers with
     argv: tuple[str, ...] = ()
     #: set in a worker process: its index, channel and inherited listeners (workers.WORKER_ENV)
@@ -100,24 +115,50 @@ class ServeOptions:
     drain_delay: float = 0.0
     #: --tls-*: the app is served over TLS (pollserve.tls), with the files already loaded
     tls: ServerTLS | None = None
+    #: --slow-callback: a handler or callback holding the loop longer is logged and counted (0: off)
+    slow_callback: float = DEFAULT_SLOW_CALLBACK
 
 
 class ListenError(Exception):
     """An address that cannot be bound; the message is meant for the user as it is."""
 
 
+#: the option that names the host of each port option
+HOST_OPTION = {"--port": "--host", "--stats-port": "--stats-host"}
+
+
+def listen_error(exc: OSError, host: str, port: int | None, option: str) -> ListenError:
+    """One line for an address that cannot be bound, naming the option at fault: the host's when
+    the name does not resolve or is no address of this machine, else the port's."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        option = HOST_OPTION[option]
+    where = exc.filename or format_address((host, port))
+    return ListenError(f"cannot listen on {where} ({option}): {exc.strerror or exc}")
+
+
 class Health:
     """What ``GET /healthz`` tells a balancer: 200 while serving, 503 from the first stop signal
-    on, so that its health check takes the server out before the listener closes."""
+    on, so that its health check takes the server out before the listener closes.  A supervising
+    parent passes ``workers`` (serving, wanted): 200 ``ok 2/2 workers`` while at least one serves,
+    503 ``no worker serving`` while none does."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: Callable[[], tuple[int, int]] | None = None) -> None:
         self.draining = False
+        self.workers = workers
 
     SERVING = Response("text/plain; charset=utf-8", b"ok\n")
     DRAINING = Response("text/plain; charset=utf-8", b"draining\n", status=503)
+    NO_WORKER = Response("text/plain; charset=utf-8", b"no worker serving\n", status=503)
 
     def route(self) -> Response:
-        return self.DRAINING if self.draining else self.SERVING
+        if self.draining:
+            return self.DRAINING
+        if self.workers is None:
+            return self.SERVING
+        serving, wanted = self.workers()
+        if not serving:
+            return self.NO_WORKER
+        return Response("text/plain; charset=utf-8", f"ok {serving}/{wanted} workers\n".encode())
 
 
 def stats_routes(collector: StatsCollector | SupervisorStats, health: Health | None = None) -> dict[str, Route]:
@@ -138,7 +179,12 @@ def stats_endpoint(
 ) -> Server:
     """The stats endpoint's server (not started), with the bounds that keep it from hurting the app."""
     endpoint = functools.partial(
-        HTTPEndpoint, stats_routes(collector, health), loop.call_later, rate_limit=RateLimit(STATS_RATE, STATS_BURST)
+        HTTPEndpoint,
+        stats_routes(collector, health),
+        loop.call_later,
+        rate_limit=RateLimit(STATS_RATE, STATS_BURST),
+        own_limits={"/healthz": RateLimit(HEALTH_RATE, HEALTH_BURST)},
+        slots=Slots(STATS_MAX_CONNECTIONS),
     )
     return Server(
         loop,
@@ -146,7 +192,8 @@ def stats_endpoint(
         options.stats_host,
         options.stats_port or 0,
         name="stats",
-        max_connections=STATS_MAX_CONNECTIONS,
+        # the held connections and the newcomer that makes room; never reached while Slots makes room
+        max_connections=STATS_MAX_CONNECTIONS + 1,
         refuse_excess=False,
         accept_batch=STATS_ACCEPT_BATCH,
         accept_rate=RateLimit(STATS_ACCEPT_RATE, STATS_ACCEPT_BURST),
@@ -167,6 +214,12 @@ def is_loopback(address: object) -> bool:
         return ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback  # type: ignore[index]
     except (ValueError, TypeError, IndexError):
         return False
+
+
+def no_fds_left(budget: Budget) -> LimitError:
+    return LimitError(
+        f"no fds left for connections: {budget.bound} leaves none once {budget.reserve} are kept in reserve"
+    )
 
 
 def describe_budget(limit: FdLimit, budget: Budget, max_connections: int | None) -> str:
@@ -199,6 +252,13 @@ def worker_listeners(options: ServeOptions) -> list[socket.socket]:
 def serve(options: ServeOptions) -> None:
     """Run until SIGINT/SIGTERM has drained the app's connections; raises LimitError or ListenError."""
     fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
+    # A limit below what the server needs before any connection: said now, before the backend,
+    # the listeners or the stats endpoint fail for want of an fd (EMFILE) somewhere inside.
+    stats_passed = any(passed.name == STATS_NAME for passed in options.inherited)
+    stats_reserve = STATS_MAX_CONNECTIONS if options.stats_port is not None or stats_passed else 0
+    early = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, options.backend.capacity)
+    if early.connections is not None and early.connections < 1:
+        raise no_fds_left(early)
     loop = EventLoop(options.backend())
     # --tls-cert: a layer in front of the app, stacked only when asked for; a PROXY header
     # comes before the TLS handshake, so that layer goes in front of this one.
@@ -214,7 +274,8 @@ def serve(options: ServeOptions) -> None:
         app=options.app,
         idle_timeout=options.idle_timeout,
     )
-    collector = StatsCollector(loop, server, tls_layer)
+    loop_health = LoopHealth(loop, log, options.slow_callback)
+    collector = StatsCollector(loop, server, tls_layer, loop_health)
     health = Health()
     # The endpoint's own connections are kept out of the app's counters: a Server of its own.
     stats_server = stats_endpoint(loop, collector, health, options)
@@ -229,6 +290,7 @@ def serve(options: ServeOptions) -> None:
 
     def close_all() -> None:
         remove_socket_files()
+        loop_health.close()
         server.close()
         stats_server.close()
         if proxy_layer is not None:
@@ -237,6 +299,10 @@ def serve(options: ServeOptions) -> None:
             tls_layer.close()
         loop.close()
 
+    if options.worker is not None:
+        # Before any listener: a SIGTERM from here on is a drain (with --reuse-port this worker's
+        # listener has a queue of its own from the moment it is bound), never the default exit.
+        loop.add_signal_handler(signal.SIGTERM, lambda: on_stop_signal("SIGTERM"))
     # Sockets systemd passed take the place of binding (sd_listen_fds(3)); "stats" names the endpoint's.
     passed_app = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
     passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
@@ -246,8 +312,7 @@ def serve(options: ServeOptions) -> None:
             passed_app = worker_listeners(options)
         except OSError as exc:
             close_all()
-            where = exc.filename or format_address((options.host, options.port))
-            raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+            raise listen_error(exc, options.host, options.port, "--port") from None
     for listener, passed in ((server, passed_app), (stats_server, passed_stats)):
         if passed:
             listener.start(passed)
@@ -261,8 +326,7 @@ def serve(options: ServeOptions) -> None:
             listener.start()
         except OSError as exc:
             close_all()
-            where = exc.filename or format_address((host, port))
-            raise ListenError(f"cannot listen on {where} ({option}): {exc.strerror or exc}") from None
+            raise listen_error(exc, host, port, option) from None
     if options.unix is not None and not passed_app:
         try:
             unix_socket, socket_file = bind_unix(options.unix, backlog=server.backlog, mode=options.unix_mode)
@@ -273,7 +337,7 @@ def serve(options: ServeOptions) -> None:
         socket_files.append(socket_file)
         server.start([unix_socket])  # after any TCP listener: "listening on" names host:port then
 
-    stats_reserve = STATS_MAX_CONNECTIONS if stats_server.sockets else 0
+    stats_reserve = (stats_server.max_connections or 0) if stats_server.sockets else 0
     budget = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, loop.backend.capacity)
     max_connections = options.max_connections or budget.connections
     if budget.connections is not None and max_connections is not None and max_connections > budget.connections:
@@ -284,32 +348,38 @@ def serve(options: ServeOptions) -> None:
         )
     if max_connections is not None and max_connections < 1:
         close_all()
-        raise LimitError(
-            f"no fds left for connections: {budget.bound} leaves none once {budget.reserve} are kept in reserve"
-        )
+        raise no_fds_left(budget)
     server.max_connections = max_connections
 
     stopping = False
 
     def on_stop_signal(signame: str) -> None:
         nonlocal stopping
+        if stopping and options.worker is not None:
+            # The same SIGTERM may come twice, straight and relayed by the parent (a group kill,
+            # KillMode=control-group): only the parent's "close" order means "now".
+            log.info("%s again: still draining (the parent orders a close now, if it gets a second signal)", signame)
+            return
         if stopping:  # a second signal: do not wait for slow clients
-            log.warning("%s again: closing now", signame)
-            remove_socket_files()
-            server.close()
-            loop.stop()
+            close_now(f"{signame} again")
             return
         stopping = True
         if options.notifier is not None:  # systemd counts the service as stopping from the signal on
             options.notifier.stopping(f"stopping: draining {len(server.connections)} connections")
         # The stats endpoint stays up to the end, so a balancer sees /healthz answer 503.
-        health.draining = True
+        health.draining = collector.draining = True
         if options.drain_delay > 0:
             health_note = "" if options.worker is not None else "/healthz answers 503; "  # the parent's
             log.info("%s: draining: %sstill accepting for %g s", signame, health_note, options.drain_delay)
             loop.call_later(options.drain_delay, stop_serving, signame)
         else:
             stop_serving(signame)
+
+    def close_now(why: str) -> None:
+        log.warning("%s: closing now", why)
+        remove_socket_files()
+        server.close()
+        loop.stop()
 
     def stop_serving(signame: str) -> None:
         log.info("%s: no longer accepting; flushing %d connections", signame, len(server.connections))
@@ -318,18 +388,15 @@ def serve(options: ServeOptions) -> None:
 
     link: WorkerLink | None = None
     if options.worker is not None:
-        # A worker takes its orders from the parent: SIGTERM (stop), "retire" (a rolling restart),
-        # and the channel's EOF (the parent is gone).  A Ctrl-C reaches the whole process group:
-        # only the parent counts it, or each worker would see it as a second signal.  SIGHUP is
-        # the parent's: it restarts the workers.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        loop.add_signal_handler(signal.SIGTERM, on_stop_signal, "SIGTERM")
+        # A worker takes its orders from the parent: SIGTERM (drain; installed above), "retire"
+        # (a rolling restart), "close" (the parent's second stop signal), and the channel's EOF
+        # (the parent is gone).  SIGINT and SIGHUP are the parent's (cli.py ignores them here).
         link = WorkerLink(
             loop,
             options.worker,
             collector.snapshot,
             retire=lambda: server.retire(options.shutdown_timeout, loop.stop),
+            close_now=lambda: close_now("the parent's order"),
             parent_gone=lambda: None if stopping else on_stop_signal("the parent's exit"),
         )
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -382,6 +449,7 @@ def serve(options: ServeOptions) -> None:
     if options.notifier is not None:  # Type=notify: systemd counts the service started from here
         options.notifier.ready(f"serving on {format_address(server.address)}")
     reporter.start()
+    loop_health.start()
     try:
         loop.run_forever()
     finally:
@@ -432,8 +500,7 @@ def serve_workers(options: ServeOptions) -> None:
             )
         except OSError as exc:
             loop.close()
-            where = exc.filename or format_address((options.host, options.port))
-            raise ListenError(f"cannot listen on {where} (--port): {exc.strerror or exc}") from None
+            raise listen_error(exc, options.host, options.port, "--port") from None
     if not options.inherited and options.unix is not None:
         try:
             unix_socket, socket_file = bind_unix(options.unix, backlog=DEFAULT_BACKLOG, mode=options.unix_mode)
@@ -457,10 +524,11 @@ def serve_workers(options: ServeOptions) -> None:
         argv,
         [] if options.reuse_port else listeners,
         stop_timeout=stop_timeout,
+        worker_timeout=options.worker_timeout,
         on_all_stopped=loop.stop,
     )
     view = SupervisorStats(loop, supervisor)
-    health = Health()
+    health = Health(lambda: (supervisor.serving, supervisor.count))
     stats_server = stats_endpoint(loop, view, health, options)
 
     def close_all() -> None:
@@ -476,8 +544,7 @@ def serve_workers(options: ServeOptions) -> None:
             stats_server.start()
         except OSError as exc:
             close_all()
-            where = exc.filename or format_address((options.stats_host, options.stats_port))
-            raise ListenError(f"cannot listen on {where} (--stats-port): {exc.strerror or exc}") from None
+            raise listen_error(exc, options.stats_host, options.stats_port, "--stats-port") from None
 
     def first_ready() -> None:
         # Exactly one "listening on" line, once a worker accepts: the parent's, for all of them.
@@ -499,7 +566,7 @@ def serve_workers(options: ServeOptions) -> None:
     supervisor.on_first_ready = first_ready
 
     def on_stop_signal(signame: str) -> None:
-        health.draining = True  # /healthz: 503 from the first signal on, while the workers drain
+        health.draining = view.draining = True  # /healthz: 503 from the first signal on, while the workers drain
         if options.notifier is not None and not supervisor.stopping:
             options.notifier.stopping(f"stopping {len(supervisor.workers)} workers")
         supervisor.stop(signame)
@@ -508,7 +575,8 @@ def serve_workers(options: ServeOptions) -> None:
         loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
     loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
-    supervisor.start()
+    # From the loop, so that a stop signal during start-up is handled between two starts.
+    loop.call_soon(supervisor.start)
     try:
         loop.run_forever()
     finally:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from .health import LAG_BUCKETS, WINDOW, LoopHealth
+
 if TYPE_CHECKING:
     from .loop import EventLoop
     from .server import Server
@@ -65,6 +67,26 @@ class Snapshot:
     #: TLS handshakes completed, and failed (timed out, not TLS, refused); 0 without TLS
     tls_handshakes: int = 0
     tls_handshake_failures: int = 0
+    #: loop health (pollserve.health), over the last ``loop_window_s`` seconds: the share of wall
+    #: time spent outside the backend's wait (0 idle .. 1 saturated), and the busy seconds since start;
+    #: None where nothing measures the loop
+    loop_window_s: float = WINDOW
+    loop_utilization: float | None = None
+    loop_busy_s: float | None = None
+    #: how late a timer due in the window ran: p50, p99 and max, seconds; None before the first probe
+    loop_lag_p50_s: float | None = None
+    loop_lag_p99_s: float | None = None
+    loop_lag_max_s: float | None = None
+    #: the lag histogram since start: cumulative counts per bucket of health.LAG_BUCKETS, then all
+    #: (Prometheus' +Inf), and the sum of the lags
+    loop_lag_buckets: tuple[int, ...] = ()
+    loop_lag_sum_s: float = 0.0
+    #: handlers and callbacks that held the loop past --slow-callback, since start; the window's slowest
+    slow_callbacks: int = 0
+    slowest_callback: str | None = None
+    slowest_callback_s: float | None = None
+    #: a stop signal came: /healthz answers 503 and the server drains (--drain-delay, then the shutdown)
+    draining: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,9 +142,15 @@ class StatsCollector:
     #: ...and longer when counting would take more than this share of the time
     fd_count_budget = 0.01
 
-    def __init__(self, loop: EventLoop, server: Server, tls: TLSLayerFactory | None = None) -> None:
+    def __init__(
+        self, loop: EventLoop, server: Server, tls: TLSLayerFactory | None = None, health: LoopHealth | None = None
+    ) -> None:
         self.loop = loop
         self.server = server
+        #: the loop's utilization, lag and slow callbacks, when measured
+        self.health = health
+        #: set from the first stop signal on
+        self.draining = False
         #: the TLS layer's handshake counters, when the server speaks TLS
         self.tls = tls
         self.process = psutil.Process()
@@ -195,7 +223,30 @@ class StatsCollector:
             uptime_s=round(time.monotonic() - self.started, 3),
             tls_handshakes=self.tls.handshakes if self.tls is not None else 0,
             tls_handshake_failures=self.tls.handshake_failures if self.tls is not None else 0,
+            draining=self.draining,
+            **health_fields(self.health),
         )
+
+
+def health_fields(health: LoopHealth | None) -> dict[str, Any]:
+    """The snapshot's loop health keys; none (the defaults) when nothing measures the loop."""
+    if health is None:
+        return {}
+    lag = health.lag()
+    slowest = health.slowest()
+    return {
+        "loop_window_s": health.window,
+        "loop_utilization": round(health.utilization(), 4),
+        "loop_busy_s": round(health.busy_seconds(), 6),
+        "loop_lag_p50_s": None if lag is None else round(lag[0], 6),
+        "loop_lag_p99_s": None if lag is None else round(lag[1], 6),
+        "loop_lag_max_s": None if lag is None else round(lag[2], 6),
+        "loop_lag_buckets": tuple(health.lag_histogram()),
+        "loop_lag_sum_s": round(health.lag_sum, 6),
+        "slow_callbacks": health.slow_callbacks,
+        "slowest_callback": None if slowest is None else slowest[0],
+        "slowest_callback_s": None if slowest is None else round(slowest[1], 6),
+    }
 
 
 # -- views ------------------------------------------------------------------------
@@ -229,7 +280,34 @@ def log_line(snap: Snapshot, previous: Snapshot | None = None) -> str:
         f" {snap.connections_refused} refused"
         f" | in {human_bytes(snap.bytes_in)}, out {human_bytes(snap.bytes_out)}"
         f" | {per_second:.1f} loop iterations/s, {per_iteration:.2f} events/iteration"
+        f" | {loop_health_text(snap.to_dict())}"
     )
+
+
+def seconds_text(value: float | None) -> str:
+    """A short duration for people: ms below a second."""
+    if value is None:
+        return "-"
+    return f"{1000 * value:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def loop_health_text(snap: dict[str, Any]) -> str:
+    """Utilization, lag and the slowest callback of a snapshot, in words."""
+    window = snap.get("loop_window_s") or WINDOW
+    utilization = snap.get("loop_utilization")
+    busy = "?" if utilization is None else f"{100 * utilization:.0f}%"
+    text = f"loop busy {busy} (last {window:g} s)"
+    if snap.get("loop_lag_p99_s") is not None:
+        text += (
+            f", lag p50 {seconds_text(snap.get('loop_lag_p50_s'))} p99 {seconds_text(snap.get('loop_lag_p99_s'))}"
+            f" max {seconds_text(snap.get('loop_lag_max_s'))}"
+        )
+    text += f", {snap.get('slow_callbacks') or 0} slow callbacks"
+    if snap.get("slowest_callback"):
+        text += f" (slowest {snap['slowest_callback']}: {snap.get('slowest_callback_s') or 0:.3f} s)"
+    if snap.get("draining"):
+        text += " | draining"
+    return text
 
 
 #: snapshot field -> (metric name, type, help); fields not listed are rendered specially
@@ -264,7 +342,24 @@ _METRICS: list[tuple[str, str, str, str]] = [
         "counter",
         "TLS handshakes that failed: timed out, not TLS, or refused.",
     ),
+    (
+        "loop_utilization",
+        "pollserve_loop_utilization_ratio",
+        "gauge",
+        "Share of wall time the loop spent outside the backend's wait over the last loop window.",
+    ),
+    ("loop_busy_s", "pollserve_loop_busy_seconds_total", "counter", "Seconds the loop spent outside the wait."),
+    (
+        "slow_callbacks",
+        "pollserve_slow_callbacks_total",
+        "counter",
+        "Handlers and callbacks that held the loop longer than --slow-callback.",
+    ),
+    ("draining", "pollserve_draining", "gauge", "1 from the first stop signal on, while the server drains."),
 ]
+
+#: the lag histogram's metric (health.LAG_BUCKETS; the snapshot's loop_lag_buckets and loop_lag_sum_s)
+LAG_METRIC = "pollserve_loop_lag_seconds"
 
 #: for tools and tests: metric name -> snapshot field
 METRIC_FIELDS = {metric: field for field, metric, _, _ in _METRICS}
@@ -298,10 +393,34 @@ def prometheus_page(
         if not samples:
             continue
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
-        lines += [f"{metric}{_labels(labels)} {value}" for labels, value in samples]
+        lines += [f"{metric}{_labels(labels)} {_number(value)}" for labels, value in samples]
+    lines += _lag_histogram(rows)
     for metric, kind, help_text, value in extra or []:
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", f"{metric} {value}"]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def _lag_histogram(rows: list[tuple[dict[str, str], dict[str, Any]]]) -> list[str]:
+    """How late the loop ran what was due, as a Prometheus histogram per row."""
+    lines: list[str] = []
+    for labels, values in rows:
+        counts = values.get("loop_lag_buckets")
+        if not counts or len(counts) != len(LAG_BUCKETS) + 1:
+            continue
+        if not lines:
+            lines += [
+                f"# HELP {LAG_METRIC} How late the loop ran a timer, from the lag probe.",
+                f"# TYPE {LAG_METRIC} histogram",
+            ]
+        for bound, count in zip((*map(str, LAG_BUCKETS), "+Inf"), counts, strict=True):
+            lines.append(f"{LAG_METRIC}_bucket{_labels({**labels, 'le': bound})} {count}")
+        lines.append(f"{LAG_METRIC}_sum{_labels(labels)} {values.get('loop_lag_sum_s') or 0}")
+        lines.append(f"{LAG_METRIC}_count{_labels(labels)} {counts[-1]}")
+    return lines
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -312,14 +431,16 @@ def _labels(labels: dict[str, str]) -> str:
 
 def table(rows: dict[str, Any]) -> str:
     """A two-column table of key and value, for ``pollserve stats``."""
-    width = max(map(len, rows), default=0)
+    width = max((len(key) for key in rows if key not in _TABLE_LEFT_OUT), default=0)
     out = []
     for key, value in rows.items():
+        if key in _TABLE_LEFT_OUT:
+            continue
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
         elif isinstance(value, list):
             value = "; ".join(_item(item) for item in value) or "-"
-        elif isinstance(value, float) and key.endswith("usage"):
+        elif isinstance(value, float) and key.endswith(("usage", "utilization")):
             value = f"{100 * value:.1f}%"
         elif value is None:
             value = "-"
@@ -328,7 +449,9 @@ def table(rows: dict[str, Any]) -> str:
 
 
 #: what ``pollserve stats`` shows of each child or worker in a list: the whole snapshot is too wide
-_ITEM_KEYS = ("index", "pid", "process_fds", "connections_open", "connections_accepted")
+_ITEM_KEYS = ("index", "pid", "process_fds", "connections_open", "connections_accepted", "loop_utilization")
+#: keys for machines only (the lag histogram's counts: /metrics renders them)
+_TABLE_LEFT_OUT = {"loop_lag_buckets"}
 
 
 def _item(item: Any) -> str:

@@ -79,6 +79,12 @@ ENCRYPT_CHUNK = 1 << 16
 #: the app's write-buffer limits by default, as Connection's and asyncio's
 DEFAULT_HIGH_WATER = 64 * 1024
 DEFAULT_LOW_WATER = 16 * 1024
+#: the TLS 1.2 suites served by default (--tls-ciphers replaces it): ECDHE key exchange, for
+#: forward secrecy, and AEAD ciphers only (AES-GCM, ChaCha20-Poly1305).  No CBC suite (Lucky
+#: Thirteen and its kin are padding-oracle timing attacks on CBC's MAC-then-encrypt), no DHE
+#: (slow, and weak groups are common), no static RSA key exchange (no forward secrecy, ROBOT).
+#: TLS 1.3's suites are all AEAD and are left as OpenSSL has them.
+DEFAULT_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -103,6 +109,8 @@ class TLSOptions:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     #: protocols offered through ALPN, most preferred first
     alpn: tuple[str, ...] = ()
+    #: OpenSSL cipher string for TLS 1.2; None: DEFAULT_TLS12_CIPHERS
+    ciphers: str | None = None
 
 
 def parse_alpn(text: str) -> tuple[str, ...]:
@@ -122,7 +130,8 @@ def _refuse_password() -> bytes:
 
 def server_context(options: TLSOptions) -> ssl.SSLContext:
     """A server SSLContext: the stdlib's defaults for serving (``create_default_context(
-    Purpose.CLIENT_AUTH)``: its ciphers, no compression), TLS 1.2 at least, no renegotiation.
+    Purpose.CLIENT_AUTH)``: no compression, the server's cipher order), TLS 1.2 at least with
+    the AEAD and ECDHE suites of DEFAULT_TLS12_CIPHERS or --tls-ciphers, no renegotiation.
 
     Raises TLSConfigError, naming the option and the file, when a file cannot be loaded.
     """
@@ -138,6 +147,11 @@ def server_context(options: TLSOptions) -> ssl.SSLContext:
     # Client-initiated renegotiation costs the server a handshake for free (CVE-2011-1473), and
     # it is the one case in which a write must wait for a read.  TLS 1.3 has none.
     context.options |= ssl.OP_NO_RENEGOTIATION
+    ciphers = DEFAULT_TLS12_CIPHERS if options.ciphers is None else options.ciphers
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:  # "No cipher can be selected."
+        raise TLSConfigError(f"--tls-ciphers {ciphers!r}: OpenSSL selects no cipher from it") from None
     try:
         context.load_cert_chain(options.cert, options.key, password=_refuse_password)
     except TLSConfigError as exc:
@@ -191,7 +205,8 @@ class ServerTLS:
         options = self.options
         parts = [
             f"certificate {options.cert}",
-            "TLS 1.2 and later",
+            "TLS 1.3, and TLS 1.2 with "
+            + ("ECDHE and AEAD ciphers" if options.ciphers is None else f"ciphers {options.ciphers}"),
             f"handshake timeout {options.handshake_timeout:g} s",
         ]
         if options.ca is not None:
@@ -308,6 +323,7 @@ class TLSLayer:
         "_high",
         "_low",
         "_peer",
+        "_app_error",
     )
 
     def __init__(self, app: Protocol, factory: TLSLayerFactory) -> None:
@@ -345,6 +361,8 @@ class TLSLayer:
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_LOW_WATER
         self._peer = "?"
+        #: what the app raised in a callback the loop made (a drain), for its connection_lost()
+        self._app_error: Exception | None = None
 
     def __repr__(self) -> str:
         state = "handshaking" if self._handshaking else "closing" if self._closing else "open"
@@ -396,7 +414,7 @@ class TLSLayer:
         self._forget_records()
         if self._app_made:
             self._app_made = False
-            self._app.connection_lost(exc)
+            self._app.connection_lost(exc if exc is not None else self._app_error)
 
     def pause_writing(self) -> None:
         self._raw_paused = True
@@ -520,8 +538,18 @@ class TLSLayer:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        if not self._closing:
+        if self._closing:
+            return
+        eof_delivered = self._eof_delivered
+        try:
             self._read()
+        except Exception as exc:
+            # Called by the loop, not from the connection's handler, which would catch it: fail
+            # as it does, with the app's exception for its connection_lost().
+            method = "data_received" if self._eof_delivered == eof_delivered else "eof_received"
+            log.error("app error in %s for %s; closing it", method, self._peer, exc_info=exc)
+            self._app_error = exc
+            self.abort()
 
     def _fail(self, exc: ssl.SSLError) -> None:
         """A fatal TLS error after the handshake (a bad record MAC, an unexpected message): the

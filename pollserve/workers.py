@@ -8,20 +8,26 @@ listener instead and the parent only holds the port.  A fresh interpreter rather
 a rolling restart (SIGHUP) imports the app afresh, so new code is picked up.
 
 Parent and worker talk over a socketpair, one JSON object per line.  The worker says
-``ready`` once it accepts, then sends its stats snapshot every second; the parent sends
-``retire`` to a worker that a rolling restart replaces.  A worker whose channel reaches EOF has
-lost its parent and shuts down, so no worker outlives the parent, even one killed with SIGKILL.
+``ready`` once it accepts, then sends its stats snapshot every second (its heartbeat: a worker
+silent for --worker-timeout is killed and replaced), or ``failed`` with the reason if it cannot
+start; the parent sends ``retire`` to a worker whose successor is ready, and ``close`` when told
+twice to stop.  A worker whose channel reaches EOF has lost its parent and shuts down, so no
+worker outlives the parent, even one killed with SIGKILL.
 
 Signals: SIGINT/SIGTERM to the parent stop every worker as a single server stops (drain, then
-exit) and the parent exits 0 once all are gone; a second one means "close now".  Workers ignore
-SIGINT: a Ctrl-C reaches the whole process group, and must count once, through the parent.
-SIGHUP is a rolling restart.  The loop and the server know nothing of processes: this module
-and the worker role in service.py do.
+exit) and the parent exits 0 once all are gone; a second one to the parent means "close now",
+which the parent orders over the channels.  A worker drains on any SIGTERM and counts it once,
+however many arrive: systemd's KillMode=control-group and ``kill -TERM -PGID`` reach every
+process, and the parent relays the same signal.  Workers ignore SIGINT (a Ctrl-C reaches the
+whole process group and counts once, through the parent) and SIGHUP, the parent's rolling
+restart.  Each worker's life is a WorkerState, changed in one place (Supervisor._enter).  The
+loop and the server know nothing of processes: this module and the worker role in service.py do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -51,6 +57,15 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 #: a channel whose peer does not read is not buffered past this: snapshots are dropped
 MAX_CHANNEL_BUFFER = 256 * 1024
+#: workers starting at once: imports are CPU-bound, so more than a few only slow each other, and
+#: the parent must stay free to handle a stop signal during start-up
+STARTING_AT_ONCE = 4
+#: --worker-timeout's default (gunicorn's --timeout); 0 turns the check off
+DEFAULT_WORKER_TIMEOUT = 30.0
+#: how often the parent looks for silent workers
+LIVENESS_INTERVAL = 0.5
+#: a worker silent this long is shown as stale in /stats, /metrics and the dashboard
+STALE_AFTER = 3 * REPORT_INTERVAL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +91,85 @@ def auto_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+#: what one worker is planned to take in memory: the resident size (RSS) of a worker of the
+#: built-in app holding 500 connections, 27.3 MiB on CPython 3.11 (USS 16.7 MiB: the rest is shared
+#: with the parent), rounded up; an app's own memory comes on top.  benchmarks/worker_footprint.py
+#: measures it.
+WORKER_FOOTPRINT = 32 << 20
+#: above this, a cgroup memory limit means "none" (cgroup v1 writes a page-rounded 2**63 - 1)
+NO_MEMORY_LIMIT = 1 << 60
+_MIB = 1 << 20
+
+
+def cgroup_memory_left() -> tuple[int, str] | None:
+    """(bytes left, where) under this process's cgroup memory limit, or None where none is set:
+    memory.max - memory.current (cgroup v2), or memory.limit_in_bytes - memory.usage_in_bytes (v1)."""
+    try:
+        with open("/proc/self/cgroup") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return None
+    candidates: list[tuple[str, str, str]] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base = "/sys/fs/cgroup"
+            candidates += [(f"{base}{path}", "memory.max", "memory.current"), (base, "memory.max", "memory.current")]
+        elif "memory" in controllers.split(","):
+            base = "/sys/fs/cgroup/memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            candidates += [(f"{base}{path}", *names), (base, *names)]
+    for folder, limit_name, used_name in candidates:
+        try:
+            with open(f"{folder}/{limit_name}") as file:
+                limit_text = file.read().strip()
+            with open(f"{folder}/{used_name}") as file:
+                used = int(file.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= NO_MEMORY_LIMIT:
+            return None
+        return max(0, int(limit_text) - used), f"cgroup {limit_name} {int(limit_text) // _MIB} MiB"
+    return None
+
+
+def capacity_problem(count: int) -> str | None:
+    """Why this machine cannot hold count workers, in one line with the numbers, or None: memory
+    (the cgroup's limit where one is set, else the machine's available memory) at WORKER_FOOTPRINT
+    each, and RLIMIT_NPROC where it applies (not to root)."""
+    available = psutil.virtual_memory().available
+    where = "available memory"
+    cgroup = cgroup_memory_left()
+    if cgroup is not None and cgroup[0] < available:
+        available, where = cgroup[0], f"left under the {cgroup[1]}"
+    holds = available // WORKER_FOOTPRINT
+    if count > holds:
+        return (
+            f"--workers {count} needs about {count * WORKER_FOOTPRINT // _MIB} MiB at "
+            f"{WORKER_FOOTPRINT // _MIB} MiB per worker, but {available // _MIB} MiB is {where}: "
+            f"at most {holds} workers fit"
+        )
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        try:
+            import resource
+        except ImportError:
+            return None
+        soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        if soft != resource.RLIM_INFINITY:
+            uid = os.getuid()
+            in_use = 0  # RLIMIT_NPROC counts the user's threads (setrlimit(2) on Linux)
+            for process in psutil.process_iter(["uids", "num_threads"]):
+                uids = process.info["uids"]
+                if uids is not None and uids.real == uid:
+                    in_use += process.info["num_threads"] or 1
+            if count > soft - in_use:
+                return (
+                    f"--workers {count} needs {count} more processes, but RLIMIT_NPROC is {soft} "
+                    f"and this user runs {in_use} already: at most {max(0, soft - in_use)} workers fit"
+                )
+    return None
 
 
 class Channel:
@@ -122,16 +216,23 @@ class Channel:
         elif self.loop.has_writer(self.sock.fileno()):
             self.loop.remove_writer(self.sock.fileno())
 
-    def _on_readable(self) -> None:
+    def drain(self) -> None:
+        """Read whatever the peer sent before it exited, up to EOF: its last snapshot may arrive
+        in the same loop iteration as SIGCHLD, and must not be lost with the closed channel."""
+        while not self._closed and self._on_readable():
+            pass
+
+    def _on_readable(self) -> bool:
+        """Read once; True if there may be more to read."""
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self.close()
-            return
+            return False
         self._incoming += data
         while (end := self._incoming.find(b"\n")) >= 0:
             line = bytes(self._incoming[:end])
@@ -143,6 +244,7 @@ class Channel:
                 continue
             if isinstance(message, dict):
                 self.on_message(message)
+        return True
 
     def close(self) -> None:
         if self._closed:
@@ -156,8 +258,10 @@ class Channel:
 
 
 class WorkerLink:
-    """A worker's end of the channel: it says ready, reports its snapshot every second, and takes
-    the parent's orders.  The channel's EOF means the parent is gone."""
+    """A worker's end of the channel: it says ready, reports its snapshot every second -- the
+    heartbeat, sent by a timer of the worker's own loop, so a blocked loop falls silent -- and
+    takes the parent's orders: ``retire`` (a successor is ready) and ``close`` (the parent was told
+    twice to stop).  The channel's EOF means the parent is gone."""
 
     def __init__(
         self,
@@ -166,12 +270,14 @@ class WorkerLink:
         snapshot: Callable[[], Any],
         *,
         retire: Callable[[], Any],
+        close_now: Callable[[], Any],
         parent_gone: Callable[[], Any],
     ) -> None:
         self.loop = loop
         self.role = role
         self.snapshot = snapshot
         self.retire = retire
+        self.close_now = close_now
         self.parent_gone = parent_gone
         self._closing = False
         self._timer: Handle | None = None
@@ -188,9 +294,12 @@ class WorkerLink:
         self._timer = self.loop.call_later(REPORT_INTERVAL, self._report)
 
     def _on_message(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "retire":
+        kind = message.get("type")
+        if kind == "retire":
             log.info("retiring: no longer accepting; the open connections may finish")
             self.retire()
+        elif kind == "close":
+            self.close_now()
 
     def _on_closed(self) -> None:
         if self._timer is not None:
@@ -208,18 +317,67 @@ class WorkerLink:
         self.channel.close()
 
 
-class Worker:
-    """The parent's record of one worker process."""
+def tell_parent_failed(role: WorkerRole, reason: str) -> None:
+    """A worker that cannot start (its app does not import) says why before it exits, so the
+    parent's one ERROR line about the failed reload can name the cause."""
+    try:
+        with socket.socket(fileno=role.channel_fd) as sock:
+            sock.settimeout(1.0)
+            sock.sendall(json.dumps({"type": "failed", "reason": reason}).encode() + b"\n")
+    except OSError:
+        pass  # the parent is gone or not reading: the exit status still says it failed
 
-    def __init__(self, index: int, process: subprocess.Popen[bytes], channel: Channel) -> None:
+
+class WorkerState(enum.Enum):
+    """Where one worker process is in its life.  It only ever moves along TRANSITIONS."""
+
+    #: started, not yet accepting: importing the app, binding, until its ``ready`` message
+    STARTING = "starting"
+    #: said ``ready``: accepting clients
+    SERVING = "serving"
+    #: told to go (its successor is ready, the server stops, or its generation was superseded
+    #: before it was ready): it accepts no more, finishes its clients and exits
+    RETIRING = "retiring"
+    #: gone after it was told to go
+    EXITED = "exited"
+    #: gone without being told to: a crash, an app that does not import, a kill, a timeout
+    FAILED = "failed"
+
+
+#: every move a worker's state can make; Supervisor._enter refuses the others
+TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.SERVING, WorkerState.RETIRING, WorkerState.FAILED}),
+    WorkerState.SERVING: frozenset({WorkerState.RETIRING, WorkerState.FAILED}),
+    WorkerState.RETIRING: frozenset({WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+    WorkerState.FAILED: frozenset(),
+}
+#: the states of a worker whose process may still run
+ALIVE = (WorkerState.STARTING, WorkerState.SERVING, WorkerState.RETIRING)
+
+
+class Worker:
+    """The parent's record of one worker process: which index it fills, for which generation,
+    and in which state."""
+
+    def __init__(self, index: int, generation: int, process: subprocess.Popen[bytes], channel: Channel) -> None:
         self.index = index
+        #: the reload it was started for: 1 at start, one more per SIGHUP
+        self.generation = generation
         self.process = process
         self.channel = channel
+        self.state = WorkerState.STARTING
         self.started = time.monotonic()
-        self.ready = False
-        self.retiring = False
+        #: when it said ready (monotonic), or None
+        self.ready_at: float | None = None
+        #: when it last sent anything (monotonic): its heartbeat, counted from ready
+        self.heard_at = self.started
         #: the last snapshot it sent (a dict of the Snapshot fields), or None
         self.snapshot: dict[str, Any] | None = None
+        #: what it said when it could not start (an app that does not import), or None
+        self.failure: str | None = None
+        #: killed by the parent for --worker-timeout
+        self.timed_out = False
 
     @property
     def pid(self) -> int:
@@ -227,7 +385,27 @@ class Worker:
 
 
 class Supervisor:
-    """Runs N workers on shared listeners, restarts the dead, rolls them on SIGHUP, stops them all."""
+    """Runs N workers on shared listeners: starts them, restarts the dead, rolls them over to a
+    new generation on SIGHUP, kills the silent, stops them all.
+
+    Invariant: once events settle (no worker starting and no restart due), exactly N workers
+    serve, one per index, each from the newest generation that reported ready at that index, and
+    no index is empty for longer than its restart back-off.  How it holds:
+
+    - Every state change goes through ``_enter`` (TRANSITIONS says which are possible), and after
+      every event (a message, an exit, a signal, a timer) ``_settle`` compares what runs with what
+      is wanted -- a worker of the newest generation for every index -- and starts what lacks.
+    - A worker is retired only when its own successor (same index, newer generation) says ready,
+      so an index is never emptied by a reload; a successor that dies, before or after ready, is
+      simply missing from its index again, and ``_settle`` starts another while its predecessor
+      keeps serving (or draining, if it was already told to go).
+    - Reloads coalesce: SIGHUP makes a new generation; workers of an older one that are still
+      starting are stopped at once (they serve nobody yet), the serving ones stay until their
+      successor in the newest generation is ready.  Any number of SIGHUPs ends on exactly one
+      fresh generation; none is queued.
+    - At most STARTING_AT_ONCE workers start at a time, from the loop, so a stop signal during
+      start-up is handled at once and starts nothing more.
+    """
 
     def __init__(
         self,
@@ -237,6 +415,7 @@ class Supervisor:
         listeners: Sequence[socket.socket],
         *,
         stop_timeout: float,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
         on_first_ready: Callable[[], Any] | None = None,
         on_all_stopped: Callable[[], Any] | None = None,
     ) -> None:
@@ -246,28 +425,210 @@ class Supervisor:
         self.argv = list(argv)
         self.listeners = list(listeners)
         self.stop_timeout = stop_timeout
+        #: --worker-timeout: a serving worker silent this long is killed; 0: never
+        self.worker_timeout = worker_timeout
         self.on_first_ready = on_first_ready
         self.on_all_stopped = on_all_stopped
-        #: every worker process alive (a retiring one and its replacement share an index)
+        #: the generation new workers start in: 1, and one more per SIGHUP
+        self.generation = 1
+        #: every worker whose process may still run (state in ALIVE); an index may have two
+        #: (a serving or retiring one and its successor)
         self.workers: list[Worker] = []
         #: running totals of the workers that have exited, so the server's counters never go back
         self.retired_totals: dict[str, int] = {}
+        #: workers killed for --worker-timeout, since the start
+        self.timeouts_total = 0
         self.stopping = False
+        #: per index: quick failures in a row, and the monotonic time before which no restart
         self._failures = [0] * count
-        self._restart_timers: dict[int, Handle] = {}
+        self._not_before = [0.0] * count
+        #: the newest generation whose failure to start was logged as an ERROR (one line per reload)
+        self._failure_reported = 0
+        self._wake_timer: Handle | None = None
+        self._wake_at = 0.0
+        self._liveness_timer: Handle | None = None
         self._first_ready_seen = False
         self._kill_timer: Handle | None = None
 
-    # -- starting -------------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for index in range(self.count):
-            self._spawn(index)
+        """Start the first workers (a few at a time: the rest follow as these are ready)."""
+        if self.worker_timeout > 0:
+            self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+        self._settle()
 
-    def _spawn(self, index: int) -> None:
-        self._restart_timers.pop(index, None)
+    def reload(self) -> None:
+        """SIGHUP: a new generation for every index; each old worker retires once its successor is ready."""
         if self.stopping:
             return
+        self.generation += 1
+        log.info("SIGHUP: reload: rolling restart of %d workers (generation %d)", self.count, self.generation)
+        # An operator's reload is a new attempt: no back-off is carried over from the old code.
+        self._failures = [0] * self.count
+        self._not_before = [0.0] * self.count
+        self._settle()
+
+    def stop(self, signame: str) -> None:
+        """SIGINT/SIGTERM: every worker drains as a single server does; a second call tells them,
+        over their channel, to close now (a worker itself never counts a signal twice)."""
+        if self.stopping:
+            log.warning("%s again: telling the workers to close now", signame)
+            for worker in self.workers:
+                worker.channel.send({"type": "close"})
+            return
+        self.stopping = True
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        log.info("%s: stopping %d workers", signame, len(self.workers))
+        for worker in list(self.workers):
+            if worker.state is WorkerState.RETIRING:
+                self._terminate(worker)  # from "finish your clients" to a shutdown that flushes them now
+            else:
+                self._enter(worker, WorkerState.RETIRING)
+        self._kill_timer = self.loop.call_later(self.stop_timeout, self._kill_stragglers)
+        self._settle()
+
+    def reap(self) -> None:
+        """SIGCHLD, or a channel's EOF: collect every worker that has exited."""
+        for worker in list(self.workers):
+            if worker.process.poll() is None:
+                continue
+            worker.channel.drain()  # its last snapshot may still be unread: the totals need it
+            exited = WorkerState.EXITED if worker.state is WorkerState.RETIRING else WorkerState.FAILED
+            self._enter(worker, exited)
+        self._settle()
+
+    def _on_message(self, worker: Worker, message: dict[str, Any]) -> None:
+        worker.heard_at = time.monotonic()
+        kind = message.get("type")
+        if kind == "stats":
+            worker.snapshot = message.get("snapshot")
+        elif kind == "failed":
+            worker.failure = str(message.get("reason"))
+        elif kind == "ready" and worker.state is WorkerState.STARTING:
+            self._enter(worker, WorkerState.SERVING)
+            self._settle()
+
+    def _check_liveness(self) -> None:
+        """--worker-timeout: a worker whose loop has not reported for that long is hung (its
+        heartbeat is the loop's own timer, so a blocked loop stops it): kill it, _settle replaces it."""
+        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.ready_at is None or worker.timed_out or worker.process.poll() is not None:
+                continue  # a slow import is not a hang: the silence counts from ready
+            silence = now - worker.heard_at
+            if silence > self.worker_timeout:
+                log.warning(
+                    "worker %d (pid %d) has not reported for %.1f s (--worker-timeout %g): killing it",
+                    worker.index,
+                    worker.pid,
+                    silence,
+                    self.worker_timeout,
+                )
+                worker.timed_out = True
+                self.timeouts_total += 1
+                worker.process.kill()  # SIGKILL: a stopped or blocked process cannot handle SIGTERM
+
+    # -- the one place states change ---------------------------------------------------------------
+
+    def _enter(self, worker: Worker, state: WorkerState) -> None:
+        """Move worker to state, and do what entering that state means."""
+        if state not in TRANSITIONS[worker.state]:
+            raise RuntimeError(f"worker {worker.index}: no transition from {worker.state.value} to {state.value}")
+        before, worker.state = worker.state, state
+        if state is WorkerState.SERVING:
+            worker.ready_at = worker.heard_at = time.monotonic()
+            log.info("worker %d (pid %d) started (generation %d)", worker.index, worker.pid, worker.generation)
+            if not self._first_ready_seen:
+                self._first_ready_seen = True
+                if self.on_first_ready is not None:
+                    self.on_first_ready()
+            # Its predecessors at this index may go now, and only now.
+            for old in list(self.workers):
+                if (
+                    old.index == worker.index
+                    and old.generation < worker.generation
+                    and old.state is WorkerState.SERVING
+                ):
+                    self._enter(old, WorkerState.RETIRING)
+        elif state is WorkerState.RETIRING:
+            if before is WorkerState.SERVING and not self.stopping:
+                log.info(
+                    "worker %d (pid %d) of generation %d: retiring, its successor is ready",
+                    worker.index,
+                    worker.pid,
+                    worker.generation,
+                )
+                worker.channel.send({"type": "retire"})
+            else:
+                self._terminate(worker)  # the server stops, or it was still starting for an older generation
+        else:  # EXITED or FAILED: the process is gone
+            self.workers.remove(worker)
+            worker.channel.close()
+            self._retire_totals(worker)
+            self._log_exit(worker, before)
+            if state is WorkerState.FAILED and not self.stopping:
+                self._back_off(worker)
+
+    def _settle(self) -> None:
+        """Compare what runs with what is wanted, and act: a worker of the newest generation for
+        every index, at most STARTING_AT_ONCE starting, none before its back-off is over."""
+        if self.stopping:
+            if not self.workers:
+                self._all_stopped()
+            return
+        for worker in list(self.workers):
+            if worker.state is WorkerState.STARTING and worker.generation < self.generation:
+                log.info("worker %d (pid %d): superseded before it was ready; stopping it", worker.index, worker.pid)
+                self._enter(worker, WorkerState.RETIRING)
+        now = time.monotonic()
+        starting = sum(worker.state is WorkerState.STARTING for worker in self.workers)
+        wake_at: float | None = None
+        for index in range(self.count):
+            if self._filled(index):
+                continue
+            if now < self._not_before[index]:
+                wake_at = min(wake_at or self._not_before[index], self._not_before[index])
+                continue
+            if starting >= STARTING_AT_ONCE:
+                break  # the next ready or failure settles again
+            if self._spawn(index):
+                starting += 1
+            else:
+                wake_at = min(wake_at or self._not_before[index], self._not_before[index])
+        if wake_at is not None:
+            self._wake(wake_at)
+
+    def _filled(self, index: int) -> bool:
+        """The index has its worker of the newest generation, serving or on its way."""
+        return any(
+            worker.index == index
+            and worker.generation == self.generation
+            and worker.state in (WorkerState.STARTING, WorkerState.SERVING)
+            for worker in self.workers
+        )
+
+    def _wake(self, when: float) -> None:
+        """Settle again at when (a back-off ends), unless an earlier wake-up is set."""
+        if self._wake_timer is not None:
+            if self._wake_at <= when:
+                return
+            self._wake_timer.cancel()
+        self._wake_at = when
+
+        def wake() -> None:
+            self._wake_timer = None
+            self._settle()
+
+        self._wake_timer = self.loop.call_later(max(0.0, when - time.monotonic()), wake)
+
+    # -- what the transitions do -------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> bool:
+        """Start a worker for index in the newest generation; False (and a back-off) if it cannot."""
         parent_end, child_end = socket.socketpair()
         listen_fds = tuple(sock.fileno() for sock in self.listeners)
         role = WorkerRole(index, child_end.fileno(), listen_fds)
@@ -283,8 +644,8 @@ class Supervisor:
             parent_end.close()
             child_end.close()
             log.error("worker %d: cannot start: %s", index, exc)
-            self._schedule_restart(index, failed=True)
-            return
+            self._delay_restart(index, failed=True)
+            return False
         child_end.close()
         worker: Worker
 
@@ -294,55 +655,51 @@ class Supervisor:
         def on_closed() -> None:
             self.loop.call_soon(self.reap)  # the process is exiting, or has
 
-        worker = Worker(index, process, Channel(self.loop, parent_end, on_message, on_closed))
+        worker = Worker(index, self.generation, process, Channel(self.loop, parent_end, on_message, on_closed))
         self.workers.append(worker)
+        return True
 
-    def _on_message(self, worker: Worker, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind == "stats":
-            worker.snapshot = message.get("snapshot")
-        elif kind == "ready":
-            worker.ready = True
-            log.info("worker %d (pid %d) started", worker.index, worker.pid)
-            if not self._first_ready_seen:
-                self._first_ready_seen = True
-                if self.on_first_ready is not None:
-                    self.on_first_ready()
-            # A rolling restart: the worker this one replaces may go now.
-            for old in self.workers:
-                if old is not worker and old.index == worker.index and not old.retiring:
-                    old.retiring = True
-                    old.channel.send({"type": "retire"})
+    def _terminate(self, worker: Worker) -> None:
+        """SIGTERM: the worker drains as a single server does (a second SIGTERM changes nothing)."""
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
 
-    # -- exits and restarts ---------------------------------------------------------------
+    def _log_exit(self, worker: Worker, before: WorkerState) -> None:
+        status = worker.process.returncode
+        how = f"exit {status}" if status >= 0 else f"killed by {signal.Signals(-status).name}"
+        lived = time.monotonic() - worker.started
+        log.info("worker %d (pid %d) stopped (%s) after %.1f s", worker.index, worker.pid, how, lived)
+        if before is not WorkerState.STARTING or self.stopping or worker.generation != self.generation:
+            return
+        # A new generation that cannot start while an older one serves: a failed deploy.  Said
+        # once per reload; the retries that follow are the back-off's WARNING lines.
+        previous = any(
+            other.state is WorkerState.SERVING and other.generation < worker.generation for other in self.workers
+        )
+        if previous and self._failure_reported < worker.generation:
+            self._failure_reported = worker.generation
+            log.error(
+                "reload failed: worker %d of generation %d exited before it was ready (%s)%s; "
+                "the previous workers keep serving, and the new ones are retried with back-off",
+                worker.index,
+                worker.generation,
+                how,
+                f": {worker.failure}" if worker.failure else "",
+            )
 
-    def reap(self) -> None:
-        """Collect every worker that has exited; restart the ones that should still run."""
-        for worker in list(self.workers):
-            status = worker.process.poll()
-            if status is None:
-                continue
-            self.workers.remove(worker)
-            worker.channel.close()
-            self._retire_totals(worker)
-            lived = time.monotonic() - worker.started
-            how = f"exit {status}" if status >= 0 else f"killed by {signal.Signals(-status).name}"
-            log.info("worker %d (pid %d) stopped (%s) after %.1f s", worker.index, worker.pid, how, lived)
-            if self.stopping or worker.retiring:
-                continue
-            if any(other.index == worker.index for other in self.workers):
-                continue  # its replacement runs already
-            self._schedule_restart(worker.index, failed=lived < HEALTHY_AFTER or not worker.ready)
-        if self.stopping and not self.workers:
-            self._all_stopped()
+    def _back_off(self, worker: Worker) -> None:
+        """A worker that ended unasked is restarted: at once if it had served a while, else later
+        and later (a crash at start must not become a fork loop)."""
+        healthy = worker.ready_at is not None and time.monotonic() - worker.ready_at >= HEALTHY_AFTER
+        self._delay_restart(worker.index, failed=not healthy)
 
-    def _schedule_restart(self, index: int, *, failed: bool) -> None:
+    def _delay_restart(self, index: int, *, failed: bool) -> None:
         self._failures[index] = self._failures[index] + 1 if failed else 0
         failures = self._failures[index]
         delay = 0.0 if failures == 0 else min(FIRST_BACKOFF * 2 ** (failures - 1), MAX_BACKOFF)
         if delay:
             log.warning("worker %d: restarting in %.1f s (%d quick exits in a row)", index, delay, failures)
-        self._restart_timers[index] = self.loop.call_later(delay, self._spawn, index)
+        self._not_before[index] = time.monotonic() + delay
 
     def _retire_totals(self, worker: Worker) -> None:
         if worker.snapshot is None:
@@ -352,38 +709,7 @@ class Supervisor:
             if isinstance(value, int):
                 self.retired_totals[key] = self.retired_totals.get(key, 0) + value
 
-    # -- reload and stop ---------------------------------------------------------------------
-
-    def reload(self) -> None:
-        """SIGHUP: start a new worker for every index; each old one retires once its successor is ready."""
-        if self.stopping:
-            return
-        log.info("SIGHUP: reload: rolling restart of %d workers", self.count)
-        current = {worker.index for worker in self.workers if not worker.retiring}
-        for index in range(self.count):
-            if index in current:
-                self._spawn(index)
-
-    def stop(self, signame: str) -> None:
-        """Stop every worker as a single server stops; a second call closes them now."""
-        if self.stopping:
-            log.warning("%s again: telling the workers to close now", signame)
-            self._signal_all(signal.SIGTERM)
-            return
-        self.stopping = True
-        for timer in self._restart_timers.values():
-            timer.cancel()
-        self._restart_timers.clear()
-        log.info("%s: stopping %d workers", signame, len(self.workers))
-        self._signal_all(signal.SIGTERM)
-        self._kill_timer = self.loop.call_later(self.stop_timeout, self._kill_stragglers)
-        if not self.workers:
-            self._all_stopped()
-
-    def _signal_all(self, signum: int) -> None:
-        for worker in self.workers:
-            if worker.process.poll() is None:
-                worker.process.send_signal(signum)
+    # -- stopping ----------------------------------------------------------------------------------
 
     def _kill_stragglers(self) -> None:
         for worker in self.workers:
@@ -392,9 +718,10 @@ class Supervisor:
                 worker.process.kill()
 
     def _all_stopped(self) -> None:
-        if self._kill_timer is not None:
-            self._kill_timer.cancel()
-            self._kill_timer = None
+        for timer in (self._kill_timer, self._liveness_timer):
+            if timer is not None:
+                timer.cancel()
+        self._kill_timer = self._liveness_timer = None
         if self.on_all_stopped is not None:
             callback, self.on_all_stopped = self.on_all_stopped, None
             callback()
@@ -409,6 +736,11 @@ class Supervisor:
         self.workers.clear()
 
     # -- figures -------------------------------------------------------------------------------
+
+    @property
+    def serving(self) -> int:
+        """Workers accepting clients now."""
+        return sum(worker.state is WorkerState.SERVING for worker in self.workers)
 
     def snapshots(self) -> list[tuple[int, int, dict[str, Any]]]:
         """(index, pid, snapshot) of every worker that has reported, by index."""
@@ -428,6 +760,7 @@ COUNTERS = (
     "events_total",
     "tls_handshakes",
     "tls_handshake_failures",
+    "slow_callbacks",
 )
 #: snapshot fields that are levels: summed over the workers alive now
 LEVELS = ("registered_fds", "process_fds", "connections_open", "write_buffer_bytes")
@@ -438,7 +771,9 @@ class SupervisorStats:
     server's snapshot, meaning all the workers together (counters summed, the exited workers'
     included, so they never go back; ``pid`` the parent's; fds of the parent and the workers
     together; ``fd_usage`` the highest of any worker, since each hits its own limit), plus
-    ``workers``: each worker's own snapshot with its ``index`` and ``pid``."""
+    ``workers``: each worker's own snapshot with its ``index`` and ``pid``.  Loop health is the
+    worst worker's (an average would hide the one that is stuck): utilization and lag the highest,
+    the slowest callback of any; busy seconds and the lag histogram are summed."""
 
     #: the parent's own fd count is refreshed at most this often
     fd_refresh_interval = 1.0
@@ -450,6 +785,8 @@ class SupervisorStats:
         self.started = time.monotonic()
         self._parent_fds: int | None = None
         self._parent_fds_at = -1.0
+        #: set from the first stop signal on
+        self.draining = False
 
     def parent_fds(self) -> int | None:
         now = time.monotonic()
@@ -461,14 +798,33 @@ class SupervisorStats:
             self._parent_fds_at = now
         return self._parent_fds
 
-    def current(self) -> list[tuple[int, int, dict[str, Any]]]:
-        """(index, pid, snapshot) per index: the newest worker of each, so a rolling restart
-        never shows one index twice."""
-        newest: dict[int, tuple[int, int, dict[str, Any]]] = {}
+    def current(self) -> list[Worker]:
+        """The worker that stands for each index, by index: the serving one of the newest generation
+        (or, while none serves there, the newest that has reported), so a rolling restart never
+        shows one index twice."""
+        newest: dict[int, Worker] = {}
         for worker in self.supervisor.workers:
-            if worker.snapshot is not None and (worker.index not in newest or not worker.retiring):
-                newest[worker.index] = (worker.index, worker.pid, worker.snapshot)
+            if worker.snapshot is None:
+                continue
+            rank = (worker.state is WorkerState.SERVING, worker.generation)
+            shown = newest.get(worker.index)
+            if shown is None or rank > (shown.state is WorkerState.SERVING, shown.generation):
+                newest[worker.index] = worker
         return [newest[index] for index in sorted(newest)]
+
+    def worker_row(self, worker: Worker, now: float) -> dict[str, Any]:
+        """One worker in /stats: its own snapshot, and what the parent knows of it."""
+        age = now - worker.heard_at
+        assert worker.snapshot is not None
+        return {
+            "index": worker.index,
+            "pid": worker.pid,
+            **worker.snapshot,
+            "state": worker.state.value,
+            "generation": worker.generation,
+            "snapshot_age_s": round(age, 3),
+            "stale": age > STALE_AFTER,
+        }
 
     def snapshot(self) -> dict[str, Any]:
         everyone = [snap for _, _, snap in self.supervisor.snapshots()]
@@ -494,18 +850,77 @@ class SupervisorStats:
         out["connections_limit"] = None if not limits or None in limits else sum(limits)
         usages = [u for snap in everyone if (u := snap.get("fd_usage")) is not None]
         out["fd_usage"] = max(usages) if usages else usage(parent_fds, out["fd_soft_limit"])
-        out["workers"] = [{"index": index, "pid": pid, **snap} for index, pid, snap in self.current()]
+        now = time.monotonic()
+        shown = self.current()
+        out.update(
+            worst_loop_health([(worker.index, worker.pid, worker.snapshot or {}) for worker in shown]),
+            draining=self.draining,
+        )
+        out["workers"] = [self.worker_row(worker, now) for worker in shown]
+        out["workers_serving"] = self.supervisor.serving
+        out["workers_wanted"] = self.supervisor.count
+        out["worker_timeouts_total"] = self.supervisor.timeouts_total
+        out["generation"] = self.supervisor.generation
         return out
 
     def json(self) -> str:
         return json.dumps(self.snapshot())
 
     def metrics(self) -> str:
-        rows = [({"worker": str(index)}, snap) for index, _, snap in self.current()]
+        now = time.monotonic()
+        shown = self.current()
+        rows = [({"worker": str(worker.index)}, worker.snapshot or {}) for worker in shown]
         extra: list[tuple[str, str, str, float]] = []
         parent_fds = self.parent_fds()
         if parent_fds is not None:
             help_text = "File descriptors open in the supervising parent."
             extra.append(("pollserve_supervisor_open_fds", "gauge", help_text, parent_fds))
-        extra.append(("pollserve_workers", "gauge", "Worker processes that have reported.", len(rows)))
-        return prometheus_page(self.process.pid, self.loop.backend.name, rows, extra)
+        supervisor = self.supervisor
+        extra += [
+            ("pollserve_workers", "gauge", "Worker processes that have reported.", len(rows)),
+            ("pollserve_workers_serving", "gauge", "Workers accepting clients now.", supervisor.serving),
+            ("pollserve_workers_wanted", "gauge", "Workers the server runs when all is well.", supervisor.count),
+            (
+                "pollserve_worker_timeouts_total",
+                "counter",
+                "Workers killed for not reporting within --worker-timeout.",
+                supervisor.timeouts_total,
+            ),
+        ]
+        page = prometheus_page(self.process.pid, self.loop.backend.name, rows, extra)
+        ages = [(worker.index, now - worker.heard_at) for worker in shown]
+        lines = [
+            "# HELP pollserve_worker_snapshot_age_seconds Seconds since the worker last reported.",
+            "# TYPE pollserve_worker_snapshot_age_seconds gauge",
+            *(f'pollserve_worker_snapshot_age_seconds{{worker="{index}"}} {age:.3f}' for index, age in ages),
+            f"# HELP pollserve_worker_stale Whether the worker has been silent for more than {STALE_AFTER:g} s.",
+            "# TYPE pollserve_worker_stale gauge",
+            *(f'pollserve_worker_stale{{worker="{index}"}} {int(age > STALE_AFTER)}' for index, age in ages),
+        ]
+        return page + ("\n".join(lines) + "\n" if ages else "")
+
+
+def worst_loop_health(workers: list[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
+    """The whole server's loop health keys from its workers' (see SupervisorStats)."""
+    snaps = [snap for _, _, snap in workers]
+    out: dict[str, Any] = {}
+    if not snaps:
+        return out
+    out["loop_window_s"] = snaps[0].get("loop_window_s")
+    for key in ("loop_utilization", "loop_lag_p50_s", "loop_lag_p99_s", "loop_lag_max_s"):
+        values = [value for snap in snaps if (value := snap.get(key)) is not None]
+        out[key] = max(values) if values else None
+    out["loop_busy_s"] = round(sum(snap.get("loop_busy_s") or 0 for snap in snaps), 6)
+    histograms = [snap.get("loop_lag_buckets") or [] for snap in snaps]
+    width = max(map(len, histograms))
+    if all(len(counts) == width for counts in histograms):
+        out["loop_lag_buckets"] = [sum(column) for column in zip(*histograms, strict=True)]
+        out["loop_lag_sum_s"] = round(sum(snap.get("loop_lag_sum_s") or 0 for snap in snaps), 6)
+    slowest = [
+        (snap["slowest_callback_s"], f"worker {index}: {snap['slowest_callback']}")
+        for index, _, snap in workers
+        if snap.get("slowest_callback") and snap.get("slowest_callback_s") is not None
+    ]
+    if slowest:
+        out["slowest_callback_s"], out["slowest_callback"] = max(slowest)
+    return out

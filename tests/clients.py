@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -104,3 +105,122 @@ def request_rounds(
         selector.close()
         for sock in socks:
             sock.close()
+
+
+class SlowClients:
+    """``count`` clients that connect, send one byte and wait, on a thread until stop().
+
+    The hostile version of a slow client: one the server closes is replaced at once, so a slot
+    it frees is taken again.  Bounded in time (``limit`` seconds) and in connections opened.
+    """
+
+    def __init__(self, address: tuple[str, int], count: int, *, first: bytes = b"G", limit: float = 120) -> None:
+        self.address = address
+        self.count = count
+        self.first = first
+        self.limit = limit
+        #: connections whose first byte was sent, and those the server closed since
+        self.sent = 0
+        self.closed_by_server = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        deadline = time.monotonic() + self.limit
+        opened = 0
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                while len(selector.get_map()) < self.count and opened < 100 * self.count:
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    opened += 1
+                    try:
+                        sock.connect(self.address)
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        sock.close()
+                        break
+                    selector.register(sock, selectors.EVENT_WRITE)
+                for key, mask in selector.select(0.1):
+                    sock = key.fileobj
+                    try:
+                        if mask & selectors.EVENT_WRITE:
+                            sock.send(self.first)
+                            self.sent += 1
+                            selector.modify(sock, selectors.EVENT_READ)
+                            continue
+                        if sock.recv(65536):
+                            continue  # an answer (a 408, say): wait for the close
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        pass
+                    self.closed_by_server += 1
+                    selector.unregister(sock)
+                    sock.close()
+        finally:
+            for key in list(selector.get_map().values()):
+                key.fileobj.close()
+            selector.close()
+
+    def wait_sent(self, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sent < count:
+            assert time.monotonic() < deadline, f"only {self.sent} of {count} slow clients sent their byte"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop and close every connection (the server sees their EOF)."""
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the slow clients' thread is stuck"
+
+
+def flood_metrics(address: tuple[str, int], concurrency: int, stop: threading.Event, outcomes: dict[str, int]) -> None:
+    """Keep `concurrency` GET /metrics in flight until stop is set; count answers by status."""
+    selector = selectors.DefaultSelector()
+    replies: dict[socket.socket, bytearray] = {}
+
+    def open_one() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(address)
+        replies[sock] = bytearray()
+        selector.register(sock, selectors.EVENT_WRITE)
+
+    def finish(sock: socket.socket, outcome: str) -> None:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        selector.unregister(sock)
+        del replies[sock]
+        sock.close()
+
+    for _ in range(concurrency):
+        open_one()
+    while not stop.is_set():
+        for key, mask in selector.select(0.1):
+            sock = key.fileobj
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                finish(sock, type(exc).__name__)
+                open_one()
+                continue
+            if data:
+                replies[sock] += data
+                continue
+            reply = bytes(replies[sock])
+            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
+            open_one()
+    for sock in list(replies):
+        finish(sock, "unfinished")
+    selector.close()

@@ -1,6 +1,7 @@
 """User apps loaded by the end-to-end tests through ``--app sample_apps:NAME``."""
 
 import os
+import time
 
 from pollserve import Protocol
 
@@ -89,3 +90,25 @@ class WhichBuild(Protocol):
         from pollserve import compiled
 
         self.transport.write(f"{os.getpid()} {compiled.build()}\n".encode())
+
+
+#: how long Sleepy holds the loop on every chunk
+SLEEPY_SECONDS = 0.3
+
+
+class Sleepy(Protocol):
+    """Blocks the loop 300 ms on every chunk, as an app calling a slow library would, then echoes it."""
+
+    def data_received(self, data: bytes) -> None:
+        time.sleep(SLEEPY_SECONDS)
+        self.transport.write(data)
+
+
+class Spin(Protocol):
+    """Burns the CPU 20 ms on every chunk, then echoes it: steady input keeps the loop saturated."""
+
+    def data_received(self, data: bytes) -> None:
+        deadline = time.perf_counter() + 0.02
+        while time.perf_counter() < deadline:
+            pass
+        self.transport.write(data)

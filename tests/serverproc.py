@@ -71,6 +71,7 @@ class ServerProcess:
         preexec_fn=None,
         launcher: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
+        start_new_session: bool = False,
     ) -> None:
         if "--port" not in args and "--unix" not in args:
             args = ("--port", "0", *args)
@@ -84,6 +85,7 @@ class ServerProcess:
             text=True,
             preexec_fn=preexec_fn,
             pass_fds=pass_fds,
+            start_new_session=start_new_session,
         )
         self.lines: list[str] = []
         self._listening = threading.Event()

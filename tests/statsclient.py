@@ -12,8 +12,8 @@ def stats_address(server) -> tuple[str, int]:
     return found[1].strip("[]"), int(found[2])
 
 
-def http_get(address: tuple[str, int], path: str) -> tuple[int, str, bytes]:
-    conn = http.client.HTTPConnection(*address, timeout=10)
+def http_get(address: tuple[str, int], path: str, timeout: float = 10) -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection(*address, timeout=timeout)
     try:
         conn.request("GET", path)
         response = conn.getresponse()

@@ -124,7 +124,8 @@ class TestBackendChoice:
             result = run_pollserve("--port", "0", env={"POLLSERVE_BACKEND": "iocp"})
         assert result.returncode == 2
         known = ", ".join(["auto", *BACKENDS])
-        assert result.stderr.strip() == f"pollserve: unknown backend 'iocp' (known: {known}; or MODULE:CLASS)"
+        source = "POLLSERVE_BACKEND=iocp: " if where == "env" else ""  # the user may not know it is set
+        assert result.stderr.strip() == f"pollserve: {source}unknown backend 'iocp' (known: {known}; or MODULE:CLASS)"
 
     def test_backends_table(self) -> None:
         result = run_pollserve("backends")

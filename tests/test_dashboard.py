@@ -10,15 +10,18 @@ import http.server
 import json
 import os
 import re
+import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from browser import Chromium, DevTools, Dom, png_size, require_chromium
 from clients import connect, recv_exactly
 from statsclient import get_stats, stats_address, wait_for
+from test_health import TESTS_DIR, steady_input
+from transports import RecordingTransport
 
 from pollserve.dashboard import page
 from pollserve.http import HTTPEndpoint, Response
@@ -27,18 +30,6 @@ from pollserve.service import STATS_RATE, stats_routes
 
 HELLO = b"Hello world\n"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-
-class RecordingTransport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class FixedCollector:
@@ -134,7 +125,7 @@ class TestResponse:
         routes = stats_routes(FixedCollector())
         assert request(b"GET / HTTP/1.0\r\n\r\n", routes, limit)[0] == 200
         status, headers, _ = request(b"GET / HTTP/1.0\r\n\r\n", routes, limit)
-        assert status == 503 and headers["retry-after"] == "1"
+        assert status == 429 and headers["retry-after"] == "1"
         assert "content-security-policy" not in headers
 
     def test_other_routes_unchanged(self) -> None:
@@ -238,7 +229,7 @@ class TestInBrowser:
         assert digits(dom.text["accepted"]) == stats["connections_accepted"] == 3
         assert digits(dom.text["fd-limit"]) == stats["fd_soft_limit"]
         assert "hidden" in dom.attrs["banner"] and "hidden" in dom.attrs["workers-card"]
-        assert dom.count("path", "series") == 2, "both time series drawn"
+        assert dom.count("path", "series") == 3, "fds, connections and lag drawn"
 
     def test_screenshot_for_the_readme(self, start_server, chromium_path: str, tmp_path: Path) -> None:
         """The README's screenshot, in real time: clients join a server one a second, towards its
@@ -268,7 +259,7 @@ class TestInBrowser:
             browser.wait_until(LIVE, what="the page live")
             assert browser.evaluate("document.documentElement.scrollWidth") <= 360
             widths = browser.evaluate("[...document.querySelectorAll('.chart svg')].map((svg) => svg.clientWidth)")
-            assert len(widths) == 2 and all(280 <= width <= 360 for width in widths), widths
+            assert len(widths) == 3 and all(280 <= width <= 360 for width in widths), widths
             browser.screenshot(tmp_path / "phone.png")
         assert png_size(tmp_path / "phone.png") == (360, 740)
 
@@ -284,6 +275,90 @@ class TestInBrowser:
         shown = dom.text["workers"]
         for worker in stats["workers"]:
             assert f"#{worker['index']}{worker['pid']}" in shown
+            assert f"of {worker['fd_soft_limit']:,}".replace(",", "\u202f") in shown, "each against its own limit"
+        # The gauge: the fullest worker's fds against that worker's limit, not every process's fds
+        # (the parent's included) against one worker's.
+        fullest = max(stats["workers"], key=lambda worker: worker["fd_usage"])
+        assert f"in worker #{fullest['index']}" in dom.text["fd-limit"]
+        assert digits(dom.text["fds"]) < stats["process_fds"]
+        assert abs(digits(dom.text["fds"]) - fullest["process_fds"]) <= 2
+        assert "%" in dom.text["loop-utilization"]
+
+    def test_loop_health_from_the_dom(self, start_server, chromium: Chromium) -> None:
+        """An app holding the loop 300 ms per chunk under steady input: the page shows the busy
+        loop, the lag above 250 ms and the slow callback by name, as /stats has them."""
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", env={"PYTHONPATH": TESTS_DIR})
+        address = stats_address(server)
+        with steady_input(server.address):
+            wait_for(lambda: (get_stats(address)["loop_lag_p99_s"] or 0) > 0.25, timeout=20, what="lag above 250 ms")
+            dom = Dom(chromium.dump_dom(page_url(address)))
+            stats = get_stats(address)
+        assert dom.text["state"].strip() == "live"
+        assert float(dom.text["loop-utilization"].rstrip("%")) > 50
+        assert float(dom.attrs["util-meter"]["aria-valuenow"]) > 50
+        assert "warn" in dom.attrs["util-meter"]["class"] or float(dom.attrs["util-meter"]["aria-valuenow"]) < 80
+        p99 = dom.text["lag-p99"]
+        assert (p99.endswith(" ms") and float(p99.split()[0]) > 250) or p99.endswith(" s"), p99
+        assert digits(dom.text["slow-callbacks"]) >= 1 and stats["slow_callbacks"] >= digits(dom.text["slow-callbacks"])
+        assert "sample_apps:Sleepy.data_received on 127.0.0.1:" in dom.text["slowest"]
+        assert dom.count("path", "series") == 3, "the lag series drawn beside fds and connections"
+        assert "now" in dom.text["lag-chart"]
+
+    def test_time_axis_is_labelled_at_regular_steps(self, start_server, chromium: Chromium) -> None:
+        server = start_server("--stats-port", "0")
+        dom = Dom(chromium.dump_dom(page_url(stats_address(server)), budget_ms=8000))
+        labels = re.findall(r"\u2212(\d+) s", dom.text["fd-chart"])
+        steps = [int(label) for label in labels]
+        assert len(steps) >= 2, dom.text["fd-chart"]
+        assert steps == [steps[0] * (i + 1) for i in range(len(steps))], "evenly spaced back from now"
+        assert "now" in dom.text["fd-chart"]
+
+    def test_draining_after_sigterm(self, start_server, chromium: Chromium) -> None:
+        server = start_server("--stats-port", "0", "--drain-delay", "30")
+        address = stats_address(server)
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: get_stats(address)["draining"], what="draining in /stats")
+        dom = Dom(chromium.dump_dom(page_url(address)))
+        assert dom.text["state"].startswith("draining"), dom.text["state"]
+        assert dom.attrs["state"]["class"] == "draining"
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+
+    def test_rates_by_the_server_clock_under_virtual_time(self, chromium: Chromium) -> None:
+        """Under --virtual-time-budget the page's seconds pass in milliseconds of the server's:
+        two polls a page-second apart are 5 ms apart on the server's clock, and see no traffic
+        between them, though 1 KiB a second flows (in a chunk every 0.2 s).  Rates by the
+        server's own clock (uptime_s) over a span long enough still show it."""
+
+        def snapshot(count: int) -> dict:
+            uptime = 3.0 + 0.005 * count
+            return dict(SNAPSHOT, uptime_s=uptime, bytes_in=1024 * int(uptime / 0.2) // 5, loop_iterations=50 + count)
+
+        with stand_in_endpoint(answers=4, snapshot=snapshot) as address:
+            dom = Dom(chromium.dump_dom(page_url(address)))
+        rate = dom.text["bytes-in-rate"]
+        assert rate.endswith("/s") and not rate.startswith("0 B"), rate
+        assert 900 <= float(rate.split()[0]) <= 1100, rate
+        assert dom.text["rate-span"] == "since the server started"
+
+    def test_a_silent_worker_is_marked_stale(self, start_server, chromium: Chromium) -> None:
+        """A worker held with SIGSTOP stops reporting: its row says how long it has been silent."""
+        server = start_server("--workers", "2", "--stats-port", "0", "--worker-timeout", "0")
+        address = stats_address(server)
+        wait_for(lambda: len(get_stats(address)["workers"]) == 2, timeout=20, what="2 workers reporting")
+        silent = {row["index"]: row["pid"] for row in get_stats(address)["workers"]}[1]
+        os.kill(silent, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: [row["stale"] for row in get_stats(address)["workers"]] == [False, True],
+                timeout=10,
+                what="worker 1 stale",
+            )
+            dom = Dom(chromium.dump_dom(page_url(address)))
+        finally:
+            os.kill(silent, signal.SIGCONT)
+        assert dom.count("tr", "worker") == 2 and dom.count("tr", "stale") == 1
+        assert re.search(rf"#1{silent} silent \d+ s", dom.text["workers"]), dom.text["workers"]
 
     def test_says_so_when_the_server_stops_answering(self, chromium: Chromium) -> None:
         """A stand-in endpoint answers twice, then closes each request unanswered: the page says
@@ -296,7 +371,7 @@ class TestInBrowser:
         assert "the history is kept" in dom.text["banner"]
         assert dom.text["pid"] == "4242" and dom.text["backend"] == "poll"
         assert digits(dom.text["connections-open"]) == 5
-        assert dom.count("path", "series") == 2, "the history is still drawn"
+        assert dom.count("path", "series") == 2, "the history is still drawn (no lag in this stand-in)"
         assert "no answer" in dom.text["fd-chart"]
 
     def test_the_browser_enforces_the_policy(self, chromium: Chromium) -> None:
@@ -338,9 +413,12 @@ SNAPSHOT = {
 
 
 @contextlib.contextmanager
-def stand_in_endpoint(answers: int, policy: str | None = None) -> Iterator[tuple[str, int]]:
+def stand_in_endpoint(
+    answers: int, policy: str | None = None, snapshot: Callable[[int], dict] | None = None
+) -> Iterator[tuple[str, int]]:
     """Serves the real page (with another Content-Security-Policy if given), then /stats
-    ``answers`` times; later requests get no answer at all."""
+    ``answers`` times (the ``snapshot`` of each answer's number, or SNAPSHOT a second later each
+    time); later requests get no answer at all."""
     served = {"stats": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -353,7 +431,8 @@ def stand_in_endpoint(answers: int, policy: str | None = None) -> Iterator[tuple
                 self._send(dashboard.content_type, dashboard.body, headers.items())
             elif self.path == "/stats" and served["stats"] < answers:
                 served["stats"] += 1
-                snap = dict(SNAPSHOT, uptime_s=SNAPSHOT["uptime_s"] + served["stats"])
+                count = served["stats"]
+                snap = snapshot(count) if snapshot else dict(SNAPSHOT, uptime_s=SNAPSHOT["uptime_s"] + count)
                 self._send("application/json", json.dumps(snap).encode())
             else:
                 self.close_connection = True  # closed unanswered: the client sees the server gone

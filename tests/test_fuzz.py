@@ -5,6 +5,7 @@
   sent before hanging up, in order, on every available backend.
 - HTTP: any byte sequence fed to the parser raises nothing but BadRequest, and the endpoint
   answers any of them with one well-formed response.
+- The stats endpoint's slots: a model-based test of which connection is closed to make room.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from clients import connect, recv_exactly, reset  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 from inprocess import in_loop, serving, wait_until  # noqa: E402
+from transports import RecordingTransport  # noqa: E402
 
 from pollserve.apps import Echo  # noqa: E402
-from pollserve.http import BadRequest, HTTPEndpoint, find_head_end, parse_head  # noqa: E402
+from pollserve.http import BadRequest, HTTPEndpoint, Slots, find_head_end, parse_head  # noqa: E402
 
 #: how a client hangs up: after reading all its echo (half-close, close, reset), or by a reset
 #: while the server may still be writing to it ("reset-early", which expects nothing back)
@@ -222,3 +225,75 @@ def test_endpoint_answers_any_bytes_with_one_well_formed_response(chunks: list[b
     assert int(headers[b"Content-Length"]) >= len(body)
     if not b"".join(chunks).startswith(b"HEAD "):
         assert int(headers[b"Content-Length"]) == len(body)
+
+
+# -- the stats endpoint's slots: a model of which connection makes room ------------------------------
+
+
+class SlotsMachine(RuleBasedStateMachine):
+    """Connections arrive, send part of a request or all of it, stop reading, go away, in any
+    order.  Invariant: the endpoint holds at most `size` of them, exactly the live ones; a
+    newcomer at the cap closes exactly the one the model names -- the oldest answered one whose
+    response is out, else the oldest that has not sent a whole request (with a 408), else the
+    oldest still flushing -- and nobody else."""
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots = Slots(self.SIZE)
+        self.routes = {"/healthz": lambda: ("text/plain", b"ok\n")}
+        #: live connections, oldest first: [endpoint, transport]
+        self.live: list[tuple[HTTPEndpoint, RecordingTransport]] = []
+
+    def expected_victim(self) -> tuple[HTTPEndpoint, RecordingTransport]:
+        for kind in (
+            lambda e, t: e.answered and not t.unflushed,
+            lambda e, t: not e.answered,
+            lambda e, t: True,
+        ):
+            for pair in self.live:
+                if kind(*pair):
+                    return pair
+        raise AssertionError("nothing to evict")
+
+    @rule()
+    def connect(self) -> None:
+        victim = self.expected_victim() if len(self.live) >= self.SIZE else None
+        was_answered = victim is not None and victim[0].answered
+        endpoint = HTTPEndpoint(self.routes, slots=self.slots)
+        transport = RecordingTransport()
+        endpoint.connection_made(transport)
+        if victim is not None:
+            assert victim[1].aborted, "the model's victim was not closed"
+            if not was_answered:
+                assert victim[1].written.startswith(b"HTTP/1.1 408 ")
+            self.live.remove(victim)
+        self.live.append((endpoint, transport))
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(min_value=0), whole=st.booleans())
+    def send(self, index: int, whole: bool) -> None:
+        endpoint, _ = self.live[index % len(self.live)]
+        endpoint.data_received(b"GET /healthz HTTP/1.0\r\n\r\n" if whole else b"GET /hea")
+
+    @precondition(lambda self: any(e.answered for e, _ in self.live))
+    @rule(index=st.integers(min_value=0))
+    def stop_reading(self, index: int) -> None:
+        answered = [pair for pair in self.live if pair[0].answered]
+        answered[index % len(answered)][1].unflushed = 1000
+
+    @precondition(lambda self: self.live)
+    @rule(index=st.integers(min_value=0))
+    def go_away(self, index: int) -> None:
+        endpoint, _ = self.live.pop(index % len(self.live))
+        endpoint.connection_lost(None)
+
+    @invariant()
+    def holds_exactly_the_live_ones(self) -> None:
+        assert len(self.slots) == len(self.live) <= self.SIZE
+        assert not any(transport.aborted for _, transport in self.live)
+
+
+TestSlotsMachine = SlotsMachine.TestCase
+TestSlotsMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

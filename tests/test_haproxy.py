@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clients import SlowClients, flood_metrics
 from statsclient import get_stats, http_get, stats_address, wait_for
 
 HAPROXY = shutil.which("haproxy")
@@ -225,3 +226,41 @@ def test_sigterm_under_load_drains_without_a_client_error(balanced) -> None:
     leaving.wait_for_log(r"SIGTERM: draining: /healthz answers 503; still accepting for 4 s")
     leaving.wait_for_log(r"stopped: \d+ connections accepted")
     assert get_stats(staying_stats)["connections_accepted"] > staying_before
+
+
+def test_both_instances_stay_up_under_slow_clients_and_a_metrics_flood_on_their_stats_ports(balanced) -> None:
+    """The finding: 64 clients per instance that send one byte to the stats port and wait made
+    HAProxy mark both healthy instances DOWN (checks time out after 2 s, two failures take one
+    out) and serve nobody.  Here each stats port also gets a /metrics flood, for the whole of
+    several check rounds; every client through HAProxy must be served, and no instance go DOWN."""
+    frontend, instances, haproxy = balanced
+    crowds = [SlowClients(stats_address(instance), 64) for instance in instances]
+    stop = threading.Event()
+    outcomes: list[dict[str, int]] = [{}, {}]
+    flooders = [
+        threading.Thread(target=flood_metrics, args=(stats_address(instance), 50, stop, counts), daemon=True)
+        for instance, counts in zip(instances, outcomes, strict=True)
+    ]
+    served = 0
+    try:
+        for crowd in crowds:
+            crowd.wait_sent(64)
+        for flooder in flooders:
+            flooder.start()
+        started = time.monotonic()
+        while time.monotonic() - started < 10:  # before the fix: both DOWN after about 5 s
+            ask(frontend)
+            served += 1
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for crowd in crowds:
+            crowd.stop()
+        for flooder in flooders:
+            flooder.join(30)
+    down = [line for line in haproxy.lines if "is DOWN" in line]
+    assert down == [], down
+    assert served >= 60
+    assert all(crowd.closed_by_server > 0 for crowd in crowds)  # the endpoint made room
+    assert all(counts.get("429", 0) > 0 for counts in outcomes), outcomes  # and the flood was bounded
+    assert all(instance.alive() for instance in instances)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import selectors
 import signal
 import socket
 import sys
@@ -17,13 +16,15 @@ import threading
 import time
 
 import pytest
-from clients import connect, recv_exactly, recv_until_eof, request_rounds, reset
+from clients import SlowClients, connect, flood_metrics, recv_exactly, recv_until_eof, request_rounds, reset
 from conftest import AVAILABLE
 from serverproc import run_pollserve
 from statsclient import get_stats, http_get, stats_address, wait_for
 
 POSIX = sys.platform != "win32"
 HELLO = b"Hello world\n"
+#: `timeout check` in contrib/haproxy/haproxy.cfg: a /healthz answer later than this is a failed check
+HEALTH_CHECK_TIMEOUT = 2.0
 
 pytestmark = pytest.mark.skipif(not POSIX, reason="RLIMIT_NOFILE and signals are POSIX")
 
@@ -303,7 +304,8 @@ class TestStatsEndpoint:
 
     def test_flood_of_metrics_clients_leaves_the_app_serving(self, start_server) -> None:
         """A bound, not a speed target (benchmarks/bench_stats_flood.py measures the ratio):
-        the app answers during a flood, the endpoint answers only 200 or 503, and stays reachable."""
+        the app answers during a flood, the endpoint answers only 200 or 429 (or 408 to a flooder
+        too slow to send its request before newer ones needed its slot), and stays reachable."""
         server = start_server("--stats-port", "0")
         stats = stats_address(server)
         stop = threading.Event()
@@ -317,10 +319,82 @@ class TestStatsEndpoint:
             stop.set()
             flooder.join(30)
         assert not flooder.is_alive()
-        assert set(outcomes) <= {"200", "503", "unfinished"}, outcomes
-        assert outcomes.get("200", 0) > 0 and outcomes.get("503", 0) > 0, outcomes
+        # A reset: a flooder whose request came just after it was closed to make room.
+        assert set(outcomes) <= {"200", "429", "408", "ConnectionResetError", "unfinished"}, outcomes
+        assert outcomes.get("200", 0) > 0 and outcomes.get("429", 0) > 0, outcomes
         wait_for(lambda: http_get(stats, "/stats")[0] == 200, timeout=15, what="the endpoint answering 200 again")
         assert "Traceback" not in server.log
+
+    def test_healthz_answers_within_the_check_timeout_under_64_slow_clients(self, start_server) -> None:
+        """64 clients that send one byte and wait (each replaced as soon as it is closed) used to
+        hold the endpoint's 16 connections for 5 s each while a health check waited behind them in
+        the backlog: HAProxy, whose check times out after 2 s, marked a healthy server DOWN."""
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        crowd = SlowClients(stats, 64)
+        try:
+            crowd.wait_sent(64)
+            time.sleep(0.5)  # all of them connected and silent
+            for _ in range(10):
+                assert http_get(stats, "/healthz", timeout=HEALTH_CHECK_TIMEOUT)[0] == 200
+                time.sleep(0.2)
+            assert crowd.closed_by_server > 0  # they were closed to make room, not served forever
+        finally:
+            crowd.stop()
+        assert server.alive() and "Traceback" not in server.log
+
+    def test_healthz_is_neither_refused_nor_late_during_a_metrics_flood(self, start_server) -> None:
+        """/healthz draws on a budget of its own: a /metrics flood gets 429s, and /healthz 200."""
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        stop = threading.Event()
+        outcomes: dict[str, int] = {}
+        flooder = threading.Thread(target=flood_metrics, args=(stats, 100, stop, outcomes), daemon=True)
+        flooder.start()
+        try:
+            time.sleep(1.0)
+            for _ in range(10):
+                assert http_get(stats, "/healthz", timeout=HEALTH_CHECK_TIMEOUT)[0] == 200
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            flooder.join(30)
+        assert not flooder.is_alive()
+        assert outcomes.get("429", 0) > 0 and "503" not in outcomes, outcomes
+        assert "Traceback" not in server.log
+
+    def test_a_healthz_flood_is_bounded_with_429_never_503(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        statuses = [http_get(stats, "/healthz")[0] for _ in range(60)]  # faster than 20 a second
+        assert set(statuses) == {200, 429}, statuses
+        assert http_get(stats, "/metrics")[0] == 200  # the other budget is untouched
+        assert server.alive()
+
+    @pytest.mark.slow
+    def test_500_slow_clients_then_healthz_answers_within_5_s(self, start_server) -> None:
+        """500 slow clients: the server stays up, a check waits behind at most 500 of them in the
+        backlog and still answers within its timeout (before the fix it waited 10 s and more), and
+        once they stop, /healthz answers within 5 s."""
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        crowd = SlowClients(stats, 500)
+        try:
+            crowd.wait_sent(500)
+            for _ in range(3):
+                assert http_get(stats, "/healthz", timeout=HEALTH_CHECK_TIMEOUT)[0] == 200
+            assert server.alive()
+        finally:
+            crowd.stop()
+        stopped = time.monotonic()
+        while True:
+            try:
+                if http_get(stats, "/healthz", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() - stopped < 5, "/healthz did not answer within 5 s of the clients stopping"
+        assert server.alive() and "Traceback" not in server.log
 
     @pytest.mark.slow
     def test_flood_with_10000_idle_app_connections_leaves_the_app_serving(self, start_server) -> None:
@@ -351,53 +425,6 @@ class TestStatsEndpoint:
         assert not flooder.is_alive()
         assert outcomes.get("200", 0) > 0, outcomes
         assert "Traceback" not in server.log
-
-
-def flood_metrics(address: tuple[str, int], concurrency: int, stop: threading.Event, outcomes: dict[str, int]) -> None:
-    """Keep `concurrency` GET /metrics in flight until stop is set; count answers by status."""
-    selector = selectors.DefaultSelector()
-    replies: dict[socket.socket, bytearray] = {}
-
-    def open_one() -> None:
-        sock = socket.socket()
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect(address)
-        replies[sock] = bytearray()
-        selector.register(sock, selectors.EVENT_WRITE)
-
-    def finish(sock: socket.socket, outcome: str) -> None:
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        selector.unregister(sock)
-        del replies[sock]
-        sock.close()
-
-    for _ in range(concurrency):
-        open_one()
-    while not stop.is_set():
-        for key, mask in selector.select(0.1):
-            sock = key.fileobj
-            try:
-                if mask & selectors.EVENT_WRITE:
-                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    selector.modify(sock, selectors.EVENT_READ)
-                    continue
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                finish(sock, type(exc).__name__)
-                open_one()
-                continue
-            if data:
-                replies[sock] += data
-                continue
-            reply = bytes(replies[sock])
-            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
-            open_one()
-    for sock in list(replies):
-        finish(sock, "unfinished")
-    selector.close()
 
 
 def test_sigterm_while_100_clients_are_mid_transfer(start_server, backend_name: str) -> None:

@@ -54,6 +54,15 @@ class Misnamed(PollBackend):
     name = "something-else"
 
 
+class Refused(PollBackend):
+    # a backend whose system call the kernel or a sandbox refuses
+
+    name = "refused"
+
+    def __init__(self):
+        raise PermissionError(1, "Operation not permitted: no /dev/thing in this container")
+
+
 class Moody(PollBackend):
     name = "moody"
 
@@ -206,6 +215,15 @@ class TestLookup:
         with pytest.raises(BackendUnavailableError, match=r"^backend 'unavailable' is not available on this system"):
             get_backend("unavailable")
 
+    def test_a_backend_whose_creation_fails_says_why(self, installed: Path) -> None:
+        """is_available() is False for it, as for a missing primitive; the OSError is the user's to see."""
+        with pytest.raises(BackendUnavailableError) as caught:
+            get_backend("fake_backends:Refused")
+        assert str(caught.value).startswith(
+            "backend 'fake_backends:Refused' cannot be created here: "
+            "PermissionError: [Errno 1] Operation not permitted: no /dev/thing in this container (available: "
+        ), caught.value
+
     def test_unknown_name_lists_the_plugins_without_importing_them(self, installed: Path) -> None:
         with pytest.raises(BackendUnavailableError) as caught:
             get_backend("nope")
@@ -326,7 +344,11 @@ class TestCommand:
         ("args", "env", "message"),
         [
             (["--backend", "broken"], {}, "pollserve: backend plugin 'broken' (broken_backend:Broken) of package "),
-            ([], {"POLLSERVE_BACKEND": "broken"}, "pollserve: backend plugin 'broken' (broken_backend:Broken) of "),
+            (
+                [],
+                {"POLLSERVE_BACKEND": "broken"},
+                "pollserve: POLLSERVE_BACKEND=broken: backend plugin 'broken' (broken_backend:Broken) of ",
+            ),
             (["--backend", "nope_xyz:Backend"], {}, "pollserve: cannot import module 'nope_xyz': ModuleNotFound"),
             ([], {AUTO_PLUGINS_ENV: "good", "POLLSERVE_BACKEND": ""}, "pollserve: POLLSERVE_AUTO_PLUGINS names 'good'"),
         ],

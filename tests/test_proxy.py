@@ -488,7 +488,7 @@ def test_healthz_route(draining: bool, status: int, body: bytes) -> None:
     endpoint = HTTPEndpoint({"/healthz": health.route})
     transport = Written()
     endpoint.connection_made(transport)
-    endpoint.data_received(b"GET /healthz HTTP/1.1\r\n\r\n")
+    endpoint.data_received(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.data.startswith(f"HTTP/1.1 {status} ".encode()) and transport.data.endswith(b"\r\n\r\n" + body)
 
 
@@ -553,6 +553,19 @@ class TestEndToEnd:
             sock.sendall(v1() + b"hi")
             assert closed_by_server(sock)
         server.wait_for_log(r"connections closed from peers outside --proxy-from: 127\.0\.0\.1:\d+ may not send")
+
+    def test_debug_log_says_the_layer_refused_them(self, start_server) -> None:
+        """The app never saw these connections: not "closed by the app"."""
+        server = start_server("--log-level", "debug", "--proxy-protocol", "--proxy-from", "10.0.0.0/8")
+        with connect(server.address) as sock:
+            assert closed_by_server(sock)
+        server.wait_for_log(r"DEBUG app: closed .*: refused by the PROXY layer: the peer is outside --proxy-from$")
+        inside = start_server("--log-level", "debug", "--proxy-protocol", "--proxy-from", "127.0.0.0/8,::1")
+        with connect(inside.address) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert closed_by_server(sock)
+        inside.wait_for_log(r"DEBUG app: closed .*: refused by the PROXY layer: bad PROXY header: ")
+        assert "closed by the app" not in server.log + inside.log
 
     def test_without_the_option_a_header_is_just_bytes(self, start_server) -> None:
         server = start_server("--app", "echo")

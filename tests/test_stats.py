@@ -43,6 +43,18 @@ SNAPSHOT_KEYS = [
     "uptime_s",
     "tls_handshakes",
     "tls_handshake_failures",
+    "loop_window_s",
+    "loop_utilization",
+    "loop_busy_s",
+    "loop_lag_p50_s",
+    "loop_lag_p99_s",
+    "loop_lag_max_s",
+    "loop_lag_buckets",
+    "loop_lag_sum_s",
+    "slow_callbacks",
+    "slowest_callback",
+    "slowest_callback_s",
+    "draining",
 ]
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})? (?P<value>\S+)$")
 
@@ -131,7 +143,10 @@ class TestEndpoint:
         for metric, field in METRIC_FIELDS.items():
             if stats[field] is None:
                 assert metric not in metrics  # unknown or unbounded: left out, not faked
-            elif field in ("registered_fds", "process_fds", "fd_usage", "loop_iterations", "events_total", "uptime_s"):
+            elif field in (
+                *("registered_fds", "process_fds", "fd_usage", "loop_iterations", "events_total", "uptime_s"),
+                *("loop_utilization", "loop_busy_s"),
+            ):
                 assert metric in metrics  # these move between two requests
             else:
                 assert metrics[metric] == stats[field], metric
@@ -146,10 +161,16 @@ class TestEndpoint:
             if os.environ.get("CI"):
                 pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
             pytest.skip("promtool not installed (apt-get install prometheus)")
-        server = start_server("--stats-port", "0")
-        _, _, body = http_get(stats_address(server), "/metrics")
-        result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
+        for args in ((), ("--workers", "2")):  # a single server's page, and a supervising parent's
+            server = start_server("--stats-port", "0", *args)
+            address = stats_address(server)
+            if args:
+                wait_for(lambda at=address: len(get_stats(at)["workers"]) == 2, timeout=20, what="2 workers reporting")
+            _, _, body = http_get(address, "/metrics")
+            if args:
+                assert b"pollserve_workers_serving 2" in body and b"pollserve_worker_timeouts_total 0" in body
+            result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
 
     def test_other_paths_and_bad_requests(self, start_server) -> None:
         server = start_server("--stats-port", "0")

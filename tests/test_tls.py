@@ -824,7 +824,9 @@ def metrics(address) -> dict[str, float]:
 
 def test_cli_serves_tls_and_counts_handshakes(start_server, backend_name: str, certs: Certs) -> None:
     server = start_server("--backend", backend_name, "--app", "echo", "--stats-port", "0", *tls_args(certs))
-    server.wait_for_log(r"TLS: certificate .*cert\.pem, TLS 1\.2 and later, handshake timeout 5 s")
+    server.wait_for_log(
+        r"TLS: certificate .*cert\.pem, TLS 1\.3, and TLS 1\.2 with ECDHE and AEAD ciphers, handshake timeout 5 s"
+    )
     address = stats_address(server)
     with tls_connect(server.address, certs.client_context()) as sock:
         sock.sendall(b"hello")

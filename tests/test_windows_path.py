@@ -88,7 +88,7 @@ def test_server_end_to_end(start_server) -> None:
     assert exchange(server.address, payload, len(payload)) == payload
     found = server.wait_for_log(r"stats on http://127\.0\.0\.1:(\d+)")
     with socket.create_connection(("127.0.0.1", int(found[1])), timeout=10) as sock:
-        sock.sendall(b"GET /stats HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
     server.signal(signal.SIGTERM)
     assert server.wait() == 0

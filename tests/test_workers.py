@@ -16,35 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from clients import connect, recv_exactly
+from clients import connect, exchange, recv_exactly, recv_until_eof
 from statsclient import get_stats, http_get, stats_address, wait_for
+from workerprocs import HELLO, ask, deploy, deployed_env, healthz, live_children, worker_pids
 
 psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="workers are POSIX processes with signals")
 
-HELLO = b"Hello world\n"
 TESTS_DIR = str(Path(__file__).resolve().parent)
-
-
-def worker_pids(stats: tuple[str, int], count: int = 2) -> dict[int, int]:
-    """index -> pid of the workers, once `count` of them have reported."""
-    found: dict[int, int] = {}
-
-    def reported() -> bool:
-        found.clear()
-        found.update({row["index"]: row["pid"] for row in get_stats(stats)["workers"]})
-        return len(found) == count
-
-    wait_for(reported, timeout=20, what=f"{count} workers reporting")
-    return dict(found)
-
-
-def ask(address: tuple[str, int]) -> None:
-    """One short connection: a request, the whole reply, close."""
-    with connect(address) as sock:
-        sock.sendall(b"hi")
-        assert recv_exactly(sock, len(HELLO)) == HELLO
 
 
 def load(address: tuple[str, int], stop: threading.Event, errors: list[str], done: list[int]) -> None:
@@ -254,3 +234,400 @@ def test_stats_pid_of_the_parent_includes_its_workers(start_server) -> None:
     assert data["fds_with_children"] == data["process_fds"] + sum(children.values())
     # The workers' listening socket is the parent's, inherited: one address, listed once.
     assert data["listening"].count(f"127.0.0.1:{server.port}") == 1
+
+
+# -- the supervisor's lifecycle under operator actions and worker failures ----------------------------
+
+
+def settled(server, stats: tuple[str, int], count: int, generation: int) -> dict[int, int]:
+    """Wait for the supervisor's invariant: count workers serving, all of generation, and no other
+    worker process alive; index -> pid."""
+    found: dict[int, int] = {}
+
+    def holds() -> bool:
+        snapshot = get_stats(stats)
+        rows = snapshot["workers"]
+        found.clear()
+        found.update({row["index"]: row["pid"] for row in rows})
+        children = {child.pid for child in live_children(server.proc.pid)}
+        # What a process list and the clients see first; then what the parent says of its workers.
+        return (
+            len(rows) == count
+            and children == set(found.values())
+            and snapshot.get("workers_serving") == count
+            and all(row.get("state") == "serving" and row.get("generation") == generation for row in rows)
+        )
+
+    wait_for(holds, timeout=40, what=f"{count} workers of generation {generation} and no other")
+    return dict(found)
+
+
+def test_sighups_faster_than_a_start_end_on_one_fresh_generation(start_server) -> None:
+    """Regression: two SIGHUPs closer than a worker's start-up, or one while the first workers still
+    start, left no worker at all while /healthz said 200."""
+    server = start_server("--workers", "2", "--stats-port", "0")
+    stats = stats_address(server)
+    server.signal(signal.SIGHUP)  # "listening on" comes at the first ready: the second may still start
+    time.sleep(0.05)
+    server.signal(signal.SIGHUP)
+    for _ in range(3):
+        time.sleep(0.1)
+        server.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    # Five, unless two reached the parent before it handled the first: signals do not queue.
+    reloads = sum("SIGHUP: reload: rolling restart" in line for line in server.lines)
+    assert 3 <= reloads <= 5, server.log
+    pids = settled(server, stats, 2, generation=1 + reloads)
+    assert healthz(stats) == (200, "ok 2/2 workers\n")
+    for _ in range(20):
+        ask(server.address)
+    time.sleep(1.5)  # nothing more starts or stops once settled
+    assert {child.pid for child in live_children(server.proc.pid)} == set(pids.values())
+    assert any("superseded before it was ready" in line for line in server.lines), server.log
+
+
+def test_a_successor_that_dies_while_its_predecessor_drains_is_restarted(start_server) -> None:
+    """Regression: the index stayed empty once the draining predecessor exited."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--shutdown-timeout", "60")
+    stats = stats_address(server)
+    old = settled(server, stats, 2, generation=1)
+    held = []
+    try:
+        for _ in range(200):  # connections on both old workers keep them draining after the reload
+            sock = connect(server.address)
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, len(HELLO)) == HELLO
+            held.append(sock)
+            rows = get_stats(stats)["workers"] if len(held) % 10 == 0 else []
+            if len(rows) == 2 and all(row["connections_open"] > 0 for row in rows):
+                break
+        server.signal(signal.SIGHUP)
+        new: dict[int, int] = {}
+        settled_new = new
+
+        def successors_serving() -> bool:
+            rows = get_stats(stats)["workers"]
+            settled_new.clear()
+            settled_new.update({row["index"]: row["pid"] for row in rows if row["pid"] not in old.values()})
+            return len(settled_new) == 2
+
+        wait_for(successors_serving, timeout=30, what="two successors serving")
+        assert all(psutil.pid_exists(pid) for pid in old.values()), "the predecessors drain their clients"
+        os.kill(new[0], signal.SIGKILL)
+        known = {*old.values(), *new.values()}
+        wait_for(
+            lambda: any(child.pid not in known for child in live_children(server.proc.pid)),
+            timeout=30,
+            what="worker 0 restarted",
+        )
+        assert psutil.pid_exists(old[0]), "the predecessor still drains its client"
+        for sock in held:  # and the draining predecessors still serve the clients they hold
+            sock.sendall(b"hi")
+            assert recv_exactly(sock, len(HELLO)) == HELLO
+    finally:
+        for sock in held:
+            sock.close()
+    settled(server, stats, 2, generation=2)
+
+
+def big_reply_in_flight(server) -> tuple[socket.socket, bytes]:
+    """A client whose 8 MiB reply (sample_apps.BigReply) has started to arrive: most of it still
+    waits in the worker's buffers, since the client does not read on."""
+    sock = connect(server.address, timeout=30)
+    sock.sendall(b"go")
+    return sock, sock.recv(65536)
+
+
+@pytest.mark.parametrize("kill_mode", ["mixed", "control-group", "worker-first"])
+def test_a_stop_as_systemd_sends_it_lets_a_large_reply_finish(start_server, kill_mode: str) -> None:
+    """KillMode=mixed: SIGTERM to the parent only.  control-group: to every process at once, so a
+    worker gets it straight and relayed by the parent.  Regression: the second cut the reply.  Two
+    SIGTERMs that arrive together merge into one pending signal, so the cut happened only when the
+    relay came after the worker had handled the first; worker-first makes that order certain: each
+    worker gets SIGTERM and handles it, then the whole group gets one."""
+    from sample_apps import BIG_REPLY_SIZE, big_reply
+
+    env = {"PYTHONPATH": TESTS_DIR}
+    # The server leads a process group of its own (start_new_session): killpg reaches it and its
+    # workers, never this test runner.
+    server = start_server(
+        "--workers", "2", "--stats-port", "0", "--app", "sample_apps:BigReply", env=env, start_new_session=True
+    )
+    pids = worker_pids(stats_address(server))
+    sock, first = big_reply_in_flight(server)
+    with sock:
+        if kill_mode == "mixed":
+            server.signal(signal.SIGTERM)
+        elif kill_mode == "control-group":
+            os.killpg(server.proc.pid, signal.SIGTERM)
+        else:
+            for pid in pids.values():
+                os.kill(pid, signal.SIGTERM)
+            for index in pids:
+                server.wait_for_log(rf"worker {index}: SIGTERM: no longer accepting")
+            os.killpg(server.proc.pid, signal.SIGTERM)
+        time.sleep(1.0)  # every signal delivered and handled before the client reads on
+        reply = first + recv_until_eof(sock)
+    assert len(reply) == BIG_REPLY_SIZE and reply == big_reply()
+    assert server.wait(30) == 0
+    assert not any("closing now" in line for line in server.lines), server.log
+
+
+def test_a_second_stop_signal_to_the_parent_closes_the_workers_now(start_server) -> None:
+    from sample_apps import BIG_REPLY_SIZE
+
+    env = {"PYTHONPATH": TESTS_DIR}
+    server = start_server("--workers", "2", "--stats-port", "0", "--app", "sample_apps:BigReply", env=env)
+    worker_pids(stats_address(server))
+    sock, first = big_reply_in_flight(server)
+    with sock:
+        server.signal(signal.SIGTERM)
+        server.wait_for_log(r"SIGTERM: stopping 2 workers")
+        server.signal(signal.SIGINT)
+        server.wait_for_log(r"SIGINT again: telling the workers to close now")
+        try:
+            rest = recv_until_eof(sock)
+        except ConnectionResetError:
+            rest = b""
+    assert len(first) + len(rest) < BIG_REPLY_SIZE
+    assert server.wait(30) == 0
+    server.wait_for_log(r"worker \d: the parent's order: closing now")
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
+def test_a_retiring_reuse_port_worker_serves_its_queue(start_server) -> None:
+    """Regression: a retiring worker closed its own listener with clients still queued on it.  The
+    worker is held stopped (a busy loop, as far as its queue is concerned) while its successor
+    gets ready and its retire order arrives, then clients queue on it, then it goes on."""
+    server = start_server("--workers", "2", "--reuse-port", "--stats-port", "0", "--worker-timeout", "0")
+    stats = stats_address(server)
+    old = settled(server, stats, 2, generation=1)
+    busy = psutil.Process(old[0])
+    busy.suspend()
+    try:
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(rf"worker 0 \(pid {old[0]}\) of generation 1: retiring", timeout=30)
+        # Connections now: the kernel hashes about half into the stopped worker's queue.
+        clients = [connect(server.address) for _ in range(40)]
+        for sock in clients:
+            sock.sendall(b"hi")
+    finally:
+        busy.resume()
+    failures = []
+    for sock in clients:
+        with sock:
+            try:
+                assert recv_exactly(sock, len(HELLO)) == HELLO
+            except (OSError, AssertionError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+    assert not failures, f"{len(failures)} of {len(clients)} failed: {failures[:3]}"
+    settled(server, stats, 2, generation=2)
+
+
+def test_a_hung_worker_is_marked_stale_then_killed_and_replaced(start_server) -> None:
+    """Regression: a stopped (hung) worker was never noticed and /stats kept its frozen snapshot."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--worker-timeout", "5")
+    stats = stats_address(server)
+    old = settled(server, stats, 2, generation=1)
+    os.kill(old[1], signal.SIGSTOP)
+    try:
+
+        def stale_shown() -> bool:
+            rows = {row["index"]: row for row in get_stats(stats)["workers"]}
+            return rows[1]["stale"] and rows[1]["snapshot_age_s"] > 3 and not rows[0]["stale"]
+
+        wait_for(stale_shown, timeout=10, what="worker 1 shown stale")
+        _, _, body = http_get(stats, "/metrics")
+        assert 'pollserve_worker_stale{worker="1"} 1' in body.decode()
+        assert 'pollserve_worker_stale{worker="0"} 0' in body.decode()
+        found = server.wait_for_log(
+            rf"WARNING worker 1 \(pid {old[1]}\) has not reported for (\d+\.\d) s \(--worker-timeout 5\): killing it",
+            timeout=15,
+        )
+        assert float(found[1]) >= 5
+    finally:
+        if psutil.pid_exists(old[1]):
+            os.kill(old[1], signal.SIGCONT)
+    new = settled(server, stats, 2, generation=1)
+    assert new[1] != old[1] and new[0] == old[0]
+    _, _, body = http_get(stats, "/metrics")
+    assert "pollserve_worker_timeouts_total 1" in body.decode()
+    assert get_stats(stats)["worker_timeouts_total"] == 1
+
+
+def test_a_slow_import_is_not_a_hang(start_server, tmp_path) -> None:
+    """The silence is counted from ready: an app that takes longer than --worker-timeout to
+    import is not killed for it."""
+    (tmp_path / "slow_app.py").write_text("import time\ntime.sleep(3.5)\nfrom pollserve.apps import Hello\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    server = start_server(
+        "--workers", "2", "--stats-port", "0", "--worker-timeout", "2", "--app", "slow_app:Hello", env=env
+    )
+    stats = stats_address(server)
+    settled(server, stats, 2, generation=1)
+    time.sleep(3)
+    assert not any("has not reported" in line for line in server.lines), server.log
+    settled(server, stats, 2, generation=1)
+
+
+def test_a_stop_during_start_up_starts_nothing_more(tmp_path) -> None:
+    """Regression: every worker was started before the parent's loop ran, so a SIGTERM that came
+    at the first waited for all of them."""
+    from serverproc import ServerProcess
+
+    server = ServerProcess("--workers", "12", "--stats-port", "0")
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(server.proc.pid).children():
+            assert time.monotonic() < deadline and server.alive(), server.log
+            time.sleep(0.005)
+        server.signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+    finally:
+        server.kill()
+    started = [line for line in server.lines if re.search(r"worker \d+ \(pid \d+\) stopped", line)]
+    assert 1 <= len(started) <= 4, server.log
+    assert not any("listening on" in line for line in server.lines) or len(started) <= 4
+
+
+def test_a_count_the_machine_cannot_hold_is_refused(start_server) -> None:
+    from serverproc import run_pollserve
+
+    result = run_pollserve("--port", "0", "--workers", "100000", timeout=30)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert re.search(r"--workers 100000 needs about \d+ MiB at \d+ MiB per worker, but \d+ MiB is", lines[0]), lines
+    assert re.search(r"at most \d+ workers fit", lines[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "setuid") or os.geteuid() != 0, reason="needs root to run the server as nobody")
+def test_a_count_above_rlimit_nproc_is_refused(tmp_path) -> None:
+    """RLIMIT_NPROC applies to users other than root: the server runs as nobody with a limit of 6
+    (so this runs where the interpreter is readable by nobody, as in a system-wide install)."""
+    import resource
+    import subprocess
+
+    from serverproc import pollserve_command, pollserve_env
+
+    def as_nobody_with_a_process_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (6, 6))
+        os.setgid(65534)
+        os.setuid(65534)
+
+    try:
+        result = subprocess.run(
+            pollserve_command("--port", "0", "--workers", "8"),
+            env=pollserve_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            preexec_fn=as_nobody_with_a_process_limit,
+            cwd=tmp_path,
+        )
+    except PermissionError as exc:
+        pytest.skip(f"nobody may not run this interpreter: {exc}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert re.search(r"--workers 8 needs 8 more processes, but RLIMIT_NPROC is 6 and this user runs \d+", lines[0])
+
+
+def test_a_reload_whose_app_does_not_import_keeps_the_old_workers(start_server, tmp_path) -> None:
+    """Regression: said only as INFO "stopped (exit 2)", and the worker's line had no time and index."""
+    deploy(tmp_path)
+    server = start_server(
+        "--workers", "2", "--stats-port", "0", "--app", "deployed_app:Hello", env=deployed_env(tmp_path)
+    )
+    stats = stats_address(server)
+    old = settled(server, stats, 2, generation=1)
+    deploy(tmp_path, broken=True)
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"restarting in 1\.0 s", timeout=30)  # a second attempt failed too
+    errors = [line for line in server.lines if " ERROR " in line and "reload failed" in line]
+    assert len(errors) == 1, server.log
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR reload failed: worker \d of generation 2 exited before it was "
+        r"ready \(exit 2\): cannot import module 'deployed_app'.*this deploy is broken on purpose.*; the previous "
+        r"workers keep serving",
+        errors[0],
+    ), errors[0]
+    own = [line for line in server.lines if "ERROR worker" in line and "cannot import module" in line]
+    assert own and all(
+        re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR worker \d: cannot import", line) for line in own
+    )
+    assert not any(line.startswith("pollserve: ") for line in server.lines), server.log
+    assert healthz(stats) == (200, "ok 2/2 workers\n")
+    assert worker_pids(stats) == old
+    for _ in range(20):
+        ask(server.address)
+    deploy(tmp_path)  # fixed: the retries with back-off bring generation 2 up
+    new = settled(server, stats, 2, generation=2)
+    assert set(new.values()).isdisjoint(old.values())
+    assert len([line for line in server.lines if "reload failed" in line]) == 1
+
+
+def test_healthz_tells_how_many_workers_serve(start_server, tmp_path) -> None:
+    marker = tmp_path / "crash"
+    env = {"PYTHONPATH": TESTS_DIR, "CRASH_MARKER": str(marker)}
+    server = start_server("--workers", "2", "--stats-port", "0", "--app", "crashing_app:Hello", env=env)
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+    assert healthz(stats) == (200, "ok 2/2 workers\n")
+    snapshot = get_stats(stats)
+    assert (snapshot["workers_serving"], snapshot["workers_wanted"]) == (2, 2)
+    _, _, body = http_get(stats, "/metrics")
+    assert "pollserve_workers_serving 2" in body.decode() and "pollserve_workers_wanted 2" in body.decode()
+    marker.write_text("crash")  # from now on no worker starts
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lambda: healthz(stats) == (200, "ok 1/2 workers\n"), timeout=10, what="ok 1/2")
+    os.kill(pids[1], signal.SIGKILL)
+    wait_for(lambda: healthz(stats) == (503, "no worker serving\n"), timeout=10, what="no worker serving")
+    assert get_stats(stats)["workers_serving"] == 0
+    marker.unlink()
+    settled(server, stats, 2, generation=1)
+    assert healthz(stats) == (200, "ok 2/2 workers\n")
+    server.signal(signal.SIGTERM)
+    assert healthz(stats) == (503, "draining\n")
+    assert server.wait(30) == 0
+
+
+def stopped_totals(server) -> tuple[int, int]:
+    found = server.wait_for_log(r" stopped: .* (\d+) bytes in, (\d+) bytes out")
+    return int(found[1]), int(found[2])
+
+
+def test_the_stopped_totals_are_what_the_workers_served(start_server) -> None:
+    """Counted bytes: a worker that exits delivers its last snapshot, a killed one counts up to
+    its last report.  Regression: a last snapshot read after SIGCHLD was lost with the channel."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--app", "echo")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+    sent = 0
+    for size in range(1, 41):
+        payload = bytes([size]) * (size * 1000)
+        assert exchange(server.address, payload, len(payload)) == payload
+        sent += len(payload)
+    # Every byte so far reported; then worker 0 is killed and counts as reported.
+    wait_for(lambda: get_stats(stats)["bytes_in"] == sent, timeout=10, what="the workers' reports")
+    os.kill(pids[0], signal.SIGKILL)
+    settled(server, stats, 2, generation=1)
+    for size in range(1, 41):
+        payload = bytes([size]) * 777
+        assert exchange(server.address, payload, len(payload)) == payload
+        sent += len(payload)
+    server.signal(signal.SIGTERM)  # at once: the last bytes are in no periodic report yet
+    assert server.wait(30) == 0
+    assert stopped_totals(server) == (sent, sent)
+
+
+def test_worker_timeout_is_checked(start_server) -> None:
+    from serverproc import run_pollserve
+
+    for args, message in (
+        (["--worker-timeout", "5"], "--worker-timeout needs --workers 2 or more"),
+        (["--workers", "1", "--worker-timeout", "0"], "--worker-timeout needs --workers 2 or more"),
+        (["--workers", "2", "--worker-timeout", "-1"], "--worker-timeout needs a non-negative number of seconds"),
+        (["--workers", "2", "--worker-timeout", "1"], "--worker-timeout 1 is shorter than two of the workers' reports"),
+    ):
+        result = run_pollserve("--port", "0", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

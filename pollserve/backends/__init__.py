@@ -122,10 +122,22 @@ def get_backend(name: str) -> type[Backend]:
     if cls is None:
         cls = load_class(name) if ":" in name else _plugin_class(name)
     if not _works_here(cls, f"backend {name!r}"):
-        raise BackendUnavailableError(
-            f"backend {name!r} is not available on this system (available: {', '.join(available_backends())})"
-        )
+        problem = creation_error(cls)
+        why = f"cannot be created here: {problem}" if problem else "is not available on this system"
+        raise BackendUnavailableError(f"backend {name!r} {why} (available: {', '.join(available_backends())})")
     return cls
+
+
+def creation_error(cls: type[Backend]) -> str:
+    """Why the backend cannot be created here, when an OSError says (a plugin's own failure, or a
+    sandbox refusing the system call), or ""."""
+    try:
+        cls().close()
+    except OSError as exc:
+        return one_line(exc)
+    except Exception:  # is_available() said no: a missing primitive (AttributeError) needs no detail
+        return ""
+    return ""
 
 
 def create_backend(name: str = "auto") -> Backend:

@@ -1,0 +1,470 @@
+"""Loop health: utilization, lag and the slow callback, from a real loop and a real server.
+
+End to end: an app that blocks the loop 300 ms on every chunk under steady input is named in one
+warning and drives the lag p99 above 250 ms; a saturated loop reports utilization near 1 and an
+idle one near 0; every view carries the figures.  In process: the loop names the handler that
+held it, whichever way it was called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clients import connect
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from serverproc import run_pollserve
+from statsclient import get_stats, http_get, stats_address, wait_for
+
+from pollserve.health import LAG_BUCKETS, LoopHealth, percentile
+from pollserve.loop import EventLoop, describe_callback
+from pollserve.stats import table
+
+SLOW_WARNING = "loop held by a slow callback"
+#: where sample_apps is, for the servers to import
+TESTS_DIR = str(Path(__file__).resolve().parent)
+APPS = {"PYTHONPATH": TESTS_DIR}
+
+
+@contextlib.contextmanager
+def steady_input(address: tuple[str, int], every: float = 0.05, seconds: float = 20) -> Iterator[socket.socket]:
+    """One client sending a chunk every ``every`` seconds (and reading what comes back) until the
+    block ends or ``seconds`` have passed."""
+    stop = threading.Event()
+    with connect(address) as sock:
+        sock.settimeout(0.01)
+
+        def run() -> None:
+            deadline = time.monotonic() + seconds
+            while not stop.wait(every) and time.monotonic() < deadline:
+                try:
+                    sock.sendall(b"tick\n")
+                    sock.recv(65536)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                except OSError:
+                    return
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield sock
+        finally:
+            stop.set()
+            thread.join(10)
+
+
+def slow_warnings(server) -> list[str]:
+    return [line for line in server.lines if "WARNING" in line and SLOW_WARNING in line]
+
+
+class TestSlowApp:
+    def test_named_once_and_lag_above_250_ms(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", env=APPS)
+        address = stats_address(server)
+        with steady_input(server.address) as sock:
+            client = f"127.0.0.1:{sock.getsockname()[1]}"
+            found = server.wait_for_log(rf"WARNING {SLOW_WARNING} .*: (\S+) on (\S+) took ([\d.]+) s")
+            assert found[1] == "sample_apps:Sleepy.data_received"
+            assert found[2] == client
+            assert 0.29 <= float(found[3]) < 5
+            wait_for(
+                lambda: (
+                    (get_stats(address)["loop_lag_p99_s"] or 0) > 0.25 and get_stats(address)["slow_callbacks"] >= 5
+                ),
+                timeout=20,
+                what="lag p99 above 250 ms and 5 slow callbacks",
+            )
+            stats = get_stats(address)
+        assert stats["loop_lag_p99_s"] > 0.25
+        assert stats["loop_lag_max_s"] >= stats["loop_lag_p99_s"] >= stats["loop_lag_p50_s"] >= 0
+        assert stats["slowest_callback"].endswith(f"sample_apps:Sleepy.data_received on {client}")
+        assert 0.29 <= stats["slowest_callback_s"] < 5
+        assert stats["loop_utilization"] > 0.5
+        # One warning for the whole episode, however many slow chunks: the rest are counted.
+        assert len(slow_warnings(server)) == 1, slow_warnings(server)
+        assert stats["slow_callbacks"] >= 5
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert "Traceback" not in server.log
+
+    def test_zero_disables_the_warning_not_the_figures(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", "--slow-callback", "0", env=APPS)
+        address = stats_address(server)
+        with steady_input(server.address):
+            wait_for(lambda: (get_stats(address)["loop_lag_p99_s"] or 0) > 0.25, timeout=20, what="lag above 250 ms")
+            stats = get_stats(address)
+        assert stats["slow_callbacks"] == 0 and stats["slowest_callback"] is None
+        assert not slow_warnings(server)
+
+    def test_a_higher_threshold_lets_300_ms_pass(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", "--slow-callback", "2", env=APPS)
+        address = stats_address(server)
+        with steady_input(server.address):
+            wait_for(lambda: get_stats(address)["loop_utilization"] > 0.5, timeout=20, what="a busy loop")
+            stats = get_stats(address)
+        assert stats["slow_callbacks"] == 0
+        assert not slow_warnings(server)
+
+    @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+    def test_bad_threshold_is_one_line(self, value: str) -> None:
+        result = run_pollserve("--slow-callback", value, "--port", "0")
+        assert result.returncode == 2
+        assert "--slow-callback" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 2  # argparse's usage line, then the message
+
+
+class TestUtilization:
+    def test_idle_near_zero(self, start_server) -> None:
+        server = start_server("--stats-port", "0")
+        address = stats_address(server)
+        time.sleep(1.5)  # a window with some probe ticks in it
+        stats = get_stats(address)
+        assert stats["loop_utilization"] < 0.1, stats["loop_utilization"]
+        assert stats["loop_busy_s"] < 1.0
+        # An idle server still reports a true lag: its wakeups are late by a little, never by 0.
+        assert stats["loop_lag_p99_s"] is not None and 0 <= stats["loop_lag_p99_s"] < 0.1
+        assert stats["loop_lag_buckets"][-1] >= 5, "probe ticks counted"
+        assert stats["slow_callbacks"] == 0 and stats["slowest_callback"] is None
+
+    def test_saturated_near_one(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:Spin", "--stats-port", "0", "--slow-callback", "0", env=APPS)
+        address = stats_address(server)
+        with steady_input(server.address, every=0.005):
+            time.sleep(1.5)
+            wait_for(lambda: get_stats(address)["loop_utilization"] > 0.9, timeout=20, what="utilization above 90%")
+            before = get_stats(address)
+            time.sleep(2.0)
+            after = get_stats(address)
+        assert after["loop_utilization"] > 0.9
+        # The running total moves with wall time, as Prometheus' rate() wants it (each reading is
+        # that of the last probe tick: up to a tenth of a second and a pass old).
+        busy = (after["loop_busy_s"] - before["loop_busy_s"]) / (after["uptime_s"] - before["uptime_s"])
+        assert 0.75 < busy <= 1.1, busy
+
+    def test_workers_top_level_is_the_busiest(self, start_server) -> None:
+        server = start_server("--workers", "2", "--stats-port", "0", "--app", "sample_apps:Spin", env=APPS)
+        address = stats_address(server)
+        wait_for(lambda: len(get_stats(address)["workers"]) == 2, timeout=20, what="2 workers reporting")
+        with steady_input(server.address, every=0.005):
+            wait_for(
+                lambda: max(w["loop_utilization"] for w in get_stats(address)["workers"]) > 0.8,
+                timeout=20,
+                what="a busy worker",
+            )
+            stats = get_stats(address)
+        by_worker = [worker["loop_utilization"] for worker in stats["workers"]]
+        assert stats["loop_utilization"] == max(by_worker)
+        assert min(by_worker) < 0.5, "one connection keeps one worker busy, not both"
+        assert stats["loop_busy_s"] == pytest.approx(sum(w["loop_busy_s"] for w in stats["workers"]), abs=1e-5)
+        assert stats["loop_lag_p99_s"] == max(w["loop_lag_p99_s"] for w in stats["workers"])
+        _, _, body = http_get(address, "/metrics")
+        text = body.decode()
+        assert len(re.findall(r'^pollserve_loop_utilization_ratio\{worker="\d"\} [\d.]+$', text, re.M)) == 2
+        assert len(re.findall(r'^pollserve_loop_lag_seconds_count\{worker="\d"\} \d+$', text, re.M)) == 2
+
+
+class TestViews:
+    def test_metrics_histogram_and_promtool(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", env=APPS)
+        address = stats_address(server)
+        with steady_input(server.address):
+            server.wait_for_log(SLOW_WARNING, timeout=20)
+            _, _, body = http_get(address, "/metrics")
+        text = body.decode()
+        buckets = re.findall(r'^pollserve_loop_lag_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.M)
+        assert [bound for bound, _ in buckets] == [*map(str, LAG_BUCKETS), "+Inf"]
+        counts = [int(count) for _, count in buckets]
+        assert counts == sorted(counts) and counts[-1] > counts[LAG_BUCKETS.index(0.25)], "some ticks over 250 ms"
+        assert re.search(rf"^pollserve_loop_lag_seconds_count {counts[-1]}$", text, re.M)
+        assert float(re.search(r"^pollserve_loop_lag_seconds_sum ([\d.]+)$", text, re.M)[1]) > 0.25
+        assert int(re.search(r"^pollserve_slow_callbacks_total (\d+)$", text, re.M)[1]) >= 1
+        assert re.search(r"^# TYPE pollserve_loop_utilization_ratio gauge$", text, re.M)
+        assert re.search(r"^# TYPE pollserve_loop_busy_seconds_total counter$", text, re.M)
+        promtool = shutil.which("promtool")
+        if promtool is not None:
+            result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_log_line_and_stats_command(self, start_server) -> None:
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", "--stats-interval", "0.5", env=APPS)
+        address = stats_address(server)
+        with steady_input(server.address):
+            line = server.wait_for_log(
+                r"stats: .* \| loop busy (\d+)% \(last 10 s\), lag p50 .* p99 ([\d.]+) ms .*"
+                r"(\d+) slow callbacks \(slowest .*Sleepy\.data_received",
+                timeout=20,
+            )
+            result = run_pollserve("stats", "--url", f"http://{address[0]}:{address[1]}/stats")
+        assert int(line[1]) > 0 and float(line[2]) > 0
+        assert result.returncode == 0, result.stderr
+        shown = dict(re.split(r"\s{2,}", row, maxsplit=1) for row in result.stdout.splitlines() if "  " in row)
+        assert shown["loop_utilization"].endswith("%")
+        assert "Sleepy.data_received" in shown["slowest_callback"]
+        assert "loop_lag_buckets" not in shown  # for /metrics, not people
+
+    def test_draining_from_the_first_signal(self, start_server) -> None:
+        server = start_server("--stats-port", "0", "--drain-delay", "10")
+        address = stats_address(server)
+        assert get_stats(address)["draining"] is False
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: get_stats(address)["draining"] is True, what="draining in /stats")
+        _, _, body = http_get(address, "/metrics")
+        assert re.search(r"^pollserve_draining 1$", body.decode(), re.M)
+        server.signal(signal.SIGTERM)  # a second one: now
+        assert server.wait() == 0
+
+    def test_table_shows_utilization_as_percent(self) -> None:
+        text = table({"loop_utilization": 0.5, "loop_lag_buckets": [1, 2], "slow_callbacks": 3})
+        assert "50.0%" in text and "loop_lag_buckets" not in text and "3" in text
+
+
+# -- in process: the loop names what held it ----------------------------------------------
+
+
+def hold(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+class Holder:
+    """A handler bound to an object that says how it wants to be named."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock = sock
+        self.seconds = seconds
+
+    def _describe_handler(self, handler: object) -> str:
+        return "holder.on_readable of test"
+
+    def on_readable(self) -> None:
+        self.sock.recv(100)
+        time.sleep(self.seconds)
+
+
+@pytest.fixture
+def loop() -> Iterator[EventLoop]:
+    with EventLoop() as loop:
+        yield loop
+
+
+def record_slow(loop: EventLoop) -> list[tuple[str, float]]:
+    seen: list[tuple[str, float]] = []
+    loop.on_slow_callback = lambda name, seconds: seen.append((name, seconds))
+    return seen
+
+
+class TestLoopNamesTheHolder:
+    def test_a_timer_callback(self, loop: EventLoop) -> None:
+        seen = record_slow(loop)
+        loop.slow_callback = 0.05
+        loop.call_later(0.01, hold, 0.12)
+        loop.call_later(0.2, loop.stop)
+        loop.run_forever()
+        assert [name for name, _ in seen] == [f"{__name__}:hold"]
+        assert 0.12 <= seen[0][1] < 2
+        assert loop.busy_time >= 0.12
+
+    def test_the_one_handler_of_a_pass(self, loop: EventLoop, pair) -> None:
+        seen = record_slow(loop)
+        loop.slow_callback = 0.05
+        ours, theirs = pair
+        loop.add_reader(ours.fileno(), Holder(ours, 0.12).on_readable)
+        theirs.send(b"x")
+        loop.call_later(0.3, loop.stop)
+        loop.run_forever()
+        assert [name for name, _ in seen] == ["holder.on_readable of test"]
+
+    def test_several_handlers_then_each_is_timed(self, loop: EventLoop) -> None:
+        """A slow pass that ran two handlers cannot say which held it: it names both, and from
+        then on each handler is timed, so the next slow pass names the one."""
+        seen = record_slow(loop)
+        loop.slow_callback = 0.05
+        pairs = [socket.socketpair() for _ in range(2)]
+        try:
+            slow, quick = Holder(pairs[0][0], 0.12), Holder(pairs[1][0], 0.0)
+            loop.add_reader(pairs[0][0].fileno(), slow.on_readable)
+            loop.add_reader(pairs[1][0].fileno(), quick.on_readable)
+
+            def both() -> None:
+                pairs[0][1].send(b"x")
+                pairs[1][1].send(b"x")
+
+            both()  # readable before the first wait: one pass, two handlers
+            loop.call_later(0.4, both)
+            loop.call_later(0.8, loop.stop)
+            loop.run_forever()
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+        assert len(seen) == 2, seen
+        assert seen[0][0] == "one of holder.on_readable of test"
+        assert seen[1][0] == "holder.on_readable of test"
+        assert 0.12 <= seen[1][1] < 0.2, "the one handler's time, not the pass's"
+
+    def test_zero_disables(self, loop: EventLoop) -> None:
+        seen = record_slow(loop)
+        loop.slow_callback = 0
+        loop.call_later(0.01, hold, 0.12)
+        loop.call_later(0.2, loop.stop)
+        loop.run_forever()
+        assert seen == [] and loop.busy_time >= 0.12
+
+    def test_idle_loop_is_not_busy(self, loop: EventLoop) -> None:
+        loop.call_later(0.3, loop.stop)
+        started = time.monotonic()
+        loop.run_forever()
+        assert time.monotonic() - started >= 0.3
+        assert loop.busy_time < 0.1
+
+    def test_describe_callback(self) -> None:
+        assert describe_callback(hold) == f"{__name__}:hold"
+        assert describe_callback(Holder.on_readable) == f"{__name__}:Holder.on_readable"
+        import functools
+
+        assert describe_callback(functools.partial(hold, 1)) == f"{__name__}:hold"
+
+
+class TestProbe:
+    def test_missed_ticks_count_as_late_as_they_were(self, loop: EventLoop) -> None:
+        """A loop held 350 ms misses the ticks due inside that time: each is as late as it was,
+        so the lag is that of a timer due at any moment (0.35, 0.25, 0.15, 0.05 s)."""
+        health = LoopHealth(loop, __import__("logging").getLogger("test"), slow_callback=0)
+        health.start()
+        loop.call_later(0.25, hold, 0.35)
+        loop.call_later(0.9, loop.stop)
+        loop.run_forever()
+        health.close()
+        lag = health.lag()
+        assert lag is not None
+        p50, p99, worst = lag
+        assert 0 <= p50 <= p99 <= worst
+        assert 0.3 <= worst < 1.5
+        late = sorted(value for _, value in health._lags)
+        assert sum(value > 0.04 for value in late) >= 3, late
+        assert health.lag_histogram()[-1] == len(late)
+
+    def test_percentile_is_nearest_rank(self) -> None:
+        values = [float(v) for v in range(1, 101)]
+        assert percentile(values, 0.5) == 50.0 and percentile(values, 0.99) == 99.0
+        assert percentile([7.0], 0.99) == 7.0
+
+
+# -- the loop's two modes, as a model ---------------------------------------------------------
+
+#: the model's threshold and how long its slow handlers hold the loop: far apart, so that a busy
+#: machine does not make a quick pass slow
+MODEL_SLOW = 0.05
+MODEL_HOLD = 0.12
+
+
+def nap() -> None:
+    time.sleep(MODEL_HOLD)
+
+
+class NamedHandler:
+    """Handler ``index`` of the model: drains its socket and holds the loop when told to."""
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.hold = 0.0
+
+    def _describe_handler(self, handler: object) -> str:
+        return f"handler {self.index}"
+
+    def on_readable(self) -> None:
+        self.sock.recv(100)
+        time.sleep(self.hold)
+
+
+class SlowNamingMachine(RuleBasedStateMachine):
+    """Random sequences of passes against a real loop.  Invariants: a quick pass is never
+    reported; a slow pass of one handler names it; a slow pass of several, while handlers are not
+    timed yet, starts timing them, and names them all as candidates only if one of them must have
+    been slow (the pass took longer than the threshold times their number); once timed, the slow
+    handler alone is named, with its own time, not the pass's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = EventLoop()
+        self.loop.slow_callback = MODEL_SLOW
+        self.loop.time_handlers_for = 3600  # the model's runs are short: once timed, timed to the end
+        self.seen: list[tuple[str, float]] = []
+        self.loop.on_slow_callback = lambda name, seconds: self.seen.append((name, seconds))
+        self.pairs = [socket.socketpair() for _ in range(3)]
+        self.handlers = [NamedHandler(index, pair[0]) for index, pair in enumerate(self.pairs)]
+        for handler, (ours, _) in zip(self.handlers, self.pairs, strict=True):
+            self.loop.add_reader(ours.fileno(), handler.on_readable)
+        #: the model: whether the loop times each handler
+        self.timed = False
+
+    def one_pass(self, readable: list[int], slow: int | None) -> list[tuple[str, float]]:
+        """Make ``readable`` readable (``slow`` of them holding the loop), run one pass, and
+        return what the loop reported."""
+        for index, handler in enumerate(self.handlers):
+            handler.hold = MODEL_HOLD if index == slow else 0.0
+        for index in readable:
+            self.pairs[index][1].send(b"x")
+        self.loop.call_soon(self.loop.stop)
+        before = len(self.seen)
+        self.loop.run_forever()
+        return self.seen[before:]
+
+    @rule(which=st.sets(st.integers(0, 2), min_size=1))
+    def quick(self, which: set[int]) -> None:
+        assert self.one_pass(sorted(which), None) == []
+
+    @rule(which=st.integers(0, 2))
+    def slow_alone(self, which: int) -> None:
+        reports = self.one_pass([which], which)
+        assert [name for name, _ in reports] == [f"handler {which}"]
+
+    @rule(which=st.integers(0, 2), others=st.sets(st.integers(0, 2), min_size=1))
+    def slow_among_others(self, which: int, others: set[int]) -> None:
+        readable = sorted(others | {which})
+        reports = self.one_pass(readable, which)
+        if len(readable) == 1 or self.timed:
+            assert len(reports) == 1, reports
+            assert reports[0][0] == f"handler {which}"
+            assert reports[0][1] >= MODEL_HOLD
+        elif MODEL_HOLD / len(readable) > MODEL_SLOW:  # certain that one of them was slow
+            assert len(reports) == 1, reports
+            assert reports[0][0].startswith("one of ")
+            assert all(f"handler {index}" in reports[0][0] for index in readable)
+            self.timed = True
+        else:  # as far as the loop can tell, several quick handlers: no report, but timing from now on
+            assert reports == []
+            self.timed = True
+
+    @rule()
+    def slow_callback(self) -> None:
+        self.loop.call_soon(nap)
+        reports = self.one_pass([], None)
+        assert [name for name, _ in reports] == [f"{__name__}:nap"]
+
+    @invariant()
+    def busy_time_counts_every_hold(self) -> None:
+        holds = sum(seconds for _, seconds in self.seen)
+        assert self.loop.busy_time >= holds * 0.99
+
+    def teardown(self) -> None:
+        self.loop.close()
+        for ours, theirs in self.pairs:
+            ours.close()
+            theirs.close()
+
+
+TestSlowNaming = SlowNamingMachine.TestCase
+TestSlowNaming.settings = settings(max_examples=12, stateful_step_count=6, deadline=None)

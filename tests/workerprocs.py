@@ -1,0 +1,65 @@
+"""What the ``--workers`` tests need of a supervising parent: its workers as processes and as its
+stats endpoint shows them, a deployable app module, and short client exchanges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+from clients import connect, recv_exactly
+from statsclient import get_stats, http_get, wait_for
+
+HELLO = b"Hello world\n"
+
+#: an app module the tests deploy and break: a different size when broken, so that no stale
+#: bytecode can stand in for it (and the servers run with PYTHONDONTWRITEBYTECODE)
+GOOD_APP = "from pollserve.apps import Hello\n"
+BROKEN_APP = "raise ImportError('this deploy is broken on purpose')\n"
+
+
+def deploy(folder: Path, *, broken: bool = False) -> Path:
+    """Write deployed_app.py in folder; the servers load ``--app deployed_app:Hello``."""
+    path = folder / "deployed_app.py"
+    path.write_text(BROKEN_APP if broken else GOOD_APP)
+    return path
+
+
+def deployed_env(folder: Path) -> dict[str, str]:
+    return {"PYTHONPATH": str(folder), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def worker_pids(stats: tuple[str, int], count: int = 2) -> dict[int, int]:
+    """index -> pid of the workers, once `count` of them have reported."""
+    found: dict[int, int] = {}
+
+    def reported() -> bool:
+        found.clear()
+        found.update({row["index"]: row["pid"] for row in get_stats(stats)["workers"]})
+        return len(found) == count
+
+    wait_for(reported, timeout=20, what=f"{count} workers reporting")
+    return dict(found)
+
+
+def live_children(parent: int) -> list[psutil.Process]:
+    """The parent's child processes that have not exited (a zombie has)."""
+    alive = []
+    for child in psutil.Process(parent).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def healthz(stats: tuple[str, int]) -> tuple[int, str]:
+    status, _, body = http_get(stats, "/healthz")
+    return status, body.decode()
+
+
+def ask(address: tuple[str, int]) -> None:
+    """One short connection: a request, the whole reply, close."""
+    with connect(address) as sock:
+        sock.sendall(b"hi")
+        assert recv_exactly(sock, len(HELLO)) == HELLO
