@@ -436,6 +436,8 @@ class Supervisor:
         self.workers: list[Worker] = []
         #: running totals of the workers that have exited, so the server's counters never go back
         self.retired_totals: dict[str, int] = {}
+        #: the loop busy seconds of the workers that have exited: a float, so kept beside the counts
+        self.retired_busy_s = 0.0
         #: workers killed for --worker-timeout, since the start
         self.timeouts_total = 0
         self.stopping = False
@@ -708,6 +710,9 @@ class Supervisor:
             value = worker.snapshot.get(key)
             if isinstance(value, int):
                 self.retired_totals[key] = self.retired_totals.get(key, 0) + value
+        busy = worker.snapshot.get("loop_busy_s")
+        if isinstance(busy, (int, float)):
+            self.retired_busy_s += busy
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -856,6 +861,11 @@ class SupervisorStats:
             worst_loop_health([(worker.index, worker.pid, worker.snapshot or {}) for worker in shown]),
             draining=self.draining,
         )
+        if everyone:
+            # A running total since start, as a counter must be, summed like COUNTERS: an exited
+            # worker's busy time stays in it.
+            busy = sum(snap.get("loop_busy_s") or 0 for snap in everyone)
+            out["loop_busy_s"] = round(self.supervisor.retired_busy_s + busy, 6)
         out["workers"] = [self.worker_row(worker, now) for worker in shown]
         out["workers_serving"] = self.supervisor.serving
         out["workers_wanted"] = self.supervisor.count

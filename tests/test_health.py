@@ -9,6 +9,7 @@ held it, whichever way it was called.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -173,6 +174,31 @@ class TestUtilization:
         text = body.decode()
         assert len(re.findall(r'^pollserve_loop_utilization_ratio\{worker="\d"\} [\d.]+$', text, re.M)) == 2
         assert len(re.findall(r'^pollserve_loop_lag_seconds_count\{worker="\d"\} \d+$', text, re.M)) == 2
+
+    def test_workers_busy_total_keeps_a_killed_workers_time(self, start_server) -> None:
+        """loop_busy_s is a counter for rate(): a worker killed and replaced must not take its busy
+        seconds (up to its last report) out of the whole server's total."""
+        server = start_server("--workers", "2", "--stats-port", "0", "--app", "sample_apps:Spin", env=APPS)
+        address = stats_address(server)
+        wait_for(lambda: len(get_stats(address)["workers"]) == 2, timeout=20, what="2 workers reporting")
+        with steady_input(server.address, every=0.005):
+            wait_for(
+                lambda: max(w["loop_busy_s"] for w in get_stats(address)["workers"]) > 1.0,
+                timeout=20,
+                what="a worker busy for a second",
+            )
+        before = get_stats(address)
+        busiest = max(before["workers"], key=lambda worker: worker["loop_busy_s"])
+        os.kill(busiest["pid"], signal.SIGKILL)
+        wait_for(
+            lambda: (
+                busiest["pid"] not in {w["pid"] for w in get_stats(address)["workers"]}
+                and len(get_stats(address)["workers"]) == 2
+            ),
+            timeout=20,
+            what="the killed worker replaced",
+        )
+        assert get_stats(address)["loop_busy_s"] >= before["loop_busy_s"]
 
 
 class TestViews:
