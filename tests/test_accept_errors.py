@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from clients import connect
@@ -47,16 +47,17 @@ class FlakyListener(socket.socket):
 
 
 @contextlib.contextmanager
-def serving_on(backend_name: str, listener: socket.socket, **options) -> Iterator[Server]:
-    """An Echo server on that listener; its loop starts when the block has set things up
-    (``run()``), and everything is closed when the block ends."""
+def serving_on(
+    backend_name: str, listener: socket.socket, **options
+) -> Iterator[tuple[Server, Callable[[], None]]]:
+    """An Echo server on that listener and the function that starts its loop, which the block
+    calls once it has set things up; everything is closed when the block ends."""
     loop = EventLoop(backend_name)
     server = Server(loop, Echo, "127.0.0.1", 0, **options)
     server.start(sockets=[listener])
     thread = threading.Thread(target=loop.run_forever, daemon=True)
-    server.run = thread.start  # type: ignore[attr-defined]
     try:
-        yield server
+        yield server, thread.start
     finally:
         if thread.is_alive():
             loop.call_soon_threadsafe(loop.stop)
@@ -69,8 +70,8 @@ def test_network_errors_from_accept_skip_one_client_without_a_traceback(
     backend_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     listener = FlakyListener(NETWORK_ERRORS)
-    with caplog.at_level(logging.DEBUG, logger="pollserve"), serving_on(backend_name, listener) as server:
-        server.run()
+    with caplog.at_level(logging.DEBUG, logger="pollserve"), serving_on(backend_name, listener) as (_, run):
+        run()
         with contextlib.ExitStack() as stack:
             clients = [stack.enter_context(connect(listener.getsockname())) for _ in range(3)]
             for index, sock in enumerate(clients):
@@ -85,14 +86,14 @@ def test_network_errors_in_the_shutdowns_backlog_pass_leave_no_client_reset(back
     """The shutdown accepts what the kernel queued before it closes the listener (closing it
     would reset them); an error for one pending client must not end that pass."""
     listener = FlakyListener(NETWORK_ERRORS[:2])
-    with serving_on(backend_name, listener, linger_timeout=5) as server, contextlib.ExitStack() as stack:
+    with serving_on(backend_name, listener, linger_timeout=5) as (server, run), contextlib.ExitStack() as stack:
         # Queued in the kernel: the loop is not running yet.
         clients = [stack.enter_context(connect(listener.getsockname())) for _ in range(3)]
         for sock in clients:
             sock.sendall(b"before the shutdown")
         drained = threading.Event()
         server.shutdown(5, drained.set)
-        server.run()
+        run()
         for sock in clients:
             assert sock.recv(100) == b"before the shutdown"
             assert sock.recv(100) == b""  # the server's FIN, not a reset

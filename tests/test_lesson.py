@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serverproc import SOURCE_ROOT, pollserve_env
+from serverproc import pollserve_env
 
 from pollserve import available_backends
 
-RUN = Path(SOURCE_ROOT) / "examples" / "lesson" / "run.py"
+#: the checkout's examples, whichever build (source tree or installed) the suite tests
+RUN = Path(__file__).resolve().parent.parent / "examples" / "lesson" / "run.py"
 LESSON_STEPS = ("1", "2", "3")
 ONE_AT_A_TIME = ("1", "2")
 
