@@ -47,9 +47,7 @@ class FlakyListener(socket.socket):
 
 
 @contextlib.contextmanager
-def serving_on(
-    backend_name: str, listener: socket.socket, **options
-) -> Iterator[tuple[Server, Callable[[], None]]]:
+def serving_on(backend_name: str, listener: socket.socket, **options) -> Iterator[tuple[Server, Callable[[], None]]]:
     """An Echo server on that listener and the function that starts its loop, which the block
     calls once it has set things up; everything is closed when the block ends."""
     loop = EventLoop(backend_name)
