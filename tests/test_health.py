@@ -154,17 +154,23 @@ class TestUtilization:
         busy = (after["loop_busy_s"] - before["loop_busy_s"]) / (after["uptime_s"] - before["uptime_s"])
         assert 0.75 < busy <= 1.1, busy
 
-    def test_workers_top_level_is_the_busiest(self, start_server) -> None:
+    @staticmethod
+    def busy_workers(start_server, key: str, above: float) -> tuple[str, dict]:
+        """Two Spin workers, one kept busy by steady input until its ``key`` passes ``above``:
+        the stats address, and /stats read before the input stops."""
         server = start_server("--workers", "2", "--stats-port", "0", "--app", "sample_apps:Spin", env=APPS)
         address = stats_address(server)
         wait_for(lambda: len(get_stats(address)["workers"]) == 2, timeout=20, what="2 workers reporting")
         with steady_input(server.address, every=0.005):
             wait_for(
-                lambda: max(w["loop_utilization"] for w in get_stats(address)["workers"]) > 0.8,
+                lambda: max(w[key] for w in get_stats(address)["workers"]) > above,
                 timeout=20,
-                what="a busy worker",
+                what=f"a worker's {key} above {above}",
             )
-            stats = get_stats(address)
+            return address, get_stats(address)
+
+    def test_workers_top_level_is_the_busiest(self, start_server) -> None:
+        address, stats = self.busy_workers(start_server, "loop_utilization", 0.8)
         by_worker = [worker["loop_utilization"] for worker in stats["workers"]]
         assert stats["loop_utilization"] == max(by_worker)
         assert min(by_worker) < 0.5, "one connection keeps one worker busy, not both"
@@ -178,16 +184,7 @@ class TestUtilization:
     def test_workers_busy_total_keeps_a_killed_workers_time(self, start_server) -> None:
         """loop_busy_s is a counter for rate(): a worker killed and replaced must not take its busy
         seconds (up to its last report) out of the whole server's total."""
-        server = start_server("--workers", "2", "--stats-port", "0", "--app", "sample_apps:Spin", env=APPS)
-        address = stats_address(server)
-        wait_for(lambda: len(get_stats(address)["workers"]) == 2, timeout=20, what="2 workers reporting")
-        with steady_input(server.address, every=0.005):
-            wait_for(
-                lambda: max(w["loop_busy_s"] for w in get_stats(address)["workers"]) > 1.0,
-                timeout=20,
-                what="a worker busy for a second",
-            )
-        before = get_stats(address)
+        address, before = self.busy_workers(start_server, "loop_busy_s", 1.0)
         busiest = max(before["workers"], key=lambda worker: worker["loop_busy_s"])
         os.kill(busiest["pid"], signal.SIGKILL)
         wait_for(
