@@ -343,6 +343,8 @@ class EventLoop:
         ``now``, so a timer may fire late by the time the pass took, never early.
         """
         poll = self.backend.wait
+        batch = self._wait_batch()
+        kernel_wait = self.backend.kernel_wait if batch else None
         read_bits = self.backend.read_bits
         write_bits = self.backend.write_bits
         readers = self._readers
@@ -376,7 +378,7 @@ class EventLoop:
                 self.busy_time = busy_total
                 self.now = waited  # _run_timed counts its passes from here
                 return True
-            events = poll(timeout)
+            events = poll(timeout) if kernel_wait is None else kernel_wait(timeout, batch)
             self.now = now = monotonic()
             self.iterations += 1
             self.events_total += len(events)
@@ -415,7 +417,11 @@ class EventLoop:
             else:
                 timeout = None
             self.busy_time += time.monotonic() - self.now
-            events = self.backend.wait(timeout)
+            kernel_wait = self.backend.kernel_wait if self._wait_batch() else None
+            if kernel_wait is None:
+                events = self.backend.wait(timeout)
+            else:
+                events = kernel_wait(timeout, self.backend.wait_max_events)
             self.now = time.monotonic()
             self.iterations += 1
             self.events_total += len(events)
@@ -427,6 +433,13 @@ class EventLoop:
         waited = time.monotonic()
         self.busy_time += waited - self.now
         self.now = waited  # _run counts its passes from here
+
+    def _wait_batch(self) -> int:
+        """The bound to pass as the backend's wait's second argument; 0 to call it with one."""
+        backend = self.backend
+        if backend.kernel_wait is not None and backend.wait is backend.kernel_wait:
+            return backend.wait_max_events
+        return 0
 
     def busy_seconds(self) -> float:
         """``busy_time`` with the pass under way: exact in a timer's callback (the health probe's)."""

@@ -88,6 +88,12 @@ class Backend:
         #: the event loop's way in: poll() for a timeout that is None or >= 0, with nothing to
         #: check, so a backend may point it at the kernel call itself (epoll does)
         self.wait: Callable[[float | None], list[tuple[int, int]]] = self.poll
+        #: a kernel call that also takes a bound on the events it returns, as its second positional
+        #: argument (epoll.poll's maxevents), and that bound.  While ``wait`` is this very call the
+        #: loop calls ``kernel_wait(timeout, wait_max_events)``; a subclass that puts its own
+        #: ``wait`` in front is called as ``wait(timeout)``, as before.
+        self.kernel_wait: Callable[[float | None, int], list[tuple[int, int]]] | None = None
+        self.wait_max_events = 0
 
     @classmethod
     def is_available(cls) -> bool:

@@ -278,6 +278,30 @@ class ReadinessContract(KitFixtures):
                 a.close()
                 b.close()
 
+    def test_a_bounded_wait_hands_out_every_ready_fd_over_its_calls(self, backend: Backend) -> None:
+        """A backend with a ``kernel_wait`` returns at most ``wait_max_events`` a call, and the
+        fds one call left out come in the next ones: none starves while others stay ready."""
+        if backend.kernel_wait is None:
+            pytest.skip(f"{backend.name} has no bounded kernel wait")
+        bound = backend.wait_max_events
+        assert bound > 0, "kernel_wait is set with no bound to pass it"
+        pairs = [socket.socketpair() for _ in range(2 * bound + 5)]
+        try:
+            for a, b in pairs:
+                b.send(b"x")
+                backend.register(a.fileno(), READ)
+            expected = {a.fileno() for a, _ in pairs}
+            seen: set[int] = set()
+            for _ in range(3):
+                events = backend.kernel_wait(5, bound)
+                assert 0 < len(events) <= bound, f"{len(events)} events from a wait bounded to {bound}"
+                seen |= set(fold(backend, events))
+            assert seen == expected, f"{len(expected - seen)} ready fds never reported in 3 calls"
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
     def test_unregistered_fd_is_not_reported(self, backend: Backend, pair) -> None:
         a, b = pair
         backend.register(a.fileno(), READ)
