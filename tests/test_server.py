@@ -20,7 +20,7 @@ from inprocess import in_loop, serving, wait_until
 from pollserve.apps import Echo, Hello, Protocol
 from pollserve.backends.select import FD_SETSIZE
 from pollserve.loop import EventLoop
-from pollserve.server import Server, format_address
+from pollserve.server import MAX_READ, MIN_READ, Server, format_address
 
 
 def open_fds() -> int:
@@ -850,3 +850,62 @@ def test_the_package_ships_its_type_hints() -> None:
     import importlib.resources
 
     assert importlib.resources.files("pollserve").joinpath("py.typed").is_file()
+
+
+class ChunkSizes(Protocol):
+    """Echoes every chunk and keeps its size: what each recv() returned."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.sizes.append(len(data))
+        self.transport.write(data)
+
+
+def test_the_read_size_grows_for_bulk_and_comes_back_for_small_requests(backend_name: str) -> None:
+    """Reads start small (a small request's bytes object stays in the interpreter's own
+    allocator), grow 8x at each read that filled the size, and come back 8x at each read that used
+    an eighth of it; no byte is lost or reordered on the way."""
+    factory = Recorded(ChunkSizes)
+    small, most = MIN_READ, MAX_READ
+    bulk = os.urandom(2 << 20)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(bulk,), daemon=True)
+        sender.start()
+        assert recv_exactly(sock, len(bulk)) == bulk
+        sender.join(10)
+        sizes = factory.made[0].sizes
+        assert sizes[0] <= small, sizes[:5]
+        assert max(sizes) == most, "a sender that keeps the buffer full is read at the largest size"
+        # Each small request is read alone (its echo comes back before the next is sent): every
+        # one shrinks the size, down to the smallest, and a burst after them starts small again.
+        for _ in range(4):
+            sock.sendall(b"x" * 10)
+            assert recv_exactly(sock, 10) == b"x" * 10
+        seen = len(sizes)
+        burst = os.urandom(256 << 10)
+        sender = threading.Thread(target=sock.sendall, args=(burst,), daemon=True)
+        sender.start()
+        assert recv_exactly(sock, len(burst)) == burst
+        sender.join(10)
+        assert sizes[seen] <= small, sizes[seen - 5 : seen + 5]
+        assert sum(sizes) == len(bulk) + 40 + len(burst)
+
+
+def test_more_clients_ready_at_once_than_one_wait_returns_are_all_served(backend_name: str) -> None:
+    """epoll's wait is bounded (64 events a call): 200 clients whose requests wait while the loop
+    is held are all answered once it runs, the ones a call left out by the next calls."""
+    with serving(backend_name, Echo) as server:
+        clients = [connect(server.address) for _ in range(200)]
+        try:
+            wait_until(lambda: server.connections_accepted == len(clients))
+            release = hold_loop(server)
+            for index, sock in enumerate(clients):
+                sock.sendall(b"%d\n" % index)
+            release.set()
+            for index, sock in enumerate(clients):
+                assert recv_exactly(sock, len(b"%d\n" % index)) == b"%d\n" % index
+        finally:
+            for sock in clients:
+                sock.close()
