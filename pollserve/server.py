@@ -130,7 +130,6 @@ class Connection:
         "low_water",
     )
 
-
     def __init__(self, server: Server, sock: socket.socket, peername: Any, protocol: Protocol) -> None:
         self._server = server
         self._traffic = server.traffic
