@@ -277,12 +277,15 @@ class Connection:
         """Send data now; buffer whatever the kernel does not take.  Ignored once closed."""
         if type(data) is not bytes:
             data = _byte_view(data)
-        if self._no_more_writes or not data:
+        # Lengths, not truth values: compiled, len() of a bytes or bytearray is a field read,
+        # and `not data` a call into the interpreter.
+        size = len(data)
+        if self._no_more_writes or size == 0:
             return
         buffer = self._buffer
-        if buffer:
+        if len(buffer):
             buffer += data
-            self._traffic.write_buffer_bytes += len(data)
+            self._traffic.write_buffer_bytes += size
         else:
             try:
                 sent = _write(self._fd, data) if _FD_IO else self._sock.send(data)
@@ -294,10 +297,10 @@ class Connection:
             if sent:
                 self._traffic.bytes_out += sent
                 self._last_active = self._loop.now
-                if sent == len(data):
+                if sent == size:
                     return
             buffer += memoryview(data)[sent:]
-            self._traffic.write_buffer_bytes += len(data) - sent
+            self._traffic.write_buffer_bytes += size - sent
             self._loop.add_writer(self._fd, self._on_writable)
         if len(buffer) > self.high_water and not self._paused_by_backpressure:
             self._paused_by_backpressure = True
