@@ -31,6 +31,7 @@ from .stats import table
 from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_TLS12_CIPHERS, ServerTLS, TLSConfigError, TLSOptions, parse_alpn
 from .workers import (
+    DEFAULT_WORKER_START_TIMEOUT,
     DEFAULT_WORKER_TIMEOUT,
     REPORT_INTERVAL,
     WORKER_ENV,
@@ -216,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"was ready; 0: never (default: {DEFAULT_WORKER_TIMEOUT:g})",
     )
     parser.add_argument(
+        "--worker-start-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --workers: kill and restart (with back-off) a worker not ready SECONDS after it started; "
+        f"0: never (default: {DEFAULT_WORKER_START_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--tls-cert",
         metavar="FILE",
         help="serve the app over TLS with this PEM certificate chain; SIGHUP reloads it (default: off)",
@@ -318,6 +326,7 @@ SERVER_OPTIONS = (
     "workers",
     "reuse_port",
     "worker_timeout",
+    "worker_start_timeout",
     "unix",
     "unix_mode",
     "tls_cert",
@@ -642,6 +651,10 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             f"--worker-timeout {worker_timeout:g} is shorter than two of the workers' reports "
             f"({REPORT_INTERVAL:g} s apart): give 0 (off) or at least {2 * REPORT_INTERVAL:g}"
         )
+    start_timeout = DEFAULT_WORKER_START_TIMEOUT if args.worker_start_timeout is None else args.worker_start_timeout
+    if not problem and args.worker_start_timeout is not None and workers < 2:
+        problem = "--worker-start-timeout needs --workers 2 or more: it bounds a worker's start-up"
+    problem = problem or check_seconds("--worker-start-timeout", start_timeout, zero_ok=True)
     if not problem and args.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
         problem = "--reuse-port needs SO_REUSEPORT, which this OS does not have"
     problem = problem or check_unix(args.unix, args.unix_mode)
@@ -695,6 +708,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         workers=workers,
         reuse_port=args.reuse_port,
         worker_timeout=worker_timeout,
+        worker_start_timeout=start_timeout,
         argv=tuple(argv),
         worker=role,
         proxy_protocol=args.proxy_protocol,

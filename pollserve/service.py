@@ -34,7 +34,14 @@ from .server import Server, format_address
 from .stats import StatsCollector, StatsReporter, count_fds
 from .systemd import STATS_NAME, ListenSocket, Notifier
 from .tls import ServerTLS, TLSLayerFactory, reload_certificates
-from .workers import DEFAULT_WORKER_TIMEOUT, Supervisor, SupervisorStats, WorkerLink, WorkerRole
+from .workers import (
+    DEFAULT_WORKER_START_TIMEOUT,
+    DEFAULT_WORKER_TIMEOUT,
+    Supervisor,
+    SupervisorStats,
+    WorkerLink,
+    WorkerRole,
+)
 
 log = logging.getLogger("pollserve")
 
@@ -102,6 +109,8 @@ class ServeOptions:
     reuse_port: bool = False
     #: --worker-timeout: a worker silent this long after ready is killed and replaced; 0: never
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT
+    #: --worker-start-timeout: a worker not ready this long after it started is killed and restarted; 0: never
+    worker_start_timeout: float = DEFAULT_WORKER_START_TIMEOUT
     #: the command line after ``pollserve``, for the supervisor to start its workers with
     argv: tuple[str, ...] = ()
     #: set in a worker process: its index, channel and inherited listeners (workers.WORKER_ENV)
@@ -525,6 +534,7 @@ def serve_workers(options: ServeOptions) -> None:
         [] if options.reuse_port else listeners,
         stop_timeout=stop_timeout,
         worker_timeout=options.worker_timeout,
+        start_timeout=options.worker_start_timeout,
         on_all_stopped=loop.stop,
     )
     view = SupervisorStats(loop, supervisor)

@@ -62,6 +62,8 @@ MAX_CHANNEL_BUFFER = 256 * 1024
 STARTING_AT_ONCE = 4
 #: --worker-timeout's default (gunicorn's --timeout); 0 turns the check off
 DEFAULT_WORKER_TIMEOUT = 30.0
+#: --worker-start-timeout's default: an import and a bind take seconds, not minutes; 0: off
+DEFAULT_WORKER_START_TIMEOUT = 60.0
 #: how often the parent looks for silent workers
 LIVENESS_INTERVAL = 0.5
 #: a worker silent this long is shown as stale in /stats, /metrics and the dashboard
@@ -416,6 +418,7 @@ class Supervisor:
         *,
         stop_timeout: float,
         worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+        start_timeout: float = DEFAULT_WORKER_START_TIMEOUT,
         on_first_ready: Callable[[], Any] | None = None,
         on_all_stopped: Callable[[], Any] | None = None,
     ) -> None:
@@ -427,6 +430,8 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         #: --worker-timeout: a serving worker silent this long is killed; 0: never
         self.worker_timeout = worker_timeout
+        #: --worker-start-timeout: a worker not ready this long after it started is killed; 0: never
+        self.start_timeout = start_timeout
         self.on_first_ready = on_first_ready
         self.on_all_stopped = on_all_stopped
         #: the generation new workers start in: 1, and one more per SIGHUP
@@ -438,7 +443,7 @@ class Supervisor:
         self.retired_totals: dict[str, int] = {}
         #: the loop busy seconds of the workers that have exited: a float, so kept beside the counts
         self.retired_busy_s = 0.0
-        #: workers killed for --worker-timeout, since the start
+        #: workers killed for --worker-timeout or --worker-start-timeout, since the start
         self.timeouts_total = 0
         self.stopping = False
         #: per index: quick failures in a row, and the monotonic time before which no restart
@@ -456,7 +461,7 @@ class Supervisor:
 
     def start(self) -> None:
         """Start the first workers (a few at a time: the rest follow as these are ready)."""
-        if self.worker_timeout > 0:
+        if self.worker_timeout > 0 or self.start_timeout > 0:
             self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
         self._settle()
 
@@ -515,24 +520,35 @@ class Supervisor:
 
     def _check_liveness(self) -> None:
         """--worker-timeout: a worker whose loop has not reported for that long is hung (its
-        heartbeat is the loop's own timer, so a blocked loop stops it): kill it, _settle replaces it."""
+        heartbeat is the loop's own timer, so a blocked loop stops it).  --worker-start-timeout: a
+        worker that is still starting that long after it started is stuck before its loop runs (an
+        import that waits on a lock or a network).  Kill it; _settle replaces it, with back-off."""
         self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
         now = time.monotonic()
         for worker in self.workers:
-            if worker.ready_at is None or worker.timed_out or worker.process.poll() is not None:
-                continue  # a slow import is not a hang: the silence counts from ready
+            if worker.timed_out or worker.process.poll() is not None:
+                continue
+            if worker.ready_at is None:
+                # A slow import is not a hang: --worker-timeout counts from ready, and this bound
+                # is its own, minutes rather than seconds.
+                waited = now - worker.started
+                if worker.state is WorkerState.STARTING and 0 < self.start_timeout < waited:
+                    self._kill_for_timeout(
+                        worker,
+                        f"is not ready {waited:.1f} s after it started (--worker-start-timeout {self.start_timeout:g})",
+                    )
+                continue
             silence = now - worker.heard_at
-            if silence > self.worker_timeout:
-                log.warning(
-                    "worker %d (pid %d) has not reported for %.1f s (--worker-timeout %g): killing it",
-                    worker.index,
-                    worker.pid,
-                    silence,
-                    self.worker_timeout,
+            if 0 < self.worker_timeout < silence:
+                self._kill_for_timeout(
+                    worker, f"has not reported for {silence:.1f} s (--worker-timeout {self.worker_timeout:g})"
                 )
-                worker.timed_out = True
-                self.timeouts_total += 1
-                worker.process.kill()  # SIGKILL: a stopped or blocked process cannot handle SIGTERM
+
+    def _kill_for_timeout(self, worker: Worker, why: str) -> None:
+        log.warning("worker %d (pid %d) %s: killing it", worker.index, worker.pid, why)
+        worker.timed_out = True
+        self.timeouts_total += 1
+        worker.process.kill()  # SIGKILL: a stopped or blocked process cannot handle SIGTERM
 
     # -- the one place states change ---------------------------------------------------------------
 
@@ -893,7 +909,7 @@ class SupervisorStats:
             (
                 "pollserve_worker_timeouts_total",
                 "counter",
-                "Workers killed for not reporting within --worker-timeout.",
+                "Workers killed for a timeout: silent past --worker-timeout, or not ready in --worker-start-timeout.",
                 supervisor.timeouts_total,
             ),
         ]

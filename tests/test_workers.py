@@ -470,6 +470,49 @@ def test_a_slow_import_is_not_a_hang(start_server, tmp_path) -> None:
     settled(server, stats, 2, generation=1)
 
 
+def test_a_worker_stuck_before_ready_is_killed_and_restarted(start_server, tmp_path) -> None:
+    """Regression: a worker whose start never ends (an import waiting on a lock or a network) was
+    never timed out, and its index stayed empty.  The parent imports the app first (to check it),
+    then each worker: the second import of this app, a worker's, blocks for good;
+    --worker-start-timeout kills that worker, and its replacement (a later import) serves."""
+    (tmp_path / "stuck_app.py").write_text(
+        "import os, time\n"
+        "for turn in (1, 2):\n"
+        "    try:\n"
+        f"        os.close(os.open(os.path.join({str(tmp_path)!r}, f'import-{{turn}}'), os.O_CREAT | os.O_EXCL))\n"
+        "        break\n"
+        "    except FileExistsError:\n"
+        "        continue\n"
+        "else:\n"
+        "    turn = 0\n"
+        "if turn == 2:\n"
+        "    time.sleep(3600)\n"
+        "from pollserve.apps import Hello\n"
+    )
+    server = start_server(
+        "--workers",
+        "2",
+        "--stats-port",
+        "0",
+        "--worker-start-timeout",
+        "2",
+        "--app",
+        "stuck_app:Hello",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    stats = stats_address(server)
+    found = server.wait_for_log(
+        r"WARNING worker (\d) \(pid (\d+)\) is not ready (\d+\.\d) s after it started "
+        r"\(--worker-start-timeout 2\): killing it",
+        timeout=20,
+    )
+    assert float(found[3]) >= 2
+    settled(server, stats, 2, generation=1)
+    assert not psutil.pid_exists(int(found[2])) or psutil.Process(int(found[2])).status() == psutil.STATUS_ZOMBIE
+    assert get_stats(stats)["worker_timeouts_total"] == 1
+    assert not any("has not reported" in line for line in server.lines), server.log
+
+
 def test_a_stop_during_start_up_starts_nothing_more(tmp_path) -> None:
     """Regression: every worker was started before the parent's loop ran, so a SIGTERM that came
     at the first waited for all of them."""
@@ -627,6 +670,9 @@ def test_worker_timeout_is_checked(start_server) -> None:
         (["--workers", "1", "--worker-timeout", "0"], "--worker-timeout needs --workers 2 or more"),
         (["--workers", "2", "--worker-timeout", "-1"], "--worker-timeout needs a non-negative number of seconds"),
         (["--workers", "2", "--worker-timeout", "1"], "--worker-timeout 1 is shorter than two of the workers' reports"),
+        (["--worker-start-timeout", "5"], "--worker-start-timeout needs --workers 2 or more"),
+        (["--workers", "2", "--worker-start-timeout", "-1"], "--worker-start-timeout needs a non-negative number"),
+        (["--workers", "2", "--worker-start-timeout", "nan"], "--worker-start-timeout needs a non-negative number"),
     ):
         result = run_pollserve("--port", "0", *args)
         lines = result.stderr.strip().splitlines()
