@@ -36,6 +36,7 @@ from .workers import (
     REPORT_INTERVAL,
     WORKER_ENV,
     WorkerRole,
+    WorkerStartError,
     auto_count,
     capacity_problem,
     tell_parent_failed,
@@ -722,7 +723,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             serve_workers(options)
         else:
             run_server(options)
-    except LimitError as exc:
+    except (LimitError, WorkerStartError) as exc:
         return fail_as(role, str(exc), EXIT_USAGE)
     except ListenError as exc:
         return fail_as(role, str(exc))

@@ -41,6 +41,7 @@ from .workers import (
     SupervisorStats,
     WorkerLink,
     WorkerRole,
+    WorkerStartError,
 )
 
 log = logging.getLogger("pollserve")
@@ -603,3 +604,5 @@ def serve_workers(options: ServeOptions) -> None:
         totals["loop_iterations"],
         options.workers,
     )
+    if supervisor.start_failure is not None:
+        raise WorkerStartError(supervisor.start_failure)

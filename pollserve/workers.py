@@ -330,6 +330,10 @@ def tell_parent_failed(role: WorkerRole, reason: str) -> None:
         pass  # the parent is gone or not reading: the exit status still says it failed
 
 
+class WorkerStartError(Exception):
+    """The workers cannot start at all (a configuration error each would meet); the message is for the user."""
+
+
 class WorkerState(enum.Enum):
     """Where one worker process is in its life.  It only ever moves along TRANSITIONS."""
 
@@ -455,6 +459,8 @@ class Supervisor:
         self._wake_at = 0.0
         self._liveness_timer: Handle | None = None
         self._first_ready_seen = False
+        #: why the server stopped at its first start: a worker that cannot start (_cannot_start)
+        self.start_failure: str | None = None
         self._kill_timer: Handle | None = None
 
     # -- events ------------------------------------------------------------------------------
@@ -588,7 +594,7 @@ class Supervisor:
             worker.channel.close()
             self._retire_totals(worker)
             self._log_exit(worker, before)
-            if state is WorkerState.FAILED and not self.stopping:
+            if state is WorkerState.FAILED and not self.stopping and not self._cannot_start(worker, before):
                 self._back_off(worker)
 
     def _settle(self) -> None:
@@ -704,6 +710,19 @@ class Supervisor:
                 how,
                 f": {worker.failure}" if worker.failure else "",
             )
+
+    def _cannot_start(self, worker: Worker, before: WorkerState) -> bool:
+        """At the first start, before any worker was ever ready, a worker that exits with status 2
+        (the command's exit status for a usage or configuration error, as a single server's
+        ``--max-fds 1``) would fail the same way every time: the server stops with its reason and
+        exits 2, as gunicorn halts on a worker's boot error, rather than restart it forever.  After
+        a worker has served, the same exit is a failed reload, and the serving workers stay."""
+        if before is not WorkerState.STARTING or self._first_ready_seen or worker.process.returncode != 2:
+            return False
+        self.start_failure = f"worker {worker.index} cannot start: {worker.failure or 'exit 2'}"
+        log.error("%s; stopping the server", self.start_failure)
+        self.stop("a worker that cannot start")
+        return True
 
     def _back_off(self, worker: Worker) -> None:
         """A worker that ended unasked is restarted: at once if it had served a while, else later

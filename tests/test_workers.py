@@ -513,6 +513,20 @@ def test_a_worker_stuck_before_ready_is_killed_and_restarted(start_server, tmp_p
     assert not any("has not reported" in line for line in server.lines), server.log
 
 
+def test_workers_that_cannot_start_at_all_stop_the_server_with_their_reason() -> None:
+    """Regression: with a configuration error each worker meets (--max-fds 1 leaves no fd for a
+    connection), the workers were restarted with back-off forever while nothing served.  A single
+    server exits 2 with one line for it; so do the workers' parent, with the worker's reason."""
+    from serverproc import run_pollserve
+
+    result = run_pollserve("--workers", "2", "--port", "0", "--max-fds", "1", timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"pollserve: worker \d cannot start: no fds left for connections: .*", last), last
+    assert "restarting in" not in result.stderr, "a configuration error is not retried"
+
+
 def test_a_stop_during_start_up_starts_nothing_more(tmp_path) -> None:
     """Regression: every worker was started before the parent's loop ran, so a SIGTERM that came
     at the first waited for all of them."""
