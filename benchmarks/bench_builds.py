@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench_peers import SCENARIOS, Target, compile_fixtures, instructions_per_request, report, run_interleaved
 
-from pollserve.bench import peer_argv, uvloop_installed
+from pollserve.bench import BenchError, peer_argv, uvloop_installed
 from pollserve.compiled import command
 from pollserve.load import raise_fd_limit
 
@@ -134,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         by_name = {t.name: t for t in targets}
         for name in names:
             print(f"bench_builds: {title}: {name}", file=sys.stderr)
-            extras[title][name] = compute(by_name[name])
+            try:
+                extras[title][name] = compute(by_name[name])
+            except BenchError as exc:  # one target's failure must not lose the whole run's tables
+                extras[title][name] = f"failed: {exc}"
             print(f"bench_builds: {title}: {name}: {extras[title][name]}", file=sys.stderr)
 
     if args.tls:

@@ -277,6 +277,9 @@ def instructions_per_request(target: Target, fixtures: dict[str, Path]) -> float
             for line in Path(path).read_text(errors="replace").splitlines():
                 if line.startswith(("totals:", "summary:")):
                     total = max(total, int(line.split()[1]))
+        if load.returncode != 0 or not load.stdout.strip():
+            tail = " ".join(load.stderr.strip().splitlines()[-2:])
+            raise BenchError(f"{target.name}: the load failed under callgrind (exit {load.returncode}): {tail}")
         points.append((total, json.loads(load.stdout)["requests"]))
     (i1, r1), (i2, r2) = points
     return (i2 - i1) / (r2 - r1)
