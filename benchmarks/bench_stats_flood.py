@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import platform
 import re
-import selectors
 import socket
 import statistics
 import sys
@@ -40,7 +39,7 @@ from multiprocessing.connection import Connection
 from bench_backends import cpu_model, package_version
 
 from pollserve.bench import BenchError, Measurement, ServerProcess, drive
-from pollserve.load import LoadSpec, raise_fd_limit
+from pollserve.load import LoadSpec, flood_metrics, raise_fd_limit
 
 HOST = "127.0.0.1"
 #: connecting a helper process's sockets; generous for slow machines
@@ -49,7 +48,6 @@ READY_TIMEOUT = 30.0
 FLOOD_ONLY_SECONDS = 2.0
 
 STATS_RE = re.compile(r"stats on http://127\.0\.0\.1:(\d+)")
-METRICS_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 # -- children ----------------------------------------------------------------------
@@ -75,59 +73,12 @@ def hold_idle(pipe: Connection, port: int, count: int) -> None:
 def flood(pipe: Connection, port: int, concurrency: int) -> None:
     """Keep `concurrency` /metrics requests in flight until told to stop; report status counts."""
     raise_fd_limit(concurrency + 64)
-    selector = selectors.DefaultSelector()
-    statuses: Counter[str] = Counter()
-    replies: dict[socket.socket, bytearray] = {}
-
-    def open_one() -> None:
-        sock = socket.socket()
-        sock.setblocking(False)
-        try:
-            sock.connect((HOST, port))
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            statuses[f"connect {exc.errno}"] += 1
-            sock.close()
-            return
-        replies[sock] = bytearray()
-        selector.register(sock, selectors.EVENT_WRITE)
-
-    def finish(sock: socket.socket, outcome: str) -> None:
-        statuses[outcome] += 1
-        selector.unregister(sock)
-        del replies[sock]
-        sock.close()
-
+    statuses: dict[str, int] = {}
     pipe.send(("ready", None))
     if pipe.recv() != "go":
         return
-    for _ in range(concurrency):
-        open_one()
-    while not pipe.poll():
-        for key, mask in selector.select(0.2):
-            sock = key.fileobj
-            try:
-                if mask & selectors.EVENT_WRITE:
-                    sock.send(METRICS_REQUEST)
-                    selector.modify(sock, selectors.EVENT_READ)
-                    continue
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                finish(sock, type(exc).__name__)
-                open_one()
-                continue
-            if data:
-                replies[sock] += data
-                continue
-            reply = bytes(replies[sock])
-            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
-            open_one()
-    for sock in list(replies):
-        finish(sock, "unfinished")
-    pipe.send(("result", dict(statuses)))
+    flood_metrics((HOST, port), concurrency, pipe.poll, statuses, poll_interval=0.2)
+    pipe.send(("result", statuses))
 
 
 class HealthProber:

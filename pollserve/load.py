@@ -21,6 +21,7 @@ import selectors
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -294,3 +295,73 @@ class LoadProcess:
         if self._process.is_alive():
             self._process.terminate()  # this child only, by its own PID
             self._process.join(timeout=5)
+
+
+#: what a stats flood asks, over and over
+METRICS_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def flood_metrics(
+    address: tuple[str, int],
+    concurrency: int,
+    should_stop: Callable[[], bool],
+    outcomes: dict[str, int],
+    poll_interval: float = 0.1,
+) -> None:
+    """Keep ``concurrency`` GET /metrics requests in flight until ``should_stop()`` is true, each
+    on a connection of its own, a new one opened as each ends; count how each ended in
+    ``outcomes`` (the HTTP status, an exception's name, ``connect ERRNO``, or ``unfinished``).
+    The stats endpoint's adversary, in the tests and in ``benchmarks/bench_stats_flood.py``."""
+    selector = selectors.DefaultSelector()
+    replies: dict[socket.socket, bytearray] = {}
+
+    def count(outcome: str) -> None:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    def open_one() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            count(f"connect {exc.errno}")
+            sock.close()
+            return
+        replies[sock] = bytearray()
+        selector.register(sock, selectors.EVENT_WRITE)
+
+    def finish(sock: socket.socket, outcome: str) -> None:
+        count(outcome)
+        selector.unregister(sock)
+        del replies[sock]
+        sock.close()
+
+    for _ in range(concurrency):
+        open_one()
+    while not should_stop():
+        for key, mask in selector.select(poll_interval):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(METRICS_REQUEST)
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                finish(sock, type(exc).__name__)
+                open_one()
+                continue
+            if data:
+                replies[sock] += data
+                continue
+            reply = bytes(replies[sock])
+            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
+            open_one()
+    for sock in list(replies):
+        finish(sock, "unfinished")
+    selector.close()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import selectors
 import socket
 import struct
 import threading
 import time
+
+from pollserve import load
 
 
 def connect(address: tuple[str, int], timeout: float = 10) -> socket.socket:
@@ -181,46 +182,4 @@ class SlowClients:
 
 def flood_metrics(address: tuple[str, int], concurrency: int, stop: threading.Event, outcomes: dict[str, int]) -> None:
     """Keep `concurrency` GET /metrics in flight until stop is set; count answers by status."""
-    selector = selectors.DefaultSelector()
-    replies: dict[socket.socket, bytearray] = {}
-
-    def open_one() -> None:
-        sock = socket.socket()
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect(address)
-        replies[sock] = bytearray()
-        selector.register(sock, selectors.EVENT_WRITE)
-
-    def finish(sock: socket.socket, outcome: str) -> None:
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        selector.unregister(sock)
-        del replies[sock]
-        sock.close()
-
-    for _ in range(concurrency):
-        open_one()
-    while not stop.is_set():
-        for key, mask in selector.select(0.1):
-            sock = key.fileobj
-            try:
-                if mask & selectors.EVENT_WRITE:
-                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    selector.modify(sock, selectors.EVENT_READ)
-                    continue
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                finish(sock, type(exc).__name__)
-                open_one()
-                continue
-            if data:
-                replies[sock] += data
-                continue
-            reply = bytes(replies[sock])
-            finish(sock, reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.1 ") else "no reply")
-            open_one()
-    for sock in list(replies):
-        finish(sock, "unfinished")
-    selector.close()
+    load.flood_metrics(address, concurrency, stop.is_set, outcomes)
