@@ -139,7 +139,13 @@ def test_ctrl_c_while_importing_exits_130_without_a_traceback(entry: str) -> Non
         script = console_script()
         start = f"sys.argv = [{script!r}, '--port', '0']; exec(open({script!r}).read(), {{'__name__': '__main__'}})"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_IMPORT + start], env=pollserve_env(), stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLOW_IMPORT + start],
+        env=pollserve_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        # A test run started in the background by a shell without job control inherits SIGINT
+        # ignored, and Python then leaves it ignored: give the child the disposition a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stderr is not None
