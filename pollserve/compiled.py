@@ -17,6 +17,14 @@ from pathlib import Path
 MODULES = ("pollserve.loop", "pollserve.server")
 
 
+def let_signal_handlers_run() -> None:
+    """Nothing, in interpreted code: CPython runs the Python-level signal handlers that are
+    pending when bytecode starts to run.  The compiled loop calls it when its wakeup channel
+    carried a signal's byte: on CPython 3.10, a compiled loop with no interpreted callback to run
+    would otherwise not see the signal until it returned (3.11 and later run the handlers from
+    the compiled code's own calls).  This module is never compiled (``MODULES``)."""
+
+
 def is_compiled(module_name: str) -> bool:
     """Whether the module was loaded from a C extension rather than from its Python source."""
     module = importlib.import_module(module_name)

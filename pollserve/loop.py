@@ -10,7 +10,9 @@ meaning.  A signal is recorded by the Python-level handler in a deque the loop
 reads, because the byte ``signal.set_wakeup_fd`` writes is dropped when the
 socket is full (CPython issue 74224; curio issue 118).  The C
 handler's byte still matters: it wakes a poll() that a signal landing just
-before it would otherwise not interrupt.  ``call_soon_threadsafe`` and
+before it would otherwise not interrupt, and, compiled, it says that a signal
+came whose Python-level handler may not have run yet (CPython 3.10 runs it only
+when bytecode runs: ``compiled.let_signal_handlers_run``).  ``call_soon_threadsafe`` and
 ``stop`` write a byte only when none is pending.  A socketpair rather than a
 pipe because on Windows select() accepts sockets only.
 
@@ -41,6 +43,7 @@ from typing import Any
 from mypy_extensions import mypyc_attr
 
 from .backends import READ, WRITE, Backend, create_backend
+from .compiled import let_signal_handlers_run
 
 log = logging.getLogger("pollserve")
 
@@ -283,16 +286,22 @@ class EventLoop:
             self._wakeup_send.send(b"\0")
 
     def _on_wakeup(self) -> None:
+        signalled = False
         while True:
             try:
-                if not self._wakeup_recv.recv(4096):
-                    break
+                data = self._wakeup_recv.recv(4096)
             except (BlockingIOError, InterruptedError):
                 break
+            if not data:
+                break
+            # The C handler writes the signal's number; our own wakeups write zeros.
+            signalled = signalled or bool(data.strip(b"\0"))
         # Cleared only after draining: a thread that saw the flag set has queued its
         # callback already, and one that sees it clear writes a byte of its own.
         self._wakeup_pending = False
         pending = self._pending_signals
+        if signalled and not pending:
+            let_signal_handlers_run()  # compiled, the Python-level handler may not have run yet
         while pending:
             handle = self._signal_handlers.get(pending.popleft())
             if handle is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,13 @@ SOURCE_ROOT = str(Path(pollserve.__file__).resolve().parent.parent)
 
 #: test EMULATIONS (kqueue, devpoll, windows) install themselves from here via sitecustomize
 EMULATION_DIR = str(Path(__file__).resolve().parent / "emulation")
+
+
+def sigint_as_at_a_terminal() -> None:
+    """preexec_fn for a child that a test stops with SIGINT, as Ctrl-C would: a test run started in
+    the background by a shell without job control inherits SIGINT ignored, and Python leaves an
+    ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pollserve_env(extra: dict[str, str] | None = None) -> dict[str, str]:

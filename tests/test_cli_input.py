@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from clients import connect, recv_exactly
-from serverproc import pollserve_env, run_pollserve
+from serverproc import pollserve_env, run_pollserve, sigint_as_at_a_terminal
 from test_cli import one_line
 
 POSIX = sys.platform != "win32"
@@ -143,9 +143,7 @@ def test_ctrl_c_while_importing_exits_130_without_a_traceback(entry: str) -> Non
         env=pollserve_env(),
         stderr=subprocess.PIPE,
         text=True,
-        # A test run started in the background by a shell without job control inherits SIGINT
-        # ignored, and Python then leaves it ignored: give the child the disposition a terminal would.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_as_at_a_terminal,
     )
     try:
         assert proc.stderr is not None

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from clients import connect, request_rounds
-from serverproc import pollserve_command, pollserve_env, run_pollserve
+from serverproc import pollserve_command, pollserve_env, run_pollserve, sigint_as_at_a_terminal
 from statsclient import get_stats, http_get, stats_address, wait_for
 
 from pollserve.stats import METRIC_FIELDS, FdUsageWatch, Snapshot
@@ -308,6 +308,7 @@ class TestStatsCommand:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=sigint_as_at_a_terminal,
         )
         try:
             lines = [watcher.stdout.readline() for _ in range(3)]
