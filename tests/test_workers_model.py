@@ -4,7 +4,8 @@ each has settled, what the Supervisor docstring promises.
 
 Actions: SIGHUP (one, or two closer than a worker's start-up), ``kill -9`` of a worker, ``kill
 -STOP`` of one (a hung loop, found by --worker-timeout), a deploy whose app does not import (then
-fixed), and bursts of clients, while a background client keeps asking throughout.  After each:
+fixed), a deploy whose import never ends (found by --worker-start-timeout, then fixed), and bursts
+of clients, while a background client keeps asking throughout.  After each:
 exactly 2 workers serve, both of the newest generation; no other worker process is alive;
 /healthz says ``ok 2/2 workers``; no client failed unless a worker was killed in that step; the
 parent's fd count is back to its baseline.  Each run ends with SIGTERM to the whole process
@@ -47,6 +48,9 @@ pytestmark = [
 WORKERS = 2
 #: --worker-timeout of the model's server: short, so a stopped worker is found within the step
 WORKER_TIMEOUT = 3
+#: --worker-start-timeout of the model's server: short, so a hanging import is found within the
+#: step, and still well above a worker's start-up on a loaded machine
+START_TIMEOUT = 4
 MAX_KILLS = 4
 MODEL_EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "8"))
 MODEL_STEPS = int(os.environ.get("MODEL_STEPS", "10"))
@@ -105,6 +109,8 @@ class SupervisorModel(RuleBasedStateMachine):
             "deployed_app:Hello",
             "--worker-timeout",
             str(WORKER_TIMEOUT),
+            "--worker-start-timeout",
+            str(START_TIMEOUT),
             "--shutdown-timeout",
             "2",
             *(["--reuse-port"] if MODEL_REUSE_PORT else []),
@@ -261,6 +267,29 @@ class SupervisorModel(RuleBasedStateMachine):
             timeout=30,
             what="the failed reload's ERROR line",
         )
+        snapshot = get_stats(self.stats)
+        assert snapshot["workers_serving"] == WORKERS
+        assert {row["pid"] for row in snapshot["workers"]} == set(self.current.values())
+        assert healthz(self.stats) == (200, f"ok {WORKERS}/{WORKERS} workers\n")
+        ask(self.server.address)
+        deploy(self.folder)
+
+    @rule()
+    def deploy_that_hangs_while_importing(self) -> None:
+        """The new workers never get ready: --worker-start-timeout kills them, the reload fails with
+        one ERROR line while the previous workers keep serving; fixed, the new generation comes up."""
+        self.begin("deploy_that_hangs_while_importing")
+        deploy(self.folder, hanging=True)
+        killed_before = sum("--worker-start-timeout" in line for line in self.server.lines)
+        self.server.signal(signal.SIGHUP)
+        self.generation += 1
+        self.failed_reloads += 1
+        wait_for(
+            lambda: sum("reload failed" in line for line in self.server.lines) == self.failed_reloads,
+            timeout=START_TIMEOUT + 30,
+            what="the hanging reload's ERROR line",
+        )
+        assert sum("--worker-start-timeout" in line for line in self.server.lines) > killed_before
         snapshot = get_stats(self.stats)
         assert snapshot["workers_serving"] == WORKERS
         assert {row["pid"] for row in snapshot["workers"]} == set(self.current.values())

@@ -15,12 +15,15 @@ HELLO = b"Hello world\n"
 #: bytecode can stand in for it (and the servers run with PYTHONDONTWRITEBYTECODE)
 GOOD_APP = "from pollserve.apps import Hello\n"
 BROKEN_APP = "raise ImportError('this deploy is broken on purpose')\n"
+#: an import that never ends (a lock or a network that never answers); only workers import an app
+#: on a reload, the parent does not
+HANGING_APP = "import time\ntime.sleep(3600)  # this deploy hangs on purpose\n"
 
 
-def deploy(folder: Path, *, broken: bool = False) -> Path:
+def deploy(folder: Path, *, broken: bool = False, hanging: bool = False) -> Path:
     """Write deployed_app.py in folder; the servers load ``--app deployed_app:Hello``."""
     path = folder / "deployed_app.py"
-    path.write_text(BROKEN_APP if broken else GOOD_APP)
+    path.write_text(HANGING_APP if hanging else BROKEN_APP if broken else GOOD_APP)
     return path
 
 
