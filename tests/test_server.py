@@ -868,7 +868,6 @@ def test_the_read_size_grows_for_bulk_and_comes_back_for_small_requests(backend_
     allocator), grow 8x at each read that filled the size, and come back 8x at each read that used
     an eighth of it; no byte is lost or reordered on the way."""
     factory = Recorded(ChunkSizes)
-    small, most = MIN_READ, MAX_READ
     bulk = os.urandom(2 << 20)
     with serving(backend_name, factory) as server, connect(server.address) as sock:
         sender = threading.Thread(target=sock.sendall, args=(bulk,), daemon=True)
@@ -876,8 +875,8 @@ def test_the_read_size_grows_for_bulk_and_comes_back_for_small_requests(backend_
         assert recv_exactly(sock, len(bulk)) == bulk
         sender.join(10)
         sizes = factory.made[0].sizes
-        assert sizes[0] <= small, sizes[:5]
-        assert max(sizes) == most, "a sender that keeps the buffer full is read at the largest size"
+        assert sizes[0] <= MIN_READ, sizes[:5]
+        assert max(sizes) == MAX_READ, "a sender that keeps the buffer full is read at the largest size"
         # Each small request is read alone (its echo comes back before the next is sent): every
         # one shrinks the size, down to the smallest, and a burst after them starts small again.
         for _ in range(4):
@@ -889,7 +888,7 @@ def test_the_read_size_grows_for_bulk_and_comes_back_for_small_requests(backend_
         sender.start()
         assert recv_exactly(sock, len(burst)) == burst
         sender.join(10)
-        assert sizes[seen] <= small, sizes[seen - 5 : seen + 5]
+        assert sizes[seen] <= MIN_READ, sizes[seen - 5 : seen + 5]
         assert sum(sizes) == len(bulk) + 40 + len(burst)
 
 
