@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,29 +20,40 @@ import pytest
 from serverproc import pollserve_env
 
 from pollserve import available_backends
+from pollserve.backends import get_backend
 
 #: the checkout's examples, whichever build (source tree or installed) the suite tests
 RUN = Path(__file__).resolve().parent.parent / "examples" / "lesson" / "run.py"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 LESSON_STEPS = ("1", "2", "3")
 ONE_AT_A_TIME = ("1", "2")
 
 
-def run_lesson(*args: str) -> dict[str, Any]:
+def start_lesson(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     # A session of its own: a run that hangs is killed together with the servers it started.
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, str(RUN), "--json", *args],
-        env=pollserve_env(),
+        env=pollserve_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+def finish_lesson(proc: subprocess.Popen) -> tuple[str, str]:
     try:
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+    return stdout, stderr
+
+
+def run_lesson(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = start_lesson(*args, env=env)
+    stdout, stderr = finish_lesson(proc)
     assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
     report = json.loads(stdout)
     for name, load in report["loads"].items():
@@ -66,8 +78,47 @@ def results(report: dict[str, Any], load: str) -> dict[str, dict[str, Any]]:
 
 
 def test_step_4_runs_on_every_backend_here(short: dict[str, Any]) -> None:
-    assert sorted(pollserve_steps(short)) == sorted(f"4-{name}" for name in available_backends())
+    requested = os.environ.get("POLLSERVE_BACKEND")
+    names = [get_backend(requested).name] if requested else available_backends()
+    assert sorted(pollserve_steps(short)) == sorted(f"4-{name}" for name in names)
     assert "fd2000" not in short["loads"]  # --short leaves the slow load out
+
+
+def test_pollserve_backend_chooses_step_4s_backend() -> None:
+    # select: on every POSIX system, and never what auto picks where a better backend exists
+    report = run_lesson("--short", "--only", "clients", env={"POLLSERVE_BACKEND": "select"})
+    assert pollserve_steps(report) == ["4-select"]
+    assert results(report, "clients")["4-select"]["answered_at_once"] == 5
+
+
+def test_a_backend_this_os_lacks_is_one_line_and_exit_2() -> None:
+    proc = start_lesson("--short", env={"POLLSERVE_BACKEND": "no-such-backend"})
+    stdout, stderr = finish_lesson(proc)
+    assert proc.returncode == 2 and stdout == "", (stdout, stderr)
+    assert stderr.startswith("run.py: POLLSERVE_BACKEND=no-such-backend: ") and stderr.count("\n") == 1, stderr
+
+
+@pytest.mark.parametrize("page", ["lesson.md", "lesson.ru.md"])
+def test_the_output_shown_is_that_of_the_command_shown(page: str) -> None:
+    """The page's first command and the run it shows agree: the settings of the command (--short or
+    not) are the ones the shown output was printed with."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import run as lesson_runner
+    finally:
+        sys.path.remove(str(RUN.parent))
+    text = (DOCS / page).read_text()
+    command = re.search(r"```sh\n(python examples/lesson/run\.py[^\n]*)\n```", text)
+    assert command, f"{page} shows no run.py command"
+    settings = lesson_runner.SHORT if "--short" in command[1].split() else lesson_runner.FULL
+    shown = text[command.end() :]
+    clients = re.findall(r"N clients at once: .*\((\d+) clients\)", shown)
+    waited = re.findall(r"the other client got nothing in ([\d.]+) s", shown)
+    assert clients and waited, f"{page} shows no output of run.py after {command[1]!r}"
+    assert {int(n) for n in clients} == {settings.clients}, (command[1], clients)
+    assert {float(s) for s in waited} == {settings.wait * 2}, (command[1], waited)
+    if settings.short:
+        assert "2,000 clients at once" not in shown, f"{page}: --short does not run the 2,000 connections"
 
 
 def test_the_blocking_steps_serve_one_client_at_a_time(short: dict[str, Any]) -> None:

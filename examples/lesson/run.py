@@ -6,7 +6,9 @@
 
 Each load starts a fresh server of each step in a subprocess on 127.0.0.1, port 0, and stops it by
 its PID when the load ends, also when the load fails.  Every load is bounded in connections and in
-time.  POSIX only: the fd limits are set through the resource module.
+time.  Step 4 runs on every backend this OS has, or, when POLLSERVE_BACKEND is set, on that one
+only, as every pollserve command would.  POSIX only: the fd limits are set through the resource
+module.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ if (ROOT / "pollserve").is_dir():  # run from a checkout: the servers and this s
     sys.path.insert(0, str(ROOT))
 
 from pollserve import available_backends  # noqa: E402
+from pollserve.backends import BackendError, get_backend  # noqa: E402
 
 REQUEST = b"hi\n"
 #: HELLO repeated this many times is a 1 MB reply (1,048,584 bytes)
@@ -74,13 +77,17 @@ class Step:
     command: tuple[str, ...]
 
 
-def lesson_steps() -> list[Step]:
-    """Steps 1-3, then step 4 once for each backend this OS has."""
+def lesson_steps(backend: str | None = None) -> list[Step]:
+    """Steps 1-3, then step 4 once for each backend this OS has, or only on ``backend`` (a name
+    ``pollserve --backend`` takes: POLLSERVE_BACKEND chooses it here as it does for pollserve)."""
     steps = [
         Step("1", "blocking", ("step1_blocking.py",)),
         Step("2", "two functions", ("step2_functions.py",)),
         Step("3", "select() loop", ("step3_select.py",)),
     ]
+    if backend is not None:
+        name = get_backend(backend).name  # BackendError: unknown, or missing on this OS
+        return [*steps, Step(f"4-{name}", f"pollserve, {name}", ("step4_pollserve.py", "--backend", backend))]
     have = set(available_backends())
     for name in BACKEND_ORDER:
         if name in have:
@@ -522,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown load {unknown[0]!r}")
         loads = [load for load in LOADS if load.name in wanted]
-    steps = lesson_steps()
+    chosen = os.environ.get("POLLSERVE_BACKEND") or None
+    try:
+        steps = lesson_steps(chosen)
+    except BackendError as exc:
+        parser.exit(2, f"run.py: POLLSERVE_BACKEND={chosen}: {exc}\n")
     # 2,000 client sockets here, and as many in each server: the soft limit of this process (which
     # the servers inherit) is raised so that select()'s FD_SETSIZE, not the fd limit, is what shows.
     soft_before, soft, hard = raise_fd_limit(2200) if any(load.name == "fd2000" for load in loads) else (0, 0, 0)
