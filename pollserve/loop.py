@@ -479,13 +479,18 @@ class EventLoop:
             seconds -= self._ready_seconds  # the timed callbacks have been reported already
         if seconds <= self.slow_callback:
             return False
+        wakeup = self._wakeup_recv.fileno()
+        ran = sum(fd != wakeup for fd, _ in events)
+        if not ran:
+            # No handler ran: the time is the loop's own (its timers' heap, a garbage collection,
+            # the process not scheduled), which the lag and utilization show.  Nothing to name.
+            return False
         handlers = self._handlers(events)
         if len(handlers) == 1:
             self._report_slow(handlers[0], seconds)
             return False
         self._time_handlers_until = self.now + self.time_handlers_for
-        ran = len(handlers) or len(events)
-        if seconds / ran <= self.slow_callback:
+        if seconds / max(ran, len(handlers)) <= self.slow_callback:
             return True  # maybe many quick handlers: only the timed passes can tell
         # Longer than the threshold times the handlers: one of them, at least, held the loop that long.
         if not handlers:  # what ran is unregistered now: a connection that closed, say

@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clients import connect
+from clients import connect, request_rounds
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from serverproc import run_pollserve
 from statsclient import get_stats, http_get, stats_address, wait_for
 
+from pollserve.apps import HELLO_REPLY
 from pollserve.health import LAG_BUCKETS, LoopHealth, percentile
 from pollserve.loop import EventLoop, describe_callback
 from pollserve.stats import table
@@ -117,6 +118,24 @@ class TestSlowApp:
             stats = get_stats(address)
         assert stats["slow_callbacks"] == 0
         assert not slow_warnings(server)
+
+    @pytest.mark.parametrize("value", ["1e-9", "0.00002"])
+    def test_no_threshold_ends_the_server(self, start_server, value: str) -> None:
+        """With a threshold below what the loop's own bookkeeping takes, passes with no event and
+        passes of several handlers are slow too: the server reports them and goes on serving."""
+        server = start_server("--stats-port", "0", "--slow-callback", value)
+        address = stats_address(server)
+        time.sleep(1.5)  # idle: probe ticks and the fd check, passes with no event
+        assert server.alive(), server.log
+        for _ in range(5):  # a little traffic: several clients at once, and the stats endpoint
+            assert request_rounds(server.address, 4, 20, b"hi", HELLO_REPLY, timeout=20) == 80
+            assert http_get(address, "/metrics")[0] == 200
+        stats = get_stats(address)
+        assert stats["slow_callbacks"] > 0
+        assert server.alive(), server.log
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0, server.log
+        assert "Traceback" not in server.log
 
     @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
     def test_bad_threshold_is_one_line(self, value: str) -> None:
