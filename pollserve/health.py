@@ -14,7 +14,10 @@ handler (loop.py); this module turns those into figures:
   due at any moment, not only of the ones that happened to fire.  An idle
   server reports the true small lateness of its wakeups;
 - slow callbacks: counted, logged in episodes (rates.EpisodeLog), and the
-  slowest of the window kept with its name.
+  slowest of the window kept with its name and its own time;
+- slow passes, of several handlers the loop did not time one by one: counted
+  and logged apart, with the pass's time and the handlers' names.  None of
+  them is the slowest callback: which of them held the loop is not known.
 
 100 ms between probes: ten wakeups a second cost an idle server about 0.02%
 of a core, a lag as short as the probe period is still measured exactly when a
@@ -65,11 +68,16 @@ class LoopHealth:
         self.slow_callback = slow_callback
         loop.slow_callback = slow_callback
         loop.on_slow_callback = self.slow
+        loop.on_slow_pass = self.slow_pass
         self._slow_log = EpisodeLog(
             log, loop, f"loop held by a slow callback (over {slow_callback:g} s, --slow-callback)"
         )
-        #: slow callbacks since start
+        self._slow_pass_log = EpisodeLog(
+            log, loop, f"loop held by a slow pass (over {slow_callback:g} s, --slow-callback)"
+        )
+        #: slow callbacks since start, and slow passes of handlers not timed one by one
         self.slow_callbacks = 0
+        self.slow_passes = 0
         self._slow: deque[tuple[float, str, float]] = deque(maxlen=MAX_SLOW_KEPT)
         #: (when, seconds late) of every tick in the window
         self._lags: deque[tuple[float, float]] = deque()
@@ -92,6 +100,7 @@ class LoopHealth:
             self._timer.cancel()
             self._timer = None
         self._slow_log.close()
+        self._slow_pass_log.close()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -130,6 +139,11 @@ class LoopHealth:
         self.slow_callbacks += 1
         self._slow.append((time.monotonic(), name, seconds))
         self._slow_log.event(f"{name} took {seconds:.3f} s")
+
+    def slow_pass(self, what: str, seconds: float) -> None:
+        """The loop's report of a slow pass of several handlers: count it, log it in episodes."""
+        self.slow_passes += 1
+        self._slow_pass_log.event(f"{seconds:.3f} s over {what}")
 
     # -- figures ------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clients import connect, request_rounds
+from clients import connect, recv_exactly, request_rounds
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -100,6 +100,32 @@ class TestSlowApp:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
         assert "Traceback" not in server.log
+
+    def test_a_slow_pass_of_two_clients_is_counted_apart(self, start_server) -> None:
+        """Two clients whose chunks are read in one pass hold the loop 0.6 s together: that is one
+        slow pass, logged with both names, never one callback of 0.6 s; the loop then times each
+        handler, so the next time each is named with its own 0.3 s."""
+        server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", env=APPS)
+        address = stats_address(server)
+        with connect(server.address) as holder, connect(server.address) as a, connect(server.address) as b:
+            peers = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in (a, b)]
+            # The first round's two chunks make a slow pass; the second round's are timed one by one.
+            for _ in range(2):
+                holder.sendall(b"h")  # holds the loop 0.3 s, while the other two send
+                time.sleep(0.1)
+                a.sendall(b"a")
+                b.sendall(b"b")
+                assert [recv_exactly(sock, 1) for sock in (holder, a, b)] == [b"h", b"a", b"b"]
+            stats = get_stats(address)
+            _, _, metrics = http_get(address, "/metrics")
+        found = server.wait_for_log(r"WARNING loop held by a slow pass .*: ([\d.]+) s over (\d) handlers \((.*)\)")
+        assert float(found[1]) >= 0.59 and int(found[2]) >= 2
+        assert all(peer in found[3] for peer in peers), found[0]
+        assert stats["slow_passes"] == 1, "the second round's handlers were timed one by one"
+        assert re.search(r"^pollserve_slow_passes_total 1$", metrics.decode(), re.M)
+        assert stats["slow_callbacks"] >= 3
+        assert re.fullmatch(r"sample_apps:Sleepy\.data_received on 127\.0\.0\.1:\d+", stats["slowest_callback"])
+        assert 0.29 <= stats["slowest_callback_s"] < 0.59, "one handler's time, never the pass's"
 
     def test_zero_disables_the_warning_not_the_figures(self, start_server) -> None:
         server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", "--slow-callback", "0", env=APPS)
@@ -285,12 +311,13 @@ def hold(seconds: float) -> None:
 class Holder:
     """A handler bound to an object that says how it wants to be named."""
 
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
+    def __init__(self, sock: socket.socket, seconds: float, name: str = "holder.on_readable of test") -> None:
         self.sock = sock
         self.seconds = seconds
+        self.name = name
 
     def _describe_handler(self, handler: object) -> str:
-        return "holder.on_readable of test"
+        return self.name
 
     def on_readable(self) -> None:
         self.sock.recv(100)
@@ -306,6 +333,12 @@ def loop() -> Iterator[EventLoop]:
 def record_slow(loop: EventLoop) -> list[tuple[str, float]]:
     seen: list[tuple[str, float]] = []
     loop.on_slow_callback = lambda name, seconds: seen.append((name, seconds))
+    return seen
+
+
+def record_passes(loop: EventLoop) -> list[tuple[str, float]]:
+    seen: list[tuple[str, float]] = []
+    loop.on_slow_pass = lambda what, seconds: seen.append((what, seconds))
     return seen
 
 
@@ -330,33 +363,38 @@ class TestLoopNamesTheHolder:
         loop.run_forever()
         assert [name for name, _ in seen] == ["holder.on_readable of test"]
 
-    def test_several_handlers_then_each_is_timed(self, loop: EventLoop) -> None:
-        """A slow pass that ran two handlers cannot say which held it: it names both, and from
-        then on each handler is timed, so the next slow pass names the one."""
+    def test_several_handlers_are_a_slow_pass_then_each_is_timed(self, loop: EventLoop) -> None:
+        """A slow pass that ran two handlers cannot say which held it, or whether both did: it is
+        reported as a pass, with its time and both names, and no callback is named with the pass's
+        time.  From then on each handler is timed, so the next slow ones are named, each with its own."""
         seen = record_slow(loop)
+        passes = record_passes(loop)
         loop.slow_callback = 0.05
         pairs = [socket.socketpair() for _ in range(2)]
         try:
-            slow, quick = Holder(pairs[0][0], 0.12), Holder(pairs[1][0], 0.0)
-            loop.add_reader(pairs[0][0].fileno(), slow.on_readable)
-            loop.add_reader(pairs[1][0].fileno(), quick.on_readable)
+            short = Holder(pairs[0][0], 0.1, "short holder")
+            long = Holder(pairs[1][0], 0.4, "long holder")
+            loop.add_reader(pairs[0][0].fileno(), short.on_readable)
+            loop.add_reader(pairs[1][0].fileno(), long.on_readable)
 
             def both() -> None:
                 pairs[0][1].send(b"x")
                 pairs[1][1].send(b"x")
 
             both()  # readable before the first wait: one pass, two handlers
-            loop.call_later(0.4, both)
-            loop.call_later(0.8, loop.stop)
+            loop.call_later(0.7, both)
+            loop.call_later(1.4, loop.stop)
             loop.run_forever()
         finally:
             for a, b in pairs:
                 a.close()
                 b.close()
-        assert len(seen) == 2, seen
-        assert seen[0][0] == "one of holder.on_readable of test"
-        assert seen[1][0] == "holder.on_readable of test"
-        assert 0.12 <= seen[1][1] < 0.2, "the one handler's time, not the pass's"
+        assert [what for what, _ in passes] == ["2 handlers (long holder, short holder)"]
+        assert passes[0][1] >= 0.5, "the pass's time: both handlers"
+        assert sorted(name for name, _ in seen) == ["long holder", "short holder"], seen
+        own = dict(seen)
+        assert 0.1 <= own["short holder"] < 0.4, "its own time, not the pass's"
+        assert 0.4 <= own["long holder"] < 5
 
     def test_zero_disables(self, loop: EventLoop) -> None:
         seen = record_slow(loop)
@@ -437,17 +475,18 @@ class NamedHandler:
 class SlowNamingMachine(RuleBasedStateMachine):
     """Random sequences of passes against a real loop.  Invariants: a quick pass is never
     reported; a slow pass of one handler names it; a slow pass of several, while handlers are not
-    timed yet, starts timing them, and names them all as candidates only if one of them must have
-    been slow (the pass took longer than the threshold times their number); once timed, the slow
-    handler alone is named, with its own time, not the pass's."""
+    timed yet, is reported as a pass naming them all (whether one of them or several held it, or
+    none alone did) and starts timing them; once timed, each slow handler is named alone, with its
+    own time, not the pass's; a callback timed one by one is named with its own time, and the
+    handlers of its pass are judged on what is left."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = EventLoop()
         self.loop.slow_callback = MODEL_SLOW
         self.loop.time_handlers_for = 3600  # the model's runs are short: once timed, timed to the end
-        self.seen: list[tuple[str, float]] = []
-        self.loop.on_slow_callback = lambda name, seconds: self.seen.append((name, seconds))
+        self.seen = record_slow(self.loop)
+        self.passes = record_passes(self.loop)
         self.pairs = [socket.socketpair() for _ in range(3)]
         self.handlers = [NamedHandler(index, pair[0]) for index, pair in enumerate(self.pairs)]
         for handler, (ours, _) in zip(self.handlers, self.pairs, strict=True):
@@ -455,53 +494,52 @@ class SlowNamingMachine(RuleBasedStateMachine):
         #: the model: whether the loop times each handler
         self.timed = False
 
-    def one_pass(self, readable: list[int], slow: int | None) -> list[tuple[str, float]]:
-        """Make ``readable`` readable (``slow`` of them holding the loop), run one pass, and
-        return what the loop reported."""
+    def one_pass(
+        self, readable: list[int], slow: set[int], nap_too: bool = False
+    ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """Make ``readable`` readable (``slow`` of them holding the loop), queue a slow callback
+        if ``nap_too``, run one pass, and return what the loop reported: callbacks, passes."""
         for index, handler in enumerate(self.handlers):
-            handler.hold = MODEL_HOLD if index == slow else 0.0
+            handler.hold = MODEL_HOLD if index in slow else 0.0
         for index in readable:
             self.pairs[index][1].send(b"x")
+        if nap_too:
+            self.loop.call_soon(nap)
         self.loop.call_soon(self.loop.stop)
-        before = len(self.seen)
+        callbacks, passes = len(self.seen), len(self.passes)
         self.loop.run_forever()
-        return self.seen[before:]
+        return self.seen[callbacks:], self.passes[passes:]
 
     @rule(which=st.sets(st.integers(0, 2), min_size=1))
     def quick(self, which: set[int]) -> None:
-        assert self.one_pass(sorted(which), None) == []
+        assert self.one_pass(sorted(which), set()) == ([], [])
 
-    @rule(which=st.integers(0, 2))
-    def slow_alone(self, which: int) -> None:
-        reports = self.one_pass([which], which)
-        assert [name for name, _ in reports] == [f"handler {which}"]
-
-    @rule(which=st.integers(0, 2), others=st.sets(st.integers(0, 2), min_size=1))
-    def slow_among_others(self, which: int, others: set[int]) -> None:
-        readable = sorted(others | {which})
-        reports = self.one_pass(readable, which)
+    @rule(slow=st.sets(st.integers(0, 2), min_size=1), others=st.sets(st.integers(0, 2)))
+    def slow_handlers(self, slow: set[int], others: set[int]) -> None:
+        readable = sorted(slow | others)
+        callbacks, passes = self.one_pass(readable, slow)
         if len(readable) == 1 or self.timed:
-            assert len(reports) == 1, reports
-            assert reports[0][0] == f"handler {which}"
-            assert reports[0][1] >= MODEL_HOLD
-        elif MODEL_HOLD / len(readable) > MODEL_SLOW:  # certain that one of them was slow
-            assert len(reports) == 1, reports
-            assert reports[0][0].startswith("one of ")
-            assert all(f"handler {index}" in reports[0][0] for index in readable)
-            self.timed = True
-        else:  # as far as the loop can tell, several quick handlers: no report, but timing from now on
-            assert reports == []
+            assert passes == []
+            assert sorted(name for name, _ in callbacks) == [f"handler {index}" for index in sorted(slow)]
+            assert all(MODEL_HOLD <= seconds < MODEL_HOLD * (1 + len(readable)) for _, seconds in callbacks)
+            if len(slow) > 1:  # with a pass's time each would be at least two holds
+                assert all(seconds < 2 * MODEL_HOLD for _, seconds in callbacks), callbacks
+        else:
+            assert callbacks == []
+            names = ", ".join(f"handler {index}" for index in readable)
+            assert [what for what, _ in passes] == [f"{len(readable)} handlers ({names})"]
+            assert passes[0][1] >= MODEL_HOLD * len(slow)
             self.timed = True
 
-    @rule()
-    def slow_callback(self) -> None:
-        self.loop.call_soon(nap)
-        reports = self.one_pass([], None)
-        assert [name for name, _ in reports] == [f"{__name__}:nap"]
+    @rule(which=st.sets(st.integers(0, 2)))
+    def slow_callback(self, which: set[int]) -> None:
+        callbacks, passes = self.one_pass(sorted(which), set(), nap_too=True)
+        assert [name for name, _ in callbacks] == [f"{__name__}:nap"]
+        assert passes == [], "the callback's time is its own, not the handlers'"
 
     @invariant()
     def busy_time_counts_every_hold(self) -> None:
-        holds = sum(seconds for _, seconds in self.seen)
+        holds = sum(seconds for _, seconds in self.seen + self.passes)
         assert self.loop.busy_time >= holds * 0.99
 
     def teardown(self) -> None:
