@@ -8,7 +8,10 @@ held it, whichever way it was called.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import logging
+import math
 import os
 import re
 import shutil
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from clients import connect, recv_exactly, request_rounds
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from serverproc import run_pollserve
@@ -419,16 +422,27 @@ class TestLoopNamesTheHolder:
         assert describe_callback(functools.partial(hold, 1)) == f"{__name__}:hold"
 
 
+def probe(loop: EventLoop, **options: float) -> LoopHealth:
+    """The lag probe and figures of ``loop``, without the slow-callback check."""
+    return LoopHealth(loop, logging.getLogger("test"), slow_callback=0, **options)
+
+
+def held_once(loop: EventLoop, at: float, seconds: float, until: float, **options: float) -> LoopHealth:
+    """The figures of a probe over ``loop`` run until ``until``, held ``seconds`` once ``at`` seconds in."""
+    health = probe(loop, **options)
+    health.start()
+    loop.call_later(at, hold, seconds)
+    loop.call_later(until, loop.stop)
+    loop.run_forever()
+    health.close()
+    return health
+
+
 class TestProbe:
     def test_missed_ticks_count_as_late_as_they_were(self, loop: EventLoop) -> None:
         """A loop held 350 ms misses the ticks due inside that time: each is as late as it was,
         so the lag is that of a timer due at any moment (0.35, 0.25, 0.15, 0.05 s)."""
-        health = LoopHealth(loop, __import__("logging").getLogger("test"), slow_callback=0)
-        health.start()
-        loop.call_later(0.25, hold, 0.35)
-        loop.call_later(0.9, loop.stop)
-        loop.run_forever()
-        health.close()
+        health = held_once(loop, at=0.25, seconds=0.35, until=0.9)
         lag = health.lag()
         assert lag is not None
         p50, p99, worst = lag
@@ -437,6 +451,62 @@ class TestProbe:
         late = sorted(value for _, value in health._lags)
         assert sum(value > 0.04 for value in late) >= 3, late
         assert health.lag_histogram()[-1] == len(late)
+
+    def test_a_stall_longer_than_the_window_counts_whole_since_start(self, loop: EventLoop) -> None:
+        """The histogram since start counts every tick a stall missed, each as late as it was: a
+        loop held 1.5 s with a 0.5 s window and a 50 ms probe missed 30 ticks, 10 of them more
+        than a second late, 22.5 s of lag in all.  Only the window's figures stop at the window."""
+        health = held_once(loop, at=0.2, seconds=1.5, until=1.8, window=0.5, period=0.05)
+        histogram = health.lag_histogram()
+        over_a_second = histogram[-1] - histogram[LAG_BUCKETS.index(1.0)]
+        assert over_a_second >= 9, histogram
+        assert histogram[-1] - histogram[LAG_BUCKETS.index(0.5)] >= 19, histogram
+        assert health.lag_sum >= 0.9 * 1.5 * 30 / 2, health.lag_sum
+        assert histogram[-1] >= 30
+        assert len(health._lags) <= 2 * (0.5 / 0.05 + 1), "the window's ticks stay bounded"
+
+    @given(
+        period=st.sampled_from([0.1, 0.05, 0.01, 0.003, 0.0625]),
+        start=st.one_of(st.floats(0, 30), st.sampled_from(LAG_BUCKETS)),
+        steps=st.integers(0, 300),
+        count=st.integers(1, 3000),
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_a_stall_is_counted_as_its_ticks_one_by_one(
+        self, period: float, start: float, steps: int, count: int
+    ) -> None:
+        """The histogram since start gets a stall's ticks in one step per bucket: the same counts as
+        its ticks put one by one where ``le`` says (a lag equal to a bound in that bucket)."""
+        first = start + steps * period  # some ticks land on a bucket's bound, or within a rounding of it
+        with EventLoop() as loop:
+            health = probe(loop, window=1.0, period=period)
+            health._record_lags(0.0, first, count)
+        one_by_one = [0] * (len(LAG_BUCKETS) + 1)
+        for k in range(count):
+            one_by_one[bisect.bisect_left(LAG_BUCKETS, first - k * period)] += 1
+        assert health.lag_counts == one_by_one
+        assert health.lag_sum == pytest.approx(sum(first - k * period for k in range(count)), rel=1e-9, abs=1e-9)
+        assert len(health._lags) == min(count, int(1.0 / period) + 1), "the window keeps its own ticks only"
+
+    def test_a_stall_of_any_length_costs_the_same(self) -> None:
+        """A trillion ticks missed (a process stopped for three years, at 0.1 s a tick): counted by
+        division, not one by one, which would not end here."""
+        count, period = 10**12, 0.1
+        with EventLoop() as loop:
+            health = probe(loop, period=period)
+            counting = threading.Thread(
+                target=health._record_lags, args=(0.0, (count - 1) * period + 0.05, count), daemon=True
+            )
+            counting.start()
+            counting.join(30)
+        assert not counting.is_alive(), "the ticks of a stall counted one by one"
+        histogram = health.lag_histogram()
+        assert histogram[-1] == count
+        # The lags are 0.05, 0.15, 0.25 ... s: at or below each bound, (bound - 0.05) / 0.1 + 1 of them,
+        # within a rounding of the lags near a bound.
+        for bound, at_or_below in zip(LAG_BUCKETS, histogram, strict=False):
+            assert abs(at_or_below - max(0, math.floor((bound - 0.05) / period) + 1)) <= 1, (bound, at_or_below)
+        assert health.lag_sum == pytest.approx(count * count * period / 2, rel=1e-6)
 
     def test_percentile_is_nearest_rank(self) -> None:
         values = [float(v) for v in range(1, 101)]
