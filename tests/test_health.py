@@ -34,7 +34,7 @@ from statsclient import get_stats, http_get, stats_address, wait_for
 from pollserve.apps import HELLO_REPLY
 from pollserve.health import LAG_BUCKETS, LoopHealth, percentile
 from pollserve.loop import EventLoop, describe_callback
-from pollserve.stats import table
+from pollserve.stats import health_fields, prometheus_page, table
 
 SLOW_WARNING = "loop held by a slow callback"
 #: where sample_apps is, for the servers to import
@@ -507,6 +507,25 @@ class TestProbe:
         for bound, at_or_below in zip(LAG_BUCKETS, histogram, strict=False):
             assert abs(at_or_below - max(0, math.floor((bound - 0.05) / period) + 1)) <= 1, (bound, at_or_below)
         assert health.lag_sum == pytest.approx(count * count * period / 2, rel=1e-6)
+
+    def test_every_bucket_holds_what_was_recorded(self) -> None:
+        """Known lags, read back from every bucket of the histogram and of /metrics: a lag equal
+        to a bound is in that bucket (Prometheus' ``le``), one a hair above it in the next."""
+        lags = [0.0, *LAG_BUCKETS, *(math.nextafter(bound, math.inf) for bound in LAG_BUCKETS), 20.0]
+        with EventLoop() as loop:
+            health = probe(loop)
+            for late in lags:
+                health._record_lags(time.monotonic(), late, 1)
+            page = prometheus_page(1, "test", [({}, health_fields(health))])
+        # At or below bound i: the zero, the bounds 0..i and the hairs above bounds 0..i-1.
+        expected = [2 * index + 2 for index in range(len(LAG_BUCKETS))] + [len(lags)]
+        assert health.lag_histogram() == expected
+        buckets = re.findall(r'^pollserve_loop_lag_seconds_bucket\{le="([^"]+)"\} (\d+)$', page, re.M)
+        bounds = [*map(str, LAG_BUCKETS), "+Inf"]
+        assert buckets == [(bound, str(count)) for bound, count in zip(bounds, expected, strict=True)]
+        assert re.search(rf"^pollserve_loop_lag_seconds_count {len(lags)}$", page, re.M)
+        total = float(re.search(r"^pollserve_loop_lag_seconds_sum (\S+)$", page, re.M)[1])
+        assert total == pytest.approx(sum(lags), abs=1e-5)
 
     def test_percentile_is_nearest_rank(self) -> None:
         values = [float(v) for v in range(1, 101)]
