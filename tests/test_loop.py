@@ -304,3 +304,39 @@ def test_a_timer_that_never_comes_does_not_break_the_wait(loop: EventLoop, delay
     assert fired == []
     loop.call_soon(loop.stop)
     loop.run_forever()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR1/SIGUSR2 on this OS")
+@pytest.mark.parametrize("sent", ["by a callback", "while a callback holds the loop"])
+def test_two_signals_arriving_together_are_both_handled(loop: EventLoop, sent: str) -> None:
+    """Two signals recorded before the loop reads its wakeup channel (a SIGTERM right after a
+    SIGHUP) are both dispatched then: the second must not wait for a third to come."""
+    received = []
+
+    def handled(name: str) -> None:
+        received.append(name)
+        if len(received) == 2:
+            loop.stop()
+
+    def send_both() -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    loop.add_signal_handler(signal.SIGUSR1, handled, "usr1")
+    loop.add_signal_handler(signal.SIGUSR2, handled, "usr2")
+    sender = threading.Timer(0.05, send_both)
+    if sent == "by a callback":
+        loop.call_soon(send_both)
+    else:
+        sender.start()
+        loop.call_soon(time.sleep, 0.3)  # both arrive while the loop is held
+    loop.call_later(5, loop.stop)  # guard: no third signal comes to deliver the second
+    try:
+        loop.run_forever()
+    finally:
+        if sender.is_alive():
+            sender.cancel()
+            sender.join(5)
+        loop.remove_signal_handler(signal.SIGUSR1)
+        loop.remove_signal_handler(signal.SIGUSR2)
+    assert received == ["usr1", "usr2"]
