@@ -340,3 +340,36 @@ def test_two_signals_arriving_together_are_both_handled(loop: EventLoop, sent: s
         loop.remove_signal_handler(signal.SIGUSR1)
         loop.remove_signal_handler(signal.SIGUSR2)
     assert received == ["usr1", "usr2"]
+
+
+def test_a_callback_that_reschedules_itself_lets_the_loop_go_on(loop: EventLoop, pair) -> None:
+    """A callback queued by a callback waits for the next pass, so one that reschedules itself
+    for ever still lets I/O, timers and stop() through, each within a pass of being due."""
+    a, b = pair
+    runs = 0
+    seen: dict[str, int] = {}
+    give_up = time.monotonic() + 10  # bounds, should callbacks queued by callbacks run in their pass
+
+    def again() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 100:
+            b.send(b"x")
+        if runs < 1_000_000 and time.monotonic() < give_up:
+            loop.call_soon(again)
+
+    def on_readable() -> None:
+        a.recv(10)
+        seen["read at run"] = runs
+
+    def on_timer() -> None:
+        seen["timer at run"] = runs
+        loop.stop()
+
+    loop.add_reader(a.fileno(), on_readable)
+    loop.call_soon(again)
+    loop.call_later(0.05, on_timer)
+    loop.run_forever()
+    assert seen["read at run"] <= 101, seen
+    assert seen["timer at run"] < 1_000_000 and time.monotonic() < give_up, seen
+    assert runs <= seen["timer at run"] + 1, "after stop(), only what was queued runs"
