@@ -399,6 +399,27 @@ class TestLoopNamesTheHolder:
         assert 0.1 <= own["short holder"] < 0.4, "its own time, not the pass's"
         assert 0.4 <= own["long holder"] < 5
 
+    def test_a_handler_gone_by_the_end_of_its_pass_is_a_pass(self, loop: EventLoop, pair) -> None:
+        """A slow handler that removed itself (a connection that closed) cannot be named after its
+        pass: the pass is reported as such, never as a callback."""
+        seen = record_slow(loop)
+        passes = record_passes(loop)
+        loop.slow_callback = 0.05
+        ours, theirs = pair
+
+        def read_and_leave() -> None:
+            ours.recv(100)
+            time.sleep(0.12)
+            loop.remove_reader(ours.fileno())
+
+        loop.add_reader(ours.fileno(), read_and_leave)
+        theirs.send(b"x")
+        loop.call_later(0.3, loop.stop)
+        loop.run_forever()
+        assert seen == []
+        assert [what for what, _ in passes] == ["1 event whose handler has since been removed"]
+        assert passes[0][1] >= 0.12
+
     def test_zero_disables(self, loop: EventLoop) -> None:
         seen = record_slow(loop)
         loop.slow_callback = 0
