@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_SLOW_CALLBACK,
         metavar="SECONDS",
-        help="log a handler or callback that holds the loop longer than SECONDS, naming it; 0 disables "
+        help="log a handler or callback that holds the loop longer than SECONDS, naming it (or the loop pass "
+        "of several handlers that did); 0 disables "
         f"(default: {DEFAULT_SLOW_CALLBACK:g})",
     )
     parser.add_argument(

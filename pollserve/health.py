@@ -12,9 +12,14 @@ handler (loop.py); this module turns those into figures:
   held counts as late as it was (a loop held 300 ms makes the ticks inside
   that time 300, 200 and 100 ms late), so the figures are those of a timer
   due at any moment, not only of the ones that happened to fire.  An idle
-  server reports the true small lateness of its wakeups;
+  server reports the true small lateness of its wakeups.  The histogram since
+  start counts every tick a stall missed, however long it was; the window's
+  figures, the ticks due within the window;
 - slow callbacks: counted, logged in episodes (rates.EpisodeLog), and the
-  slowest of the window kept with its name.
+  slowest of the window kept with its name and its own time;
+- slow passes, of several handlers the loop did not time one by one: counted
+  and logged apart, with the pass's time and the handlers' names.  None of
+  them is the slowest callback: which of them held the loop is not known.
 
 100 ms between probes: ten wakeups a second cost an idle server about 0.02%
 of a core, a lag as short as the probe period is still measured exactly when a
@@ -23,7 +28,6 @@ tick falls inside it, and anything longer is always seen.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import time
@@ -65,11 +69,16 @@ class LoopHealth:
         self.slow_callback = slow_callback
         loop.slow_callback = slow_callback
         loop.on_slow_callback = self.slow
+        loop.on_slow_pass = self.slow_pass
         self._slow_log = EpisodeLog(
             log, loop, f"loop held by a slow callback (over {slow_callback:g} s, --slow-callback)"
         )
-        #: slow callbacks since start
+        self._slow_pass_log = EpisodeLog(
+            log, loop, f"loop held by a slow pass (over {slow_callback:g} s, --slow-callback)"
+        )
+        #: slow callbacks since start, and slow passes of handlers not timed one by one
         self.slow_callbacks = 0
+        self.slow_passes = 0
         self._slow: deque[tuple[float, str, float]] = deque(maxlen=MAX_SLOW_KEPT)
         #: (when, seconds late) of every tick in the window
         self._lags: deque[tuple[float, float]] = deque()
@@ -92,28 +101,51 @@ class LoopHealth:
             self._timer.cancel()
             self._timer = None
         self._slow_log.close()
+        self._slow_pass_log.close()
 
     def _tick(self) -> None:
         now = time.monotonic()
         due = self._due
-        # Every tick due by now, however many the loop missed: each as late as it is.
-        # Bounded: past one window, older ticks would be dropped at once anyway.
-        if now >= due:
+        if now >= due:  # always, as the loop runs a timer no earlier than it is due
+            # Every tick due by now, however many the loop missed: each as late as it is.
             missed = int((now - due) / self.period) + 1
-            kept = min(missed, int(self.window / self.period) + 1)
-            due += (missed - kept) * self.period
-        while due <= now:
-            self._record_lag(now, now - due)
-            due += self.period
-        self._due = due
+            self._record_lags(now, now - due, missed)
+            due += missed * self.period
+            self._due = due
         self._timer = self.loop.call_at(due, self._tick)
         self._busy.append((now, self.loop.busy_seconds()))
         self._forget(now)
 
-    def _record_lag(self, now: float, late: float) -> None:
-        self._lags.append((now, late))
-        self.lag_counts[bisect.bisect_left(LAG_BUCKETS, late)] += 1
-        self.lag_sum += late
+    def _record_lags(self, now: float, first: float, count: int) -> None:
+        """``count`` ticks, as late as ``first``, then each a period less: all in the histogram
+        since start, and the last of them, at most a window's worth, in the window's figures (the
+        ones before were due before the window began).  Each bucket's share of an arithmetic
+        sequence is a division, so a stall of any length costs the same."""
+        period = self.period
+        counted = 0
+        for index, bound in enumerate(LAG_BUCKETS):
+            at_or_below = count - self._later_than(first, count, bound)
+            self.lag_counts[index] += at_or_below - counted
+            counted = at_or_below
+        self.lag_counts[-1] += count - counted
+        self.lag_sum += count * first - period * count * (count - 1) / 2
+        kept = min(count, int(self.window / period) + 1)
+        for k in range(count - kept, count):
+            self._lags.append((now, max(0.0, first - k * period)))
+
+    def _later_than(self, first: float, count: int, bound: float) -> int:
+        """How many of the ``count`` lags ``first - k * period`` are above ``bound`` (Prometheus'
+        ``le``: a lag equal to a bound is in its bucket)."""
+        period = self.period
+        if first <= bound:
+            return 0
+        later = min(count, math.ceil((first - bound) / period))
+        # The division may round across the bound: settle it on the lags themselves.
+        while later < count and first - later * period > bound:
+            later += 1
+        while later > 0 and first - (later - 1) * period <= bound:
+            later -= 1
+        return later
 
     def _forget(self, now: float) -> None:
         """Drop what is older than the window (keeping one busy reading from before it)."""
@@ -130,6 +162,11 @@ class LoopHealth:
         self.slow_callbacks += 1
         self._slow.append((time.monotonic(), name, seconds))
         self._slow_log.event(f"{name} took {seconds:.3f} s")
+
+    def slow_pass(self, what: str, seconds: float) -> None:
+        """The loop's report of a slow pass of several handlers: count it, log it in episodes."""
+        self.slow_passes += 1
+        self._slow_pass_log.event(f"{seconds:.3f} s over {what}")
 
     # -- figures ------------------------------------------------------------------
 

@@ -18,12 +18,15 @@ pipe because on Windows select() accepts sockets only.
 
 Loop health costs one more clock reading per pass, taken just before the
 backend's wait: the time from the reading after one wait to the reading
-before the next is the pass's busy time, summed in ``busy_time``.  A pass
-longer than ``slow_callback`` seconds is then explained after the fact: when
-it dispatched one event, its handler held the loop; when it dispatched more,
-the loop times each handler for a while (``time_handlers_for``) so that the
-next slow one is named.  Callbacks from ``call_soon`` and timers, which are not
-on the per-request path, are timed one by one when the check is on.
+before the next is the pass's busy time, summed in ``busy_time``.  Callbacks
+from ``call_soon`` and timers, which are not on the per-request path, are timed
+one by one when the check is on.  A pass whose handlers took longer than
+``slow_callback`` seconds (its time less those callbacks') is then explained
+after the fact: when it dispatched one event, its handler held the loop that
+long (``on_slow_callback``); when it dispatched more, the loop cannot tell
+which, so it reports the pass as such (``on_slow_pass``) and times each
+handler for a while (``time_handlers_for``), so that the next slow one is named
+with its own time.
 """
 
 from __future__ import annotations
@@ -69,6 +72,24 @@ def describe_callback(callback: object) -> str:
 def log_slow_callback(name: str, seconds: float) -> None:
     """What the loop does about a slow callback when nobody asked for more (service.py does)."""
     log.warning("slow callback: %s took %.3f s", name, seconds)
+
+
+def log_slow_pass(what: str, seconds: float) -> None:
+    """What the loop does about a slow pass of several handlers when nobody asked for more."""
+    log.warning("slow pass: %.3f s over %s", seconds, what)
+
+
+def describe_pass(handlers: list[Callable[[], Any]], removed: int) -> str:
+    """What a slow pass ran, for its report: ``2 handlers (A, B)``, with at most three names, and
+    the events whose handler was removed before the pass ended."""
+    parts = []
+    if handlers:
+        names = sorted({describe_callback(handler) for handler in handlers})
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        parts.append(f"{len(handlers)} handler{'' if len(handlers) == 1 else 's'} ({shown})")
+    if removed:
+        parts.append(f"{removed} event{'' if removed == 1 else 's'} whose handler has since been removed")
+    return " and ".join(parts)
 
 
 class Handle:
@@ -132,9 +153,11 @@ class EventLoop:
         #: timers (the loop publishes it then, not every pass); busy_seconds() adds that pass so far
         self.busy_time = 0.0
         #: a handler or callback running longer than this is reported to ``on_slow_callback``
-        #: (0 disables); read when run_forever() starts
+        #: with its own time, and a pass of several handlers not timed one by one to ``on_slow_pass``
+        #: with what it ran (0 disables); read when run_forever() starts
         self.slow_callback = DEFAULT_SLOW_CALLBACK
         self.on_slow_callback: Callable[[str, float], object] = log_slow_callback
+        self.on_slow_pass: Callable[[str, float], object] = log_slow_pass
         #: after a slow pass that ran several handlers, each is timed this long, to name the next one
         self.time_handlers_for = 60.0
         self._time_handlers_until = 0.0
@@ -454,47 +477,52 @@ class EventLoop:
         """``busy_time`` with the pass under way: exact in a timer's callback (the health probe's)."""
         return self.busy_time + (time.monotonic() - self.now if self._running else 0.0)
 
-    def _handlers(self, events: list[tuple[int, int]]) -> list[Callable[[], Any]]:
-        """The handlers a pass's events called (as far as they are still registered), but the
-        loop's own wakeup reader: it reads a byte, and a signal or stop() often comes with it."""
+    def _handlers(self, events: list[tuple[int, int]]) -> tuple[list[Callable[[], Any]], int]:
+        """The handlers a pass's events called, as far as they are still registered, and how many
+        of its events have none now (a connection that closed, say).  The loop's own wakeup reader
+        is left out: it reads a byte, and a signal or stop() often comes with it.  (A handler that
+        removed another fd's handler, or its own fd's other one, hides that one's run: rare.)"""
         read_bits = self.backend.read_bits
         write_bits = self.backend.write_bits
         wakeup = self._wakeup_recv.fileno()
         found: list[Callable[[], Any]] = []
+        removed = 0
         for fd, mask in events:
             if fd == wakeup:
                 continue
+            before = len(found)
             for bits, table in ((read_bits, self._readers), (write_bits, self._writers)):
                 callback = table.get(fd) if mask & bits else None
                 if callback is not None:
                     found.append(callback)
-        return found
+            if len(found) == before:
+                removed += 1
+        return found, removed
 
     def _slow_pass(self, events: list[tuple[int, int]], seconds: float) -> bool:
-        """A pass held the loop past slow_callback: say who, if the pass tells; else time each
-        handler for a while, so the next slow one is named.  True to start timing them.  A pass of
-        several handlers is reported (naming them as candidates) only when it is certain that one
-        of them was slow: not when it may have been many quick ones."""
+        """A pass held the loop past slow_callback: say what it knows.  Its time less that of the
+        callbacks timed one by one (reported on their own) is its handlers'.  One handler is named
+        with that time.  Several, or one since removed, are reported as a pass, never as one of
+        them with the time of all, and from then on each handler is timed for a while (True), so
+        that the next slow one is named with its own time."""
         if self._ready_pass == self.iterations:
             seconds -= self._ready_seconds  # the timed callbacks have been reported already
         if seconds <= self.slow_callback:
             return False
-        handlers = self._handlers(events)
-        if len(handlers) == 1:
+        handlers, removed = self._handlers(events)
+        if not handlers and not removed:
+            # No handler ran: the time is the loop's own (its timers' heap, a garbage collection,
+            # the process not scheduled), which the lag and utilization show.  Nothing to name.
+            return False
+        if len(handlers) == 1 and not removed:
             self._report_slow(handlers[0], seconds)
             return False
         self._time_handlers_until = self.now + self.time_handlers_for
-        ran = len(handlers) or len(events)
-        if seconds / ran <= self.slow_callback:
-            return True  # maybe many quick handlers: only the timed passes can tell
-        # Longer than the threshold times the handlers: one of them, at least, held the loop that long.
-        if not handlers:  # what ran is unregistered now: a connection that closed, say
-            name = f"the handlers of {len(events)} events"
-        else:
-            shown = ", ".join(sorted({describe_callback(handler) for handler in handlers[:3]}))
-            more = f" and {len(handlers) - 3} more" if len(handlers) > 3 else ""
-            name = f"one of {shown}{more}"
-        self._notify_slow(name, seconds)
+        what = describe_pass(handlers, removed)
+        try:
+            self.on_slow_pass(what, seconds)
+        except Exception:
+            log.exception("unhandled error reporting the slow pass over %s", what)
         return True
 
     def _dispatch_timed(self, events: list[tuple[int, int]]) -> None:

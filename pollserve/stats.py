@@ -83,6 +83,8 @@ class Snapshot:
     loop_lag_sum_s: float = 0.0
     #: handlers and callbacks that held the loop past --slow-callback, since start; the window's slowest
     slow_callbacks: int = 0
+    #: passes of several handlers, not timed one by one, that held the loop past --slow-callback together
+    slow_passes: int = 0
     slowest_callback: str | None = None
     slowest_callback_s: float | None = None
     #: a stop signal came: /healthz answers 503 and the server drains (--drain-delay, then the shutdown)
@@ -244,6 +246,7 @@ def health_fields(health: LoopHealth | None) -> dict[str, Any]:
         "loop_lag_buckets": tuple(health.lag_histogram()),
         "loop_lag_sum_s": round(health.lag_sum, 6),
         "slow_callbacks": health.slow_callbacks,
+        "slow_passes": health.slow_passes,
         "slowest_callback": None if slowest is None else slowest[0],
         "slowest_callback_s": None if slowest is None else round(slowest[1], 6),
     }
@@ -305,6 +308,7 @@ def loop_health_text(snap: dict[str, Any]) -> str:
     text += f", {snap.get('slow_callbacks') or 0} slow callbacks"
     if snap.get("slowest_callback"):
         text += f" (slowest {snap['slowest_callback']}: {snap.get('slowest_callback_s') or 0:.3f} s)"
+    text += f", {snap.get('slow_passes') or 0} slow passes"
     if snap.get("draining"):
         text += " | draining"
     return text
@@ -354,6 +358,12 @@ _METRICS: list[tuple[str, str, str, str]] = [
         "pollserve_slow_callbacks_total",
         "counter",
         "Handlers and callbacks that held the loop longer than --slow-callback.",
+    ),
+    (
+        "slow_passes",
+        "pollserve_slow_passes_total",
+        "counter",
+        "Loop passes of several handlers, not timed one by one, that held the loop longer than --slow-callback.",
     ),
     ("draining", "pollserve_draining", "gauge", "1 from the first stop signal on, while the server drains."),
 ]

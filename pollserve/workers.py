@@ -801,6 +801,7 @@ COUNTERS = (
     "tls_handshakes",
     "tls_handshake_failures",
     "slow_callbacks",
+    "slow_passes",
 )
 #: snapshot fields that are levels: summed over the workers alive now
 LEVELS = ("registered_fds", "process_fds", "connections_open", "write_buffer_bytes")

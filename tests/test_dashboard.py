@@ -300,6 +300,7 @@ class TestInBrowser:
         p99 = dom.text["lag-p99"]
         assert (p99.endswith(" ms") and float(p99.split()[0]) > 250) or p99.endswith(" s"), p99
         assert digits(dom.text["slow-callbacks"]) >= 1 and stats["slow_callbacks"] >= digits(dom.text["slow-callbacks"])
+        assert stats["slow_passes"] >= digits(dom.text["slow-passes"]) >= 0
         assert "sample_apps:Sleepy.data_received on 127.0.0.1:" in dom.text["slowest"]
         assert dom.count("path", "series") == 3, "the lag series drawn beside fds and connections"
         assert "now" in dom.text["lag-chart"]

@@ -304,3 +304,72 @@ def test_a_timer_that_never_comes_does_not_break_the_wait(loop: EventLoop, delay
     assert fired == []
     loop.call_soon(loop.stop)
     loop.run_forever()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR1/SIGUSR2 on this OS")
+@pytest.mark.parametrize("sent", ["by a callback", "while a callback holds the loop"])
+def test_two_signals_arriving_together_are_both_handled(loop: EventLoop, sent: str) -> None:
+    """Two signals recorded before the loop reads its wakeup channel (a SIGTERM right after a
+    SIGHUP) are both dispatched then: the second must not wait for a third to come."""
+    received = []
+
+    def handled(name: str) -> None:
+        received.append(name)
+        if len(received) == 2:
+            loop.stop()
+
+    def send_both() -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    loop.add_signal_handler(signal.SIGUSR1, handled, "usr1")
+    loop.add_signal_handler(signal.SIGUSR2, handled, "usr2")
+    sender = threading.Timer(0.05, send_both)
+    if sent == "by a callback":
+        loop.call_soon(send_both)
+    else:
+        sender.start()
+        loop.call_soon(time.sleep, 0.3)  # both arrive while the loop is held
+    loop.call_later(5, loop.stop)  # guard: no third signal comes to deliver the second
+    try:
+        loop.run_forever()
+    finally:
+        if sender.is_alive():
+            sender.cancel()
+            sender.join(5)
+        loop.remove_signal_handler(signal.SIGUSR1)
+        loop.remove_signal_handler(signal.SIGUSR2)
+    assert received == ["usr1", "usr2"]
+
+
+def test_a_callback_that_reschedules_itself_lets_the_loop_go_on(loop: EventLoop, pair) -> None:
+    """A callback queued by a callback waits for the next pass, so one that reschedules itself
+    for ever still lets I/O, timers and stop() through, each within a pass of being due."""
+    a, b = pair
+    runs = 0
+    seen: dict[str, int] = {}
+    give_up = time.monotonic() + 10  # bounds, should callbacks queued by callbacks run in their pass
+
+    def again() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 100:
+            b.send(b"x")
+        if runs < 1_000_000 and time.monotonic() < give_up:
+            loop.call_soon(again)
+
+    def on_readable() -> None:
+        a.recv(10)
+        seen["read at run"] = runs
+
+    def on_timer() -> None:
+        seen["timer at run"] = runs
+        loop.stop()
+
+    loop.add_reader(a.fileno(), on_readable)
+    loop.call_soon(again)
+    loop.call_later(0.05, on_timer)
+    loop.run_forever()
+    assert seen["read at run"] <= 101, seen
+    assert seen["timer at run"] < 1_000_000 and time.monotonic() < give_up, seen
+    assert runs <= seen["timer at run"] + 1, "after stop(), only what was queued runs"

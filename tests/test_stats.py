@@ -52,6 +52,7 @@ SNAPSHOT_KEYS = [
     "loop_lag_buckets",
     "loop_lag_sum_s",
     "slow_callbacks",
+    "slow_passes",
     "slowest_callback",
     "slowest_callback_s",
     "draining",
