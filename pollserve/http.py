@@ -163,10 +163,13 @@ class Budgeted:
     answer at most ``max_age`` old.  Below the budget every answer is fresh.
     """
 
-    def __init__(self, route: Route, budget: RateLimit, max_age: float) -> None:
+    def __init__(
+        self, route: Route, budget: RateLimit, max_age: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.route = route
         self.budget = budget
         self.max_age = max_age
+        self._clock = clock
         self._last: tuple[str, bytes] | Response | None = None
         self._rendered_at = 0.0
         #: answers rendered, and answers that shared an earlier render, since creation
@@ -174,7 +177,7 @@ class Budgeted:
         self.shared = 0
 
     def __call__(self) -> tuple[str, bytes] | Response:
-        now = time.monotonic()
+        now = self._clock()
         last = self._last
         if not self.budget.take() and last is not None and now - self._rendered_at < self.max_age:
             self.shared += 1
