@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -32,6 +33,35 @@ class ProbeArgumentError(ProbeError):
     """The --pid or --url given cannot name anything (a malformed URL, a negative pid)."""
 
 
+def socket_inode(pid: int, fd: int) -> int | None:
+    """The inode of a socket a process holds as ``fd``: the same in every process that holds the
+    socket (a listener a parent shares with its workers), where /proc says it (Linux: the fd's
+    link reads ``socket:[INODE]``, proc(5)); None elsewhere, or if the fd has gone meanwhile."""
+    if fd < 0:
+        return None
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not (target.startswith("socket:[") and target.endswith("]")):
+        return None
+    return int(target[len("socket:[") : -1])
+
+
+def distinct_sockets(held: list[tuple[int, Any]]) -> list[Any]:
+    """The sockets in (pid, psutil connection) pairs, each once: pairs with one inode are one
+    socket; where the inode cannot be read, each pair counts as a socket of its own."""
+    unique: dict[int, Any] = {}
+    unknown = []
+    for pid, conn in held:
+        inode = socket_inode(pid, conn.fd)
+        if inode is None:
+            unknown.append(conn)
+        else:
+            unique.setdefault(inode, conn)
+    return [*unique.values(), *unknown]
+
+
 def probe_process(pid: int) -> dict[str, Any]:
     """fd count, limits, usage, TCP sockets by state and listening addresses of a process."""
     if pid <= 0:
@@ -48,7 +78,7 @@ def probe_process(pid: int) -> dict[str, Any]:
         raise ProbeError(f"no process with PID {pid}") from None
     except psutil.AccessDenied:
         raise ProbeError(f"cannot read process {pid}: permission denied (run as its user or as root)") from None
-    tcp = [conn for conn in connections if conn.type == socket.SOCK_STREAM]
+    held = [(pid, conn) for conn in connections if conn.type == socket.SOCK_STREAM]
     # A supervisor's workers (--workers) are its children: their fds and sockets are the server's too.
     child_rows = []
     for child in children:
@@ -59,7 +89,9 @@ def probe_process(pid: int) -> dict[str, Any]:
         except psutil.Error:  # exited meanwhile, or not ours to read
             continue
         child_rows.append({"pid": child.pid, "process_fds": child_fds})
-        tcp += [conn for conn in child_connections if conn.type == socket.SOCK_STREAM]
+        held += [(child.pid, conn) for conn in child_connections if conn.type == socket.SOCK_STREAM]
+    # The workers inherit the parent's listener: one socket in three processes is one LISTEN.
+    tcp = distinct_sockets(held)
     states = Counter(conn.status for conn in tcp)
     listening = sorted({format_address(tuple(conn.laddr)) for conn in tcp if conn.status == psutil.CONN_LISTEN})
     result: dict[str, Any] = {

@@ -10,17 +10,20 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 from clients import connect, flood_metrics, request_rounds
 from serverproc import pollserve_command, pollserve_env, run_pollserve, sigint_as_at_a_terminal
 from statsclient import get_stats, http_get, stand_in_server, stats_address, wait_for
+from workerprocs import worker_pids
 
-from pollserve.probe import retry_after
+from pollserve.probe import distinct_sockets, retry_after, socket_inode
 from pollserve.stats import METRIC_FIELDS, FdUsageWatch, Snapshot
 
 POSIX = sys.platform != "win32"
@@ -295,6 +298,44 @@ class TestStatsCommand:
         assert outside["tcp_states"]["LISTEN"] == 2
         assert outside["tcp_states"]["ESTABLISHED"] >= 10
         assert sorted(outside["listening"]) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{address[1]}"])
+
+    @pytest.mark.parametrize("reuse_port", [False, True])
+    def test_pid_counts_each_socket_once_whichever_processes_hold_it(self, start_server, reuse_port: bool) -> None:
+        """With --workers 2 the app's listener is one socket held by the parent and both workers:
+        one LISTEN, not three (the stats endpoint's is the other).  With --reuse-port each worker
+        listens on a socket of its own: two, beside the stats endpoint's."""
+        if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            pytest.skip("no SO_REUSEPORT here")
+        server = start_server("--workers", "2", "--stats-port", "0", *(["--reuse-port"] if reuse_port else []))
+        stats = stats_address(server)
+        worker_pids(stats)
+        socks = [connect(server.address) for _ in range(3)]
+        try:
+            wait_for(lambda: get_stats(stats)["connections_open"] == 3, what="3 clients")
+            result = run_pollserve("stats", "--pid", str(server.proc.pid), "--json")
+        finally:
+            for sock in socks:
+                sock.close()
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["tcp_states"]["LISTEN"] == (3 if reuse_port else 2), data["tcp_states"]
+        assert data["tcp_states"]["ESTABLISHED"] == 3, data["tcp_states"]  # the server's ends, each in one worker
+        assert sorted(data["listening"]) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{stats[1]}"])
+
+    def test_a_socket_is_known_by_its_inode_where_proc_says_it(self) -> None:
+        """Two processes holding one socket are seen as one fd each, with one inode; where the
+        inode cannot be read (no /proc: macOS, BSD) each holder counts."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+            conn = next(c for c in psutil.Process().net_connections("tcp") if c.laddr.port == port)
+            held = [(os.getpid(), conn), (os.getpid(), conn)]
+            if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+                assert socket_inode(os.getpid(), conn.fd) is None
+                assert len(distinct_sockets(held)) == 2
+                return
+            assert socket_inode(os.getpid(), conn.fd) == os.fstat(listener.fileno()).st_ino
+            assert distinct_sockets(held) == [conn]
+            assert distinct_sockets([(os.getpid(), conn._replace(fd=-1))] * 2) == [conn._replace(fd=-1)] * 2
 
     def test_pid_table(self, start_server) -> None:
         server = start_server()
