@@ -506,17 +506,23 @@ class TimeoutContract(KitFixtures):
 class CapacityContract(KitFixtures):
     """capacity: fds must be below it, and one that is not is a CapacityError, not a crash."""
 
+    @staticmethod
+    def _watches(backend: Backend, pair, fd: int, what: str) -> None:
+        """fd, a duplicate of pair[0], is registered, reported readable once pair[1] writes, and
+        unregistered; closed in any case."""
+        try:
+            backend.register(fd, READ)
+            pair[1].send(b"x")
+            expect_ready(backend, {fd: READ}, 5, what)
+            backend.unregister(fd)
+        finally:
+            os.close(fd)
+
     def test_unbounded_backends_take_high_fds(self, backend: Backend, pair) -> None:
         if backend.capacity is not None:
             pytest.skip(f"{backend.name} is bounded")
         fd = high_fd(pair[0], 2048)
-        try:
-            backend.register(fd, READ)
-            pair[1].send(b"x")
-            expect_ready(backend, {fd: READ}, 5, f"fd {fd} registered")
-            backend.unregister(fd)
-        finally:
-            os.close(fd)
+        self._watches(backend, pair, fd, f"fd {fd} registered")
 
     def test_bounded_backends_take_the_last_fd_below_capacity(self, backend: Backend, pair) -> None:
         """The boundary from below: fd capacity - 1 is watched like any other.  A capacity
@@ -524,13 +530,7 @@ class CapacityContract(KitFixtures):
         if backend.capacity is None:
             pytest.skip(f"{backend.name} is unbounded")
         fd = fd_numbered(pair[0], backend.capacity - 1)
-        try:
-            backend.register(fd, READ)
-            pair[1].send(b"x")
-            expect_ready(backend, {fd: READ}, 5, f"fd {fd}, the last below the capacity, registered")
-            backend.unregister(fd)
-        finally:
-            os.close(fd)
+        self._watches(backend, pair, fd, f"fd {fd}, the last below the capacity, registered")
 
     @pytest.mark.parametrize("beyond", [0, 16])
     def test_bounded_backends_refuse_fds_from_capacity_on(self, backend: Backend, pair, beyond: int) -> None:
