@@ -23,7 +23,7 @@ from .apps import BUILTIN_APPS, AppError, load_app
 from .backends import BackendError, auto_backend, available_backends, get_backend, list_backends
 from .limits import LimitError
 from .loop import DEFAULT_SLOW_CALLBACK
-from .probe import ProbeArgumentError, ProbeError, fetch_stats, probe_process
+from .probe import RETRY_WITHIN, ProbeArgumentError, ProbeError, fetch_stats, probe_process
 from .proxy import Network, parse_networks
 from .service import ListenError, ServeOptions, serve_workers
 from .service import serve as run_server
@@ -277,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = stats.add_mutually_exclusive_group(required=True)
     source.add_argument("--pid", type=int, help="any process: fds, limits, TCP sockets by state, listening addresses")
-    source.add_argument("--url", help="a pollserve stats endpoint, e.g. http://127.0.0.1:9100 or .../stats")
+    source.add_argument(
+        "--url",
+        help="a pollserve stats endpoint, e.g. http://127.0.0.1:9100 or .../stats; one that answers 429 or 503 "
+        f"with Retry-After is asked again when it says, for up to {RETRY_WITHIN:g} s",
+    )
     stats.add_argument("--json", action="store_true", help="print JSON (one object per line with --watch)")
     stats.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     bench = commands.add_parser(

@@ -9,6 +9,7 @@ encoding -- a scrape or a curl needs none of them.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,43 @@ class Response:
 Route = Callable[[], tuple[str, bytes] | Response]
 
 
+class Budgeted:
+    """A route whose answer costs a render (a stats snapshot), bounded by ``budget`` without
+    refusing anybody: an answer is rendered while the budget has a token (or when the last one
+    is ``max_age`` seconds old), and past it the last one is shared.
+
+    Refusing the excess with 429 could not tell a flood from the operator's own ``pollserve
+    stats``: on one host both are one request per connection, so the operator's request lost the
+    race for a token nearly every time.  Sharing the last answer bounds the renders just as well
+    -- at most ``budget.rate`` a second plus one per ``max_age`` -- and every request gets an
+    answer at most ``max_age`` old.  Below the budget every answer is fresh.
+    """
+
+    def __init__(
+        self, route: Route, budget: RateLimit, max_age: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.route = route
+        self.budget = budget
+        self.max_age = max_age
+        self._clock = clock
+        self._last: tuple[str, bytes] | Response | None = None
+        self._rendered_at = 0.0
+        #: answers rendered, and answers that shared an earlier render, since creation
+        self.rendered = 0
+        self.shared = 0
+
+    def __call__(self) -> tuple[str, bytes] | Response:
+        now = self._clock()
+        last = self._last
+        if not self.budget.take() and last is not None and now - self._rendered_at < self.max_age:
+            self.shared += 1
+            return last
+        self._last = self.route()
+        self._rendered_at = now
+        self.rendered += 1
+        return self._last
+
+
 class Slots:
     """The connections one endpoint holds, oldest first: at most ``size`` at once.
 
@@ -206,7 +244,8 @@ class HTTPEndpoint(Protocol):
     Its protections, each optional: ``rate_limit`` bounds the requests answered
     (the excess gets 429); a path in ``own_limits`` draws on its own bucket
     instead, so a flood of one path cannot refuse another (a balancer's
-    ``/healthz``); ``slots`` bounds the connections held (see Slots).
+    ``/healthz``), or on none (``None``: its route bounds its own cost, as
+    Budgeted does); ``slots`` bounds the connections held (see Slots).
     """
 
     def __init__(
@@ -216,7 +255,7 @@ class HTTPEndpoint(Protocol):
         idle_timeout: float = IDLE_TIMEOUT,
         rate_limit: RateLimit | None = None,
         *,
-        own_limits: Mapping[str, RateLimit] | None = None,
+        own_limits: Mapping[str, RateLimit | None] | None = None,
         slots: Slots | None = None,
     ) -> None:
         self.routes = routes

@@ -307,10 +307,11 @@ def flood_metrics(
     should_stop: Callable[[], bool],
     outcomes: dict[str, int],
     poll_interval: float = 0.1,
+    request: bytes = METRICS_REQUEST,
 ) -> None:
-    """Keep ``concurrency`` GET /metrics requests in flight until ``should_stop()`` is true, each
-    on a connection of its own, a new one opened as each ends; count how each ended in
-    ``outcomes`` (the HTTP status, an exception's name, ``connect ERRNO``, or ``unfinished``).
+    """Keep ``concurrency`` GET /metrics requests (or ``request``) in flight until ``should_stop()``
+    is true, each on a connection of its own, a new one opened as each ends; count how each ended
+    in ``outcomes`` (the HTTP status, an exception's name, ``connect ERRNO``, or ``unfinished``).
     The stats endpoint's adversary, in the tests and in ``benchmarks/bench_stats_flood.py``."""
     selector = selectors.DefaultSelector()
     replies: dict[socket.socket, bytearray] = {}
@@ -346,7 +347,7 @@ def flood_metrics(
             assert isinstance(sock, socket.socket)
             try:
                 if mask & selectors.EVENT_WRITE:
-                    sock.send(METRICS_REQUEST)
+                    sock.send(request)
                     selector.modify(sock, selectors.EVENT_READ)
                     continue
                 data = sock.recv(65536)

@@ -7,9 +7,12 @@ one-line message for the user.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
+import os
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +33,35 @@ class ProbeArgumentError(ProbeError):
     """The --pid or --url given cannot name anything (a malformed URL, a negative pid)."""
 
 
+def socket_inode(pid: int, fd: int) -> int | None:
+    """The inode of a socket a process holds as ``fd``: the same in every process that holds the
+    socket (a listener a parent shares with its workers), where /proc says it (Linux: the fd's
+    link reads ``socket:[INODE]``, proc(5)); None elsewhere, or if the fd has gone meanwhile."""
+    if fd < 0:
+        return None
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not (target.startswith("socket:[") and target.endswith("]")):
+        return None
+    return int(target[len("socket:[") : -1])
+
+
+def distinct_sockets(held: list[tuple[int, Any]]) -> list[Any]:
+    """The sockets in (pid, psutil connection) pairs, each once: pairs with one inode are one
+    socket; where the inode cannot be read, each pair counts as a socket of its own."""
+    unique: dict[int, Any] = {}
+    unknown = []
+    for pid, conn in held:
+        inode = socket_inode(pid, conn.fd)
+        if inode is None:
+            unknown.append(conn)
+        else:
+            unique.setdefault(inode, conn)
+    return [*unique.values(), *unknown]
+
+
 def probe_process(pid: int) -> dict[str, Any]:
     """fd count, limits, usage, TCP sockets by state and listening addresses of a process."""
     if pid <= 0:
@@ -46,7 +78,7 @@ def probe_process(pid: int) -> dict[str, Any]:
         raise ProbeError(f"no process with PID {pid}") from None
     except psutil.AccessDenied:
         raise ProbeError(f"cannot read process {pid}: permission denied (run as its user or as root)") from None
-    tcp = [conn for conn in connections if conn.type == socket.SOCK_STREAM]
+    held = [(pid, conn) for conn in connections if conn.type == socket.SOCK_STREAM]
     # A supervisor's workers (--workers) are its children: their fds and sockets are the server's too.
     child_rows = []
     for child in children:
@@ -57,7 +89,9 @@ def probe_process(pid: int) -> dict[str, Any]:
         except psutil.Error:  # exited meanwhile, or not ours to read
             continue
         child_rows.append({"pid": child.pid, "process_fds": child_fds})
-        tcp += [conn for conn in child_connections if conn.type == socket.SOCK_STREAM]
+        held += [(child.pid, conn) for conn in child_connections if conn.type == socket.SOCK_STREAM]
+    # The workers inherit the parent's listener: one socket in three processes is one LISTEN.
+    tcp = distinct_sockets(held)
     states = Counter(conn.status for conn in tcp)
     listening = sorted({format_address(tuple(conn.laddr)) for conn in tcp if conn.status == psutil.CONN_LISTEN})
     result: dict[str, Any] = {
@@ -97,14 +131,63 @@ def stats_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts)
 
 
-def fetch_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The JSON snapshot a pollserve stats endpoint serves."""
+#: how long ``fetch_stats`` keeps asking an endpoint that answers "busy, retry after N s" (a 429 or
+#: 503 with Retry-After, RFC 9110 section 10.2.3): a few seconds, for a person at a terminal
+RETRY_WITHIN = 4.0
+
+
+class _RetryLater(Exception):
+    """The endpoint answered 429 or 503 and said when to ask again."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a Retry-After field value asks to wait (delay-seconds or an HTTP-date); None if
+    there is none or it cannot be read."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def fetch_stats(url: str, timeout: float = 5.0, retry_within: float = RETRY_WITHIN) -> dict[str, Any]:
+    """The JSON snapshot a pollserve stats endpoint serves.  An endpoint that is busy and says when
+    to ask again is asked again then, for as long as ``retry_within`` allows."""
     url = stats_url(url)
+    started = time.monotonic()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return _fetch_once(url, timeout)
+        except _RetryLater as exc:
+            waited = time.monotonic() - started
+            if waited + exc.seconds > retry_within:
+                if tries == 1:
+                    raise ProbeError(f"{exc}; it asks to retry in {exc.seconds:g} s") from None
+                raise ProbeError(f"{exc}, {tries} times in {waited:.0f} s; giving up") from None
+            time.sleep(exc.seconds)
+
+
+def _fetch_once(url: str, timeout: float) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             body = response.read(1 << 20)
     except urllib.error.HTTPError as exc:
-        raise ProbeError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        message = f"{url}: HTTP {exc.code} {exc.reason}"
+        seconds = retry_after(exc.headers.get("Retry-After")) if exc.code in (429, 503) else None
+        if seconds is not None:
+            raise _RetryLater(message, seconds) from None
+        raise ProbeError(message) from None
     except urllib.error.URLError as exc:
         raise ProbeError(f"cannot reach {url}: {getattr(exc.reason, 'strerror', None) or exc.reason}") from None
     except http.client.HTTPException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -84,19 +85,21 @@ class EpisodeLog:
 
 
 class RateLimit:
-    """A token bucket: ``rate`` events a second on average, ``burst`` at once."""
+    """A token bucket: ``rate`` events a second on average, ``burst`` at once (``clock`` tells the
+    seconds; a test may pass its own)."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = burst
+        self._clock = clock
         self._tokens = float(burst)
-        self._last = time.monotonic()
+        self._last = clock()
         #: events refused since creation
         self.refused = 0
 
     def take(self) -> bool:
         """Spend a token if there is one."""
-        now = time.monotonic()
+        now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
         if self._tokens >= 1:

@@ -21,11 +21,12 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
+from . import arguments
 from .apps import Protocol, ProtocolFactory
 from .backends import CapacityError
 from .listeners import bind_tcp, format_address
@@ -367,12 +368,10 @@ class Connection:
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
 
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        """Backpressure thresholds in bytes (defaults: 64 KiB and a quarter of high)."""
-        high = self._server.high_water if high is None else high
-        low = high // 4 if low is None else low
-        if not 0 <= low <= high:
-            raise ValueError(f"need 0 <= low <= high, got high={high} low={low}")
+    def set_write_buffer_limits(self, high: float | None = None, low: float | None = None) -> None:
+        """Backpressure thresholds in bytes, ints or floats as asyncio takes them (defaults: the
+        server's high-water mark, or four times low if only low is given; a quarter of high)."""
+        high, low = arguments.water_marks(high, low, self._server.high_water, ("high", "low"))
         self.high_water, self.low_water = high, low
         if len(self._buffer) > high and not self._paused_by_backpressure and not self._lost:
             # Already over the new mark: pause now, as asyncio does, not at the next write().
@@ -644,44 +643,51 @@ class Server:
         self,
         loop: EventLoop,
         protocol_factory: ProtocolFactory,
-        host: str | list[str] | None = "127.0.0.1",
-        port: int = 5001,
+        host: str | Iterable[str] | None = "127.0.0.1",
+        port: int | str | None = 5001,
         *,
         name: str = "app",
         app: str | None = None,
-        backlog: int = 1024,
-        accept_batch: int = 128,
-        high_water: int = 64 * 1024,
-        low_water: int = 16 * 1024,
+        backlog: float = 1024,
+        accept_batch: float = 128,
+        high_water: float = 64 * 1024,
+        low_water: float | None = None,
         linger_timeout: float = 2.0,
-        max_connections: int | None = None,
+        max_connections: float | None = None,
         refuse_excess: bool = True,
         accept_rate: RateLimit | None = None,
         idle_timeout: float | None = None,
         flush_timeout: float = 60.0,
     ) -> None:
+        # What asyncio's create_server takes, in both builds: a host or any iterable of them, a
+        # port as an int or a service name, sizes and limits as floats (pollserve.arguments).
         self.loop = loop
         self.protocol_factory = protocol_factory
-        self.host = host
-        self.port = port
+        self.host: str | list[str] | None = arguments.hosts(host)
+        self.port: int = arguments.port(port)
         #: names the listener in log lines ("app", "stats")
         self.name = name
         #: names the app in log lines (the --app spec)
         self.app = app or getattr(protocol_factory, "__qualname__", repr(protocol_factory))
-        self.backlog = backlog
+        self.backlog: int = arguments.size(backlog, "backlog")
         #: at most this many accept() calls per wakeup, so a connect storm cannot starve clients
-        self.accept_batch = accept_batch
-        self.high_water = high_water
-        self.low_water = low_water
+        self.accept_batch: int = arguments.size(accept_batch, "accept_batch")
+        if self.accept_batch < 1:
+            raise ValueError(f"accept_batch must be at least 1, got {self.accept_batch}")
+        #: backpressure marks (the low one defaults to a quarter of the high one, as in asyncio)
+        self.high_water, self.low_water = arguments.water_marks(
+            high_water, low_water, 64 * 1024, ("high_water", "low_water")
+        )
         #: how long a closing connection reads and drops the client's bytes, waiting for its EOF
-        self.linger_timeout = linger_timeout
-        self.max_connections = max_connections
+        self.linger_timeout: float = arguments.seconds(linger_timeout, "linger_timeout")
+        self.max_connections: int | None = arguments.optional_size(max_connections, "max_connections")
         self.refuse_excess = refuse_excess
         self.accept_rate = accept_rate
-        self.idle_timeout = idle_timeout or None
+        idle = 0.0 if idle_timeout is None else arguments.seconds(idle_timeout, "idle_timeout")
+        self.idle_timeout: float | None = idle or None  # 0: none
         #: without an idle timeout, how long a closing connection may go without progress while it
         #: flushes its buffer (nginx's send_timeout is the same rule, with the same 60 s default)
-        self.flush_timeout = flush_timeout
+        self.flush_timeout: float = arguments.seconds(flush_timeout, "flush_timeout")
         self.sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
         # Plain counters, running totals: a snapshot reads them in O(1).
@@ -708,10 +714,14 @@ class Server:
 
     # -- listening -------------------------------------------------------------
 
-    def start(self, sockets: list[socket.socket] | None = None) -> None:
-        """Listen and start accepting: on ``sockets`` made elsewhere (a supervisor's, systemd's),
-        else on every address ``host`` stands for (listeners.bind_tcp), which may raise OSError."""
-        opened = sockets if sockets is not None else bind_tcp(self.host, self.port, backlog=self.backlog)
+    def start(self, sockets: socket.socket | Iterable[socket.socket] | None = None) -> None:
+        """Listen and start accepting: on ``sockets`` made elsewhere (a supervisor's, systemd's;
+        one socket, as asyncio's ``sock``, or any iterable of them), else on every address
+        ``host`` stands for (listeners.bind_tcp), which may raise OSError."""
+        if sockets is not None:
+            opened = arguments.stream_sockets(sockets)
+        else:
+            opened = bind_tcp(self.host, self.port, backlog=self.backlog)
         for sock in opened:
             sock.setblocking(False)
             self._watch(sock)

@@ -24,7 +24,7 @@ from .apps import ProtocolFactory
 from .backends import Backend
 from .dashboard import page
 from .health import LoopHealth
-from .http import HTTPEndpoint, Response, Route, Slots
+from .http import Budgeted, HTTPEndpoint, Response, Route, Slots
 from .limits import Budget, FdLimit, LimitError, connection_budget, set_fd_limit
 from .listeners import DEFAULT_BACKLOG, SocketFile, adopt, bind_tcp, bind_unix
 from .loop import DEFAULT_SLOW_CALLBACK, EventLoop
@@ -57,10 +57,14 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"
 #: which), so its fds are this many plus the newcomer's
 STATS_MAX_CONNECTIONS = 16
 #: stats requests answered per second (and at once), /healthz apart: far above a scrape every few
-#: seconds and a dashboard polling every second; the excess gets 429.  Each /metrics or /stats
-#: answer renders a snapshot, so this bounds what a flood of them takes from the app
+#: seconds and a dashboard polling every second.  Each /metrics or /stats answer renders a
+#: snapshot, so this bounds what a flood of them takes from the app: past it they share their last
+#: render (http.Budgeted), so that the operator's own request, lost among a flood's, is answered
+#: too; other paths get 429
 STATS_RATE = 25.0
 STATS_BURST = 25
+#: past the budget, the oldest render /stats or /metrics may share, in seconds
+STATS_MAX_AGE = 1.0
 #: /healthz requests answered per second (and at once), from a bucket of their own: a flood of
 #: /metrics or /stats cannot refuse a health check, and a flood of /healthz is bounded too
 HEALTH_RATE = 20.0
@@ -171,8 +175,11 @@ class Health:
         return Response("text/plain; charset=utf-8", f"ok {serving}/{wanted} workers\n".encode())
 
 
-def stats_routes(collector: StatsCollector | SupervisorStats, health: Health | None = None) -> dict[str, Route]:
-    """The endpoint's pages, from one server's collector or a supervisor's view of its workers."""
+def stats_routes(
+    collector: StatsCollector | SupervisorStats, health: Health | None = None, renders: RateLimit | None = None
+) -> dict[str, Route]:
+    """The endpoint's pages, from one server's collector or a supervisor's view of its workers;
+    with ``renders``, /stats and /metrics render within that budget (http.Budgeted)."""
 
     def stats() -> tuple[str, bytes]:
         return "application/json", collector.json().encode() + b"\n"
@@ -181,19 +188,24 @@ def stats_routes(collector: StatsCollector | SupervisorStats, health: Health | N
         return PROMETHEUS_CONTENT_TYPE, collector.metrics().encode()
 
     dashboard = page()  # the live dashboard (pollserve.dashboard): read and its response built once, here
-    return {"/stats": stats, "/metrics": metrics, "/healthz": (health or Health()).route, "/": lambda: dashboard}
+    snapshots: dict[str, Route] = {"/stats": stats, "/metrics": metrics}
+    if renders is not None:
+        snapshots = {path: Budgeted(route, renders, STATS_MAX_AGE) for path, route in snapshots.items()}
+    return {**snapshots, "/healthz": (health or Health()).route, "/": lambda: dashboard}
 
 
 def stats_endpoint(
     loop: EventLoop, collector: StatsCollector | SupervisorStats, health: Health, options: ServeOptions
 ) -> Server:
     """The stats endpoint's server (not started), with the bounds that keep it from hurting the app."""
+    budget = RateLimit(STATS_RATE, STATS_BURST)
     endpoint = functools.partial(
         HTTPEndpoint,
-        stats_routes(collector, health),
+        stats_routes(collector, health, budget),
         loop.call_later,
-        rate_limit=RateLimit(STATS_RATE, STATS_BURST),
-        own_limits={"/healthz": RateLimit(HEALTH_RATE, HEALTH_BURST)},
+        rate_limit=budget,
+        # /stats and /metrics draw on the budget themselves, sharing their last answer past it
+        own_limits={"/healthz": RateLimit(HEALTH_RATE, HEALTH_BURST), "/stats": None, "/metrics": None},
         slots=Slots(STATS_MAX_CONNECTIONS),
     )
     return Server(

@@ -180,6 +180,13 @@ class SlowClients:
         assert not self._thread.is_alive(), "the slow clients' thread is stuck"
 
 
-def flood_metrics(address: tuple[str, int], concurrency: int, stop: threading.Event, outcomes: dict[str, int]) -> None:
-    """Keep `concurrency` GET /metrics in flight until stop is set; count answers by status."""
-    load.flood_metrics(address, concurrency, stop.is_set, outcomes)
+def flood_metrics(
+    address: tuple[str, int],
+    concurrency: int,
+    stop: threading.Event,
+    outcomes: dict[str, int],
+    path: str = "/metrics",
+) -> None:
+    """Keep `concurrency` GET `path` in flight until stop is set; count answers by status."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    load.flood_metrics(address, concurrency, stop.is_set, outcomes, request=request)

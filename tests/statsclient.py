@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import http.server
 import json
+import threading
 import time
+from collections.abc import Iterator
 
 
 def stats_address(server) -> tuple[str, int]:
@@ -33,3 +37,18 @@ def wait_for(predicate, timeout: float = 10, what: str = "condition") -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def stand_in_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[tuple[str, int]]:
+    """An HTTP server on loopback answering with ``handler`` on a thread of its own, for as long as
+    the block runs: a stand-in for a stats endpoint that answers what a test needs."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

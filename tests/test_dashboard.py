@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from browser import Chromium, DevTools, Dom, png_size, require_chromium
 from clients import connect, recv_exactly
-from statsclient import get_stats, stats_address, wait_for
+from statsclient import get_stats, stand_in_server, stats_address, wait_for
 from test_health import TESTS_DIR, steady_input
 from transports import RecordingTransport
 
@@ -450,12 +450,5 @@ def stand_in_endpoint(
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[:2]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with stand_in_server(Handler) as address:
+        yield address

@@ -6,6 +6,7 @@
 - HTTP: any byte sequence fed to the parser raises nothing but BadRequest, and the endpoint
   answers any of them with one well-formed response.
 - The stats endpoint's slots: a model-based test of which connection is closed to make room.
+- Its render budget (http.Budgeted): a model-based test of when an answer is rendered or shared.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from inprocess import in_loop, serving, wait_until  # noqa: E402
 from transports import RecordingTransport  # noqa: E402
 
 from pollserve.apps import Echo  # noqa: E402
-from pollserve.http import BadRequest, HTTPEndpoint, Slots, find_head_end, parse_head  # noqa: E402
+from pollserve.http import BadRequest, Budgeted, HTTPEndpoint, Slots, find_head_end, parse_head  # noqa: E402
+from pollserve.rates import RateLimit  # noqa: E402
 
 #: how a client hangs up: after reading all its echo (half-close, close, reset), or by a reset
 #: while the server may still be writing to it ("reset-early", which expects nothing back)
@@ -297,3 +299,82 @@ class SlotsMachine(RuleBasedStateMachine):
 
 TestSlotsMachine = SlotsMachine.TestCase
 TestSlotsMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+# -- the stats endpoint's render budget: a model of when an answer is rendered or shared ---------------
+
+
+class BudgetedMachine(RuleBasedStateMachine):
+    """Requests to two pages sharing one budget (as /stats and /metrics do), and to other paths
+    that only spend it (the dashboard, a 404), come at any pace on a clock the test moves.
+    Invariants: every request to a page is answered; one that finds a token in the bucket
+    (modelled here as the spec says: ``rate`` a second, at most ``burst``) gets a fresh render;
+    any other gets the page's last render if it is younger than max_age, else a fresh one; so
+    renders never exceed the burst and the rate over the time gone by, plus one per page and
+    max_age."""
+
+    RATE, BURST, MAX_AGE = 5.0, 3, 1.0
+    PAGES = ("/stats", "/metrics")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 100.0
+        self.started = self.now
+        #: when each page rendered
+        self.renders: dict[str, list[float]] = {page: [] for page in self.PAGES}
+        clock = lambda: self.now  # noqa: E731
+        self.budget = RateLimit(self.RATE, self.BURST, clock=clock)
+        self.routes = {
+            page: Budgeted(self.renderer(page), self.budget, self.MAX_AGE, clock=clock) for page in self.PAGES
+        }
+        self.tokens = float(self.BURST)
+        self.tokens_at = self.now
+        self.untokened = 0  # renders made past the budget, because the last one was too old
+
+    def renderer(self, page: str):
+        def render() -> tuple[str, bytes]:
+            self.renders[page].append(self.now)
+            return "text/plain", f"{page} render {len(self.renders[page])}".encode()
+
+        return render
+
+    def take_token(self) -> bool:
+        self.tokens = min(self.BURST, self.tokens + (self.now - self.tokens_at) * self.RATE)
+        self.tokens_at = self.now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    @rule(seconds=st.sampled_from([0.0, 0.001, 0.05, 0.2, 0.5, 0.999, 1.0, 3.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def another_path_spends_the_budget(self) -> None:
+        assert self.budget.take() == self.take_token()
+
+    @rule(page=st.sampled_from(PAGES))
+    def request(self, page: str) -> None:
+        has_token = self.take_token()
+        renders = self.renders[page]
+        before = len(renders)
+        last_at = renders[-1] if renders else None
+        _, body = self.routes[page]()
+        if has_token or last_at is None or self.now - last_at >= self.MAX_AGE:
+            assert len(renders) == before + 1 and body == f"{page} render {before + 1}".encode(), "a render was due"
+            self.untokened += not has_token
+        else:
+            assert len(renders) == before and body == f"{page} render {before}".encode(), "the last render was due"
+
+    @invariant()
+    def renders_are_bounded(self) -> None:
+        elapsed = self.now - self.started
+        rendered = sum(len(renders) for renders in self.renders.values())
+        assert rendered - self.untokened <= self.BURST + self.RATE * elapsed
+        assert self.untokened <= len(self.PAGES) * (elapsed / self.MAX_AGE + 1)
+        assert sum(route.rendered for route in self.routes.values()) == rendered
+
+
+TestBudgetedMachine = BudgetedMachine.TestCase
+TestBudgetedMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

@@ -262,5 +262,6 @@ def test_both_instances_stay_up_under_slow_clients_and_a_metrics_flood_on_their_
     assert down == [], down
     assert served >= 60
     assert all(crowd.closed_by_server > 0 for crowd in crowds)  # the endpoint made room
-    assert all(counts.get("429", 0) > 0 for counts in outcomes), outcomes  # and the flood was bounded
+    # and the flood was answered, past the budget from the last render (test_limits.py bounds those)
+    assert all(counts.get("200", 0) > 0 and "429" not in counts for counts in outcomes), outcomes
     assert all(instance.alive() for instance in instances)

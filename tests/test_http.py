@@ -10,7 +10,16 @@ from clients import connect, recv_until_eof
 from inprocess import in_loop, serving, wait_until
 from transports import RecordingTransport
 
-from pollserve.http import MAX_HEAD, MAX_REQUEST_LINE, BadRequest, HTTPEndpoint, Slots, find_head_end, parse_head
+from pollserve.http import (
+    MAX_HEAD,
+    MAX_REQUEST_LINE,
+    BadRequest,
+    Budgeted,
+    HTTPEndpoint,
+    Slots,
+    find_head_end,
+    parse_head,
+)
 from pollserve.loop import EventLoop
 from pollserve.rates import RateLimit
 from pollserve.server import Server
@@ -257,6 +266,40 @@ class TestRateBudgets:
         )
         assert bytes(transport.written).startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
         assert b"\r\nRetry-After: 1\r\n" in transport.written
+
+
+class TestBudgeted:
+    @staticmethod
+    def counting_route():
+        renders = []
+
+        def route() -> tuple[str, bytes]:
+            renders.append(None)
+            return "text/plain", f"render {len(renders)}".encode()
+
+        return route
+
+    def test_fresh_while_the_budget_lasts_then_the_last_render_is_shared(self) -> None:
+        route = Budgeted(self.counting_route(), RateLimit(rate=1e-6, burst=2), max_age=3600)
+        assert [route()[1] for _ in range(4)] == [b"render 1", b"render 2", b"render 2", b"render 2"]
+        assert (route.rendered, route.shared) == (2, 2)
+
+    def test_a_render_older_than_max_age_is_not_shared(self) -> None:
+        route = Budgeted(self.counting_route(), RateLimit(rate=1e-6, burst=0), max_age=0.0)
+        assert [route()[1] for _ in range(3)] == [b"render 1", b"render 2", b"render 3"]
+
+    def test_a_path_whose_route_bounds_itself_is_never_refused(self) -> None:
+        """An own limit of None: the endpoint's budget does not refuse the path; other paths
+        still get 429 once the budget is spent, by them or by the path's renders."""
+        budget = RateLimit(rate=1e-6, burst=1)
+        routes = {**ROUTES, "/stats": Budgeted(self.counting_route(), budget, max_age=3600)}
+        kwargs = {"rate_limit": budget, "own_limits": {"/stats": None}}
+
+        def get(path: str) -> int:
+            return status_of(feed_endpoint(HTTPEndpoint(routes, **kwargs), f"GET {path} HTTP/1.0\r\n\r\n".encode())[1])
+
+        assert [get("/stats"), get("/stats"), get("/metrics")] == [200, 200, 429]
+        assert (routes["/stats"].rendered, routes["/stats"].shared) == (1, 1)
 
 
 class TestSlots:

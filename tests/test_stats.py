@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
+import psutil
 import pytest
-from clients import connect, request_rounds
+from clients import connect, flood_metrics, request_rounds
 from serverproc import pollserve_command, pollserve_env, run_pollserve, sigint_as_at_a_terminal
-from statsclient import get_stats, http_get, stats_address, wait_for
+from statsclient import get_stats, http_get, stand_in_server, stats_address, wait_for
+from workerprocs import worker_pids
 
+from pollserve.probe import distinct_sockets, retry_after, socket_inode
 from pollserve.stats import METRIC_FIELDS, FdUsageWatch, Snapshot
 
 POSIX = sys.platform != "win32"
@@ -244,6 +251,31 @@ class TestLogViews:
         assert server.alive()
 
 
+@contextlib.contextmanager
+def busy_endpoint(refusals: int, retry_after: str):
+    """A stand-in stats endpoint on loopback: 429 with ``Retry-After: retry_after`` to the first
+    ``refusals`` requests, then a snapshot; yields its address and the requests it got."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            refuse = len(asked) <= refusals
+            body = b"too many requests\n" if refuse else json.dumps({"pid": 1, "connections_open": 3}).encode()
+            self.send_response(429 if refuse else 200)
+            if refuse:
+                self.send_header("Retry-After", retry_after)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with stand_in_server(Handler) as address:
+        yield address, asked
+
+
 class TestStatsCommand:
     def test_pid_agrees_with_the_server_itself(self, start_server) -> None:
         server = start_server("--stats-port", "0")
@@ -268,6 +300,44 @@ class TestStatsCommand:
         assert outside["tcp_states"]["ESTABLISHED"] >= 10
         assert sorted(outside["listening"]) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{address[1]}"])
 
+    @pytest.mark.parametrize("reuse_port", [False, True])
+    def test_pid_counts_each_socket_once_whichever_processes_hold_it(self, start_server, reuse_port: bool) -> None:
+        """With --workers 2 the app's listener is one socket held by the parent and both workers:
+        one LISTEN, not three (the stats endpoint's is the other).  With --reuse-port each worker
+        listens on a socket of its own: two, beside the stats endpoint's."""
+        if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            pytest.skip("no SO_REUSEPORT here")
+        server = start_server("--workers", "2", "--stats-port", "0", *(["--reuse-port"] if reuse_port else []))
+        stats = stats_address(server)
+        worker_pids(stats)
+        socks = [connect(server.address) for _ in range(3)]
+        try:
+            wait_for(lambda: get_stats(stats)["connections_open"] == 3, what="3 clients")
+            result = run_pollserve("stats", "--pid", str(server.proc.pid), "--json")
+        finally:
+            for sock in socks:
+                sock.close()
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["tcp_states"]["LISTEN"] == (3 if reuse_port else 2), data["tcp_states"]
+        assert data["tcp_states"]["ESTABLISHED"] == 3, data["tcp_states"]  # the server's ends, each in one worker
+        assert sorted(data["listening"]) == sorted([f"127.0.0.1:{server.port}", f"127.0.0.1:{stats[1]}"])
+
+    def test_a_socket_is_known_by_its_inode_where_proc_says_it(self) -> None:
+        """Two processes holding one socket are seen as one fd each, with one inode; where the
+        inode cannot be read (no /proc: macOS, BSD) each holder counts."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+            conn = next(c for c in psutil.Process().net_connections("tcp") if c.laddr.port == port)
+            held = [(os.getpid(), conn), (os.getpid(), conn)]
+            if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+                assert socket_inode(os.getpid(), conn.fd) is None
+                assert len(distinct_sockets(held)) == 2
+                return
+            assert socket_inode(os.getpid(), conn.fd) == os.fstat(listener.fileno()).st_ino
+            assert distinct_sockets(held) == [conn]
+            assert distinct_sockets([(os.getpid(), conn._replace(fd=-1))] * 2) == [conn._replace(fd=-1)] * 2
+
     def test_pid_table(self, start_server) -> None:
         server = start_server()
         result = run_pollserve("stats", "--pid", str(server.proc.pid))
@@ -286,6 +356,63 @@ class TestStatsCommand:
             assert list(json.loads(result.stdout)) == SNAPSHOT_KEYS
         result = run_pollserve("stats", "--url", f"http://{host}:{port}")
         assert re.search(r"^connections_open\s+0$", result.stdout, re.MULTILINE), result.stdout
+
+    @pytest.mark.parametrize("flooded", ["/metrics", "/stats"])
+    def test_url_answers_every_run_during_a_flood(self, start_server, flooded: str) -> None:
+        """The operator's command is one request among the flood's hundreds a second, on a
+        connection of its own like each of theirs: every run gets the snapshot (each run is
+        bounded, so a hang fails too).  It used to share the flood's budget: most runs exited 1
+        with HTTP 429."""
+        server = start_server("--stats-port", "0")
+        stats = stats_address(server)
+        stop = threading.Event()
+        outcomes: dict[str, int] = {}
+        flooder = threading.Thread(target=flood_metrics, args=(stats, 100, stop, outcomes, flooded), daemon=True)
+        flooder.start()
+        try:
+            wait_for(lambda: sum(outcomes.values()) >= 200, what="the flood under way")
+            url = f"http://{stats[0]}:{stats[1]}"
+            runs = [run_pollserve("stats", "--url", url, "--json", timeout=20) for _ in range(5)]
+            flood_answers = sum(outcomes.values())
+        finally:
+            stop.set()
+            flooder.join(30)
+        assert not flooder.is_alive()
+        assert [run.stderr.strip() for run in runs if run.returncode] == []
+        assert all(list(json.loads(run.stdout)) == SNAPSHOT_KEYS for run in runs)
+        assert flood_answers >= 400, outcomes  # it was a flood all along
+        assert server.alive() and "Traceback" not in server.log
+
+    def test_url_asks_again_when_the_endpoint_says_when(self) -> None:
+        """A 429 (or 503) with Retry-After is an answer to wait for, not a failure: an endpoint
+        behind a proxy of its own, or another version of pollserve, may send one."""
+        with busy_endpoint(refusals=1, retry_after="1") as ((host, port), asked):
+            result = run_pollserve("stats", "--url", f"http://{host}:{port}", "--json", timeout=20)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"pid": 1, "connections_open": 3}
+        assert asked == ["/stats", "/stats"]
+
+    def test_retry_after_is_delay_seconds_or_an_http_date(self) -> None:
+        assert retry_after("2") == 2.0
+        now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+        assert retry_after("Wed, 21 Oct 2015 07:28:03 GMT", now=now) == 3.0
+        assert retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now=now) == 0.0  # already past
+        assert retry_after(None) is None and retry_after("soon") is None and retry_after("-1") is None
+
+    @pytest.mark.parametrize(
+        ("retry_after", "tries", "message"),
+        [
+            ("3", 2, r"HTTP 429 Too Many Requests, 2 times in \d+ s; giving up"),
+            ("60", 1, r"HTTP 429 Too Many Requests; it asks to retry in 60 s"),
+        ],
+    )
+    def test_url_gives_up_on_a_busy_endpoint_in_one_line(self, retry_after: str, tries: int, message: str) -> None:
+        with busy_endpoint(refusals=1000, retry_after=retry_after) as ((host, port), asked):
+            result = run_pollserve("stats", "--url", f"http://{host}:{port}", timeout=20)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.fullmatch(rf"pollserve: http://{host}:{port}/stats: {message}", lines[0]), lines
+        assert len(asked) == tries
 
     @pytest.mark.parametrize(
         ("args", "message"),

@@ -62,6 +62,9 @@ def test_a_built_in_passes_the_whole_kit() -> None:
                 "test_a_reused_fd_number_carries_nothing_over",
             },
         ),
+        # Off by one at the capacity itself, which the kit checked only 16 fds beyond.
+        ("ClaimsOneFdTooMany", {"test_bounded_backends_take_the_last_fd_below_capacity"}),
+        ("LetsInTheFdAtCapacity", {"test_bounded_backends_refuse_fds_from_capacity_on"}),
     ],
 )
 def test_the_kit_fails_a_backend_that_lies(liar: str, caught_by: set[str]) -> None:

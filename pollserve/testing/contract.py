@@ -95,16 +95,26 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def high_fd(sock: socket.socket, at_least: int) -> int:
-    """Duplicate sock onto an fd number >= at_least, raising the soft fd limit if needed."""
+def fd_numbered(sock: socket.socket, number: int) -> int:
+    """Duplicate sock onto fd ``number`` exactly (a capacity's boundary), raising the soft fd limit
+    if needed; skipped if the limit cannot reach it or this process already uses that number
+    (dup2() would close it)."""
     resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = at_least + 16
-    if soft <= target:
-        if hard != resource.RLIM_INFINITY and hard <= target:
-            pytest.skip(f"fd limit {hard} too low to open fd {target}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target + 1, hard))
-    return os.dup2(sock.fileno(), target)
+    if soft <= number:
+        if hard != resource.RLIM_INFINITY and hard <= number:
+            pytest.skip(f"fd limit {hard} too low to open fd {number}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (number + 1, hard))
+    try:
+        os.fstat(number)
+    except OSError:
+        return os.dup2(sock.fileno(), number)
+    pytest.skip(f"fd {number} is already open in this process")
+
+
+def high_fd(sock: socket.socket, at_least: int) -> int:
+    """Duplicate sock onto an fd number >= at_least."""
+    return fd_numbered(sock, at_least + 16)
 
 
 class KitFixtures:
@@ -496,22 +506,39 @@ class TimeoutContract(KitFixtures):
 class CapacityContract(KitFixtures):
     """capacity: fds must be below it, and one that is not is a CapacityError, not a crash."""
 
-    def test_unbounded_backends_take_high_fds(self, backend: Backend, pair) -> None:
-        if backend.capacity is not None:
-            pytest.skip(f"{backend.name} is bounded")
-        fd = high_fd(pair[0], 2048)
+    @staticmethod
+    def _watches(backend: Backend, pair, fd: int, what: str) -> None:
+        """fd, a duplicate of pair[0], is registered, reported readable once pair[1] writes, and
+        unregistered; closed in any case."""
         try:
             backend.register(fd, READ)
             pair[1].send(b"x")
-            expect_ready(backend, {fd: READ}, 5, f"fd {fd} registered")
+            expect_ready(backend, {fd: READ}, 5, what)
             backend.unregister(fd)
         finally:
             os.close(fd)
 
-    def test_bounded_backends_refuse_fds_beyond_capacity(self, backend: Backend, pair) -> None:
+    def test_unbounded_backends_take_high_fds(self, backend: Backend, pair) -> None:
+        if backend.capacity is not None:
+            pytest.skip(f"{backend.name} is bounded")
+        fd = high_fd(pair[0], 2048)
+        self._watches(backend, pair, fd, f"fd {fd} registered")
+
+    def test_bounded_backends_take_the_last_fd_below_capacity(self, backend: Backend, pair) -> None:
+        """The boundary from below: fd capacity - 1 is watched like any other.  A capacity
+        declared one too high (select's FD_SETSIZE + 1) fails here: select() cannot watch it."""
         if backend.capacity is None:
             pytest.skip(f"{backend.name} is unbounded")
-        fd = high_fd(pair[0], backend.capacity)
+        fd = fd_numbered(pair[0], backend.capacity - 1)
+        self._watches(backend, pair, fd, f"fd {fd}, the last below the capacity, registered")
+
+    @pytest.mark.parametrize("beyond", [0, 16])
+    def test_bounded_backends_refuse_fds_from_capacity_on(self, backend: Backend, pair, beyond: int) -> None:
+        """The boundary from above: fd capacity itself is refused (a check with ``>`` for ``>=``
+        takes it), as is any beyond."""
+        if backend.capacity is None:
+            pytest.skip(f"{backend.name} is unbounded")
+        fd = fd_numbered(pair[0], backend.capacity + beyond)
         try:
             with pytest.raises(CapacityError) as caught:
                 backend.register(fd, READ)
