@@ -330,6 +330,24 @@ def tell_parent_failed(role: WorkerRole, reason: str) -> None:
         pass  # the parent is gone or not reading: the exit status still says it failed
 
 
+def signal_name(number: int) -> str:
+    """SIGTERM for 15; a real-time signal, which has no name of its own in ``signal.Signals``, as
+    ``kill -l`` writes it (SIGRTMIN+1 for 35 on Linux); else ``signal N``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        pass
+    low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+    if low is not None and high is not None and low < number < high:
+        return f"SIGRTMIN+{number - low}"
+    return f"signal {number}"
+
+
+def describe_exit(returncode: int) -> str:
+    """``exit 0``, or ``killed by SIGKILL``, from a Popen returncode (negative: the signal)."""
+    return f"exit {returncode}" if returncode >= 0 else f"killed by {signal_name(-returncode)}"
+
+
 class WorkerStartError(Exception):
     """The workers cannot start at all (a configuration error each would meet); the message is for the user."""
 
@@ -689,8 +707,7 @@ class Supervisor:
             worker.process.send_signal(signal.SIGTERM)
 
     def _log_exit(self, worker: Worker, before: WorkerState) -> None:
-        status = worker.process.returncode
-        how = f"exit {status}" if status >= 0 else f"killed by {signal.Signals(-status).name}"
+        how = describe_exit(worker.process.returncode)
         lived = time.monotonic() - worker.started
         log.info("worker %d (pid %d) stopped (%s) after %.1f s", worker.index, worker.pid, how, lived)
         if before is not WorkerState.STARTING or self.stopping or worker.generation != self.generation:

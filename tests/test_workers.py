@@ -195,6 +195,28 @@ def test_a_worker_that_crashes_at_start_is_restarted_with_a_back_off(start_serve
     assert server.alive() and server.proc.pid == psutil.Process(worker_pids(stats)[1]).ppid()
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGRTMIN"), reason="no real-time signals here")
+def test_a_worker_killed_by_a_signal_without_a_name_is_restarted_with_a_back_off(start_server, tmp_path) -> None:
+    """Regression: ``signal.Signals(35)`` raised ValueError in the exit bookkeeping before the
+    back-off was set, so a worker that kept dying of a real-time signal was restarted at once."""
+    marker = tmp_path / "crash"
+    env = {"PYTHONPATH": TESTS_DIR, "CRASH_MARKER": str(marker)}
+    server = start_server("--workers", "2", "--stats-port", "0", "--app", "crashing_app:Hello", env=env)
+    stats = stats_address(server)
+    pids = worker_pids(stats)
+    unnamed = signal.SIGRTMIN + 1
+    marker.write_text(str(unnamed))  # from now on a new worker kills itself with it at import
+    os.kill(pids[1], unnamed)
+    server.wait_for_log(rf"worker 1 \(pid {pids[1]}\) stopped \(killed by SIGRTMIN\+1\)", timeout=10)
+    server.wait_for_log(r"worker 1: restarting in 1\.0 s \(2 quick exits in a row\)", timeout=30)
+    starts = sum(bool(re.search(r"worker 1 \(pid \d+\) stopped", line)) for line in server.lines)
+    assert starts <= 4, server.log  # a back-off, not a fork loop
+    assert not any("Traceback" in line or "ValueError" in line for line in server.lines), server.log
+    marker.unlink()
+    wait_for(lambda: worker_pids(stats).get(1) not in (None, pids[1]), timeout=30, what="worker 1 back")
+    assert server.alive()
+
+
 def test_workers_argument_is_checked(start_server) -> None:
     from serverproc import run_pollserve
 
