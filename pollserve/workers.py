@@ -42,6 +42,7 @@ import psutil
 
 from . import compiled
 from .loop import EventLoop, Handle
+from .rates import EpisodeLog
 from .stats import Snapshot, count_fds, prometheus_page, usage
 
 log = logging.getLogger("pollserve")
@@ -480,6 +481,9 @@ class Supervisor:
         #: why the server stopped at its first start: a worker that cannot start (_cannot_start)
         self.start_failure: str | None = None
         self._kill_timer: Handle | None = None
+        #: workers that could not be started (no fds, no process): a warning per episode, not per try;
+        #: an episode lasts while retries, up to MAX_BACKOFF apart, keep failing
+        self._spawn_failures = EpisodeLog(log, loop, "cannot start a worker process", quiet=2 * MAX_BACKOFF)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -670,24 +674,35 @@ class Supervisor:
     # -- what the transitions do -------------------------------------------------------------------
 
     def _spawn(self, index: int) -> bool:
-        """Start a worker for index in the newest generation; False (and a back-off) if it cannot."""
-        parent_end, child_end = socket.socketpair()
-        listen_fds = tuple(sock.fileno() for sock in self.listeners)
-        role = WorkerRole(index, child_end.fileno(), listen_fds)
-        env = {**os.environ, WORKER_ENV: role.to_env()}
+        """Start a worker for index in the newest generation; False if it cannot be started now
+        (no fd for its channel, no process: EMFILE, EAGAIN, ENOMEM ...).  Whatever the failure, the
+        index is retried after a back-off, and the failures are logged once per episode."""
         try:
+            worker = self._start_worker(index)
+        except Exception as exc:
+            traceback = None if isinstance(exc, OSError) else exc  # an OSError says all in one line
+            self._spawn_failures.event(f"worker {index}: {exc}; retrying with back-off", traceback)
+            self._delay_restart(index, failed=True, quiet=True)
+            return False
+        self.workers.append(worker)
+        return True
+
+    def _start_worker(self, index: int) -> Worker:
+        """The process and its channel, or an exception with nothing left open."""
+        parent_end, child_end = socket.socketpair()
+        try:
+            listen_fds = tuple(sock.fileno() for sock in self.listeners)
+            role = WorkerRole(index, child_end.fileno(), listen_fds)
             process = subprocess.Popen(
                 [*compiled.command(), *self.argv],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(*listen_fds, child_end.fileno()),
-                env=env,
+                env={**os.environ, WORKER_ENV: role.to_env()},
             )
-        except OSError as exc:
+        except BaseException:
             parent_end.close()
             child_end.close()
-            log.error("worker %d: cannot start: %s", index, exc)
-            self._delay_restart(index, failed=True)
-            return False
+            raise
         child_end.close()
         worker: Worker
 
@@ -697,9 +712,15 @@ class Supervisor:
         def on_closed() -> None:
             self.loop.call_soon(self.reap)  # the process is exiting, or has
 
-        worker = Worker(index, self.generation, process, Channel(self.loop, parent_end, on_message, on_closed))
-        self.workers.append(worker)
-        return True
+        try:
+            channel = Channel(self.loop, parent_end, on_message, on_closed)
+        except BaseException:  # the loop cannot watch it (select's FD_SETSIZE): no worker without one
+            parent_end.close()
+            process.kill()
+            process.wait()
+            raise
+        worker = Worker(index, self.generation, process, channel)
+        return worker
 
     def _terminate(self, worker: Worker) -> None:
         """SIGTERM: the worker drains as a single server does (a second SIGTERM changes nothing)."""
@@ -747,11 +768,12 @@ class Supervisor:
         healthy = worker.ready_at is not None and time.monotonic() - worker.ready_at >= HEALTHY_AFTER
         self._delay_restart(worker.index, failed=not healthy)
 
-    def _delay_restart(self, index: int, *, failed: bool) -> None:
+    def _delay_restart(self, index: int, *, failed: bool, quiet: bool = False) -> None:
+        """No start for index before the back-off is over; ``quiet``: the caller logs the failure."""
         self._failures[index] = self._failures[index] + 1 if failed else 0
         failures = self._failures[index]
         delay = 0.0 if failures == 0 else min(FIRST_BACKOFF * 2 ** (failures - 1), MAX_BACKOFF)
-        if delay:
+        if delay and not quiet:
             log.warning("worker %d: restarting in %.1f s (%d quick exits in a row)", index, delay, failures)
         self._not_before[index] = time.monotonic() + delay
 
@@ -779,12 +801,14 @@ class Supervisor:
             if timer is not None:
                 timer.cancel()
         self._kill_timer = self._liveness_timer = None
+        self._spawn_failures.close()
         if self.on_all_stopped is not None:
             callback, self.on_all_stopped = self.on_all_stopped, None
             callback()
 
     def close(self) -> None:
         """Kill what still runs (the parent is going away) and wait for it."""
+        self._spawn_failures.close()
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.process.kill()

@@ -217,6 +217,33 @@ def test_a_worker_killed_by_a_signal_without_a_name_is_restarted_with_a_back_off
     assert server.alive()
 
 
+@pytest.mark.skipif(not hasattr(psutil.Process, "rlimit"), reason="psutil cannot set another process's limits here")
+def test_a_worker_that_cannot_be_started_for_want_of_fds_is_retried_once_there_are_some(start_server) -> None:
+    """Regression: the socket pair made for a new worker was outside the error handling, so EMFILE
+    escaped with no back-off and no wake-up, and the index stayed empty for good.  The parent's
+    soft fd limit is lowered from outside (prlimit(2)) to 3, below every fd it holds, so that it can
+    open none, then a worker is killed, then the limit is restored."""
+    import resource
+
+    server = start_server("--workers", "2", "--stats-port", "0")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+    parent = psutil.Process(server.proc.pid)
+    limits = parent.rlimit(resource.RLIMIT_NOFILE)
+    parent.rlimit(resource.RLIMIT_NOFILE, (3, limits[1]))
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        server.wait_for_log(r"WARNING cannot start a worker process: worker 0: .*Too many open files", timeout=10)
+        time.sleep(2)  # a few retries, with back-off, all failing
+    finally:
+        parent.rlimit(resource.RLIMIT_NOFILE, limits)
+    new = settled(server, stats, 2, generation=1)
+    assert new[0] != pids[0] and new[1] == pids[1]
+    episodes = [line for line in server.lines if "cannot start a worker process" in line and "WARNING" in line]
+    assert len(episodes) == 1, server.log  # once per episode, not once per attempt
+    assert not any("Traceback" in line for line in server.lines), server.log
+
+
 def test_workers_argument_is_checked(start_server) -> None:
     from serverproc import run_pollserve
 
