@@ -466,6 +466,10 @@ class Supervisor:
         self.retired_totals: dict[str, int] = {}
         #: the loop busy seconds of the workers that have exited: a float, so kept beside the counts
         self.retired_busy_s = 0.0
+        #: the lag histogram of the workers that have exited (cumulative counts per bucket, and the
+        #: sum of the lags), so the server's since-start histogram never goes back either
+        self.retired_lag_buckets: list[int] = []
+        self.retired_lag_sum_s = 0.0
         #: workers killed for --worker-timeout or --worker-start-timeout, since the start
         self.timeouts_total = 0
         self.stopping = False
@@ -787,6 +791,11 @@ class Supervisor:
         busy = worker.snapshot.get("loop_busy_s")
         if isinstance(busy, (int, float)):
             self.retired_busy_s += busy
+        merged = add_histograms([self.retired_lag_buckets, worker.snapshot.get("loop_lag_buckets") or []])
+        lag_sum = worker.snapshot.get("loop_lag_sum_s")
+        if merged is not None and isinstance(lag_sum, (int, float)):
+            self.retired_lag_buckets = merged
+            self.retired_lag_sum_s += lag_sum
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -854,7 +863,8 @@ class SupervisorStats:
     together; ``fd_usage`` the highest of any worker, since each hits its own limit), plus
     ``workers``: each worker's own snapshot with its ``index`` and ``pid``.  Loop health is the
     worst worker's (an average would hide the one that is stuck): utilization and lag the highest,
-    the slowest callback of any; busy seconds and the lag histogram are summed."""
+    the slowest callback of any; busy seconds and the lag histogram are counters, summed as the
+    others are (the exited workers' included)."""
 
     #: the parent's own fd count is refreshed at most this often
     fd_refresh_interval = 1.0
@@ -938,10 +948,17 @@ class SupervisorStats:
             draining=self.draining,
         )
         if everyone:
-            # A running total since start, as a counter must be, summed like COUNTERS: an exited
-            # worker's busy time stays in it.
+            # Running totals since start, as counters must be, summed like COUNTERS over every
+            # worker that reports (a retiring one too) and those that have exited.
             busy = sum(snap.get("loop_busy_s") or 0 for snap in everyone)
             out["loop_busy_s"] = round(self.supervisor.retired_busy_s + busy, 6)
+            buckets = add_histograms(
+                [self.supervisor.retired_lag_buckets, *(snap.get("loop_lag_buckets") or [] for snap in everyone)]
+            )
+            if buckets is not None:
+                out["loop_lag_buckets"] = buckets
+                lag_sum = sum(snap.get("loop_lag_sum_s") or 0 for snap in everyone)
+                out["loop_lag_sum_s"] = round(self.supervisor.retired_lag_sum_s + lag_sum, 6)
         out["workers"] = [self.worker_row(worker, now) for worker in shown]
         out["workers_serving"] = self.supervisor.serving
         out["workers_wanted"] = self.supervisor.count
@@ -997,10 +1014,9 @@ def worst_loop_health(workers: list[tuple[int, int, dict[str, Any]]]) -> dict[st
         values = [value for snap in snaps if (value := snap.get(key)) is not None]
         out[key] = max(values) if values else None
     out["loop_busy_s"] = round(sum(snap.get("loop_busy_s") or 0 for snap in snaps), 6)
-    histograms = [snap.get("loop_lag_buckets") or [] for snap in snaps]
-    width = max(map(len, histograms))
-    if all(len(counts) == width for counts in histograms):
-        out["loop_lag_buckets"] = [sum(column) for column in zip(*histograms, strict=True)]
+    buckets = add_histograms([snap.get("loop_lag_buckets") or [] for snap in snaps])
+    if buckets is not None:
+        out["loop_lag_buckets"] = buckets
         out["loop_lag_sum_s"] = round(sum(snap.get("loop_lag_sum_s") or 0 for snap in snaps), 6)
     slowest = [
         (snap["slowest_callback_s"], f"worker {index}: {snap['slowest_callback']}")
@@ -1010,3 +1026,14 @@ def worst_loop_health(workers: list[tuple[int, int, dict[str, Any]]]) -> dict[st
     if slowest:
         out["slowest_callback_s"], out["slowest_callback"] = max(slowest)
     return out
+
+
+def add_histograms(histograms: list[list[int]]) -> list[int] | None:
+    """Cumulative bucket counts added bucket by bucket, the empty ones (nothing reported yet) left
+    out; None if the others do not have the same buckets (workers of two pollserve versions)."""
+    present = [counts for counts in histograms if counts]
+    if not present:
+        return []
+    if any(len(counts) != len(present[0]) for counts in present):
+        return None
+    return [sum(column) for column in zip(*present, strict=True)]

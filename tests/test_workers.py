@@ -730,6 +730,31 @@ def test_the_stopped_totals_are_what_the_workers_served(start_server) -> None:
     assert stopped_totals(server) == (sent, sent)
 
 
+def test_the_lag_histogram_keeps_an_exited_workers_ticks(start_server) -> None:
+    """The whole server's loop_lag_buckets and loop_lag_sum_s are counters, as the other totals:
+    regression, a worker killed and replaced took its ticks (up to its last report) out of them."""
+    server = start_server("--workers", "2", "--stats-port", "0")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+
+    def ticks(snapshot: dict) -> int:
+        return (snapshot.get("loop_lag_buckets") or [0])[-1]
+
+    wait_for(
+        lambda: all(ticks(row) >= 10 for row in get_stats(stats)["workers"]), timeout=20, what="probe ticks reported"
+    )
+    before = get_stats(stats)
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lambda: worker_pids(stats).get(0) not in (None, pids[0]), timeout=20, what="a new worker 0")
+    after = get_stats(stats)
+    assert len(after["loop_lag_buckets"]) == len(before["loop_lag_buckets"])
+    assert all(now >= then for now, then in zip(after["loop_lag_buckets"], before["loop_lag_buckets"], strict=True)), (
+        before["loop_lag_buckets"],
+        after["loop_lag_buckets"],
+    )
+    assert after["loop_lag_sum_s"] >= before["loop_lag_sum_s"]
+
+
 def test_worker_timeout_is_checked(start_server) -> None:
     from serverproc import run_pollserve
 
