@@ -220,8 +220,9 @@ class Channel:
             self.loop.remove_writer(self.sock.fileno())
 
     def drain(self) -> None:
-        """Read whatever the peer sent before it exited, up to EOF: its last snapshot may arrive
-        in the same loop iteration as SIGCHLD, and must not be lost with the closed channel."""
+        """Read whatever the peer has sent so far, up to EOF if it exited: its last snapshot may
+        arrive in the same loop iteration as SIGCHLD, and must not be lost with the closed channel;
+        and its reports must be read before anyone judges it silent."""
         while not self._closed and self._on_readable():
             pass
 
@@ -556,6 +557,13 @@ class Supervisor:
         worker that is still starting that long after it started is stuck before its loop runs (an
         import that waits on a lock or a network).  Kill it; _settle replaces it, with back-off."""
         self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+        # What the workers sent is read first: a stall of the parent's own loop (kill -STOP, a long
+        # pass) is not their fault, and their reports wait in the channels.  The pass that runs
+        # this timer may have had no event for them: epoll_wait fails with EINTR once a stopped
+        # process is continued (signal(7)), and CPython's retry of a wait whose timeout has passed
+        # returns no event (PEP 475).
+        for worker in list(self.workers):
+            worker.channel.drain()
         now = time.monotonic()
         for worker in self.workers:
             if worker.timed_out or worker.process.poll() is not None:

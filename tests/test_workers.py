@@ -504,6 +504,39 @@ def test_a_hung_worker_is_marked_stale_then_killed_and_replaced(start_server) ->
     assert get_stats(stats)["worker_timeouts_total"] == 1
 
 
+@pytest.mark.slow
+def test_a_stopped_parent_blames_only_the_worker_that_hung_meanwhile(start_server) -> None:
+    """Regression: after ``kill -STOP`` of the parent longer than --worker-timeout, then ``kill
+    -CONT``, every worker was killed as silent, though they had served every client and reported
+    throughout: the parent judged silence before reading its channels (on resuming, its wait
+    returned no event, signal(7)).  A worker that hung while the parent was stopped is still found
+    within --worker-timeout (and a report) of the parent's resuming."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--worker-timeout", "2")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+    parent = psutil.Process(server.proc.pid)
+    time.sleep(0.3)  # the parent idle in its backend's wait, where a kill -STOP usually finds it
+    parent.suspend()
+    try:
+        os.kill(pids[1], signal.SIGSTOP)  # worker 1 hangs; worker 0 serves every client meanwhile
+        served, deadline = 0, time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            ask(server.address)
+            served += 1
+            time.sleep(0.05)
+    finally:
+        parent.resume()
+    try:
+        server.wait_for_log(rf"worker 1 \(pid {pids[1]}\) has not reported for [\d.]+ s", timeout=2 + 1 + 5)
+    finally:
+        if psutil.pid_exists(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    assert served > 10
+    assert not any(f"(pid {pids[0]}) has not reported" in line for line in server.lines), server.log
+    new = settled(server, stats, 2, generation=1)
+    assert new[0] == pids[0] and new[1] != pids[1]
+
+
 def test_a_slow_import_is_not_a_hang(start_server, tmp_path) -> None:
     """The silence is counted from ready: an app that takes longer than --worker-timeout to
     import is not killed for it."""
