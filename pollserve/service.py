@@ -534,6 +534,7 @@ def serve_workers(options: ServeOptions) -> None:
         argv,
         [] if options.reuse_port else listeners,
         stop_timeout=stop_timeout,
+        stop_rule=f"{stop_timeout:g} s: --drain-delay + --shutdown-timeout + {2 * STOP_MARGIN:g}",
         worker_timeout=options.worker_timeout,
         start_timeout=options.worker_start_timeout,
         on_all_stopped=loop.stop,

@@ -382,9 +382,31 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 ALIVE = (WorkerState.STARTING, WorkerState.SERVING, WorkerState.RETIRING)
 
 
+@dataclasses.dataclass(frozen=True)
+class Deadline:
+    """When the parent kills a worker process that has not moved on, and what it says then."""
+
+    #: monotonic
+    at: float
+    #: the start of the wait that the warning counts (monotonic)
+    since: float
+    #: the warning's words, with ``{elapsed}`` for the seconds waited
+    overdue: str
+
+
+def bound(seconds: float, since: float, overdue: str) -> Deadline | None:
+    """A deadline ``seconds`` after ``since``; None for 0, a timeout turned off."""
+    return Deadline(since + seconds, since, overdue) if seconds > 0 else None
+
+
+def earliest(*deadlines: Deadline | None) -> Deadline | None:
+    present = [deadline for deadline in deadlines if deadline is not None]
+    return min(present, key=lambda deadline: deadline.at) if present else None
+
+
 class Worker:
     """The parent's record of one worker process: which index it fills, for which generation,
-    and in which state."""
+    in which state, and its deadline (Supervisor._set_deadline)."""
 
     def __init__(self, index: int, generation: int, process: subprocess.Popen[bytes], channel: Channel) -> None:
         self.index = index
@@ -402,8 +424,8 @@ class Worker:
         self.snapshot: dict[str, Any] | None = None
         #: what it said when it could not start (an app that does not import), or None
         self.failure: str | None = None
-        #: killed by the parent for --worker-timeout
-        self.timed_out = False
+        #: when the parent kills it unless it moves on first; None: no bound in this state
+        self.deadline: Deadline | None = None
 
     @property
     def pid(self) -> int:
@@ -431,6 +453,9 @@ class Supervisor:
       fresh generation; none is queued.
     - At most STARTING_AT_ONCE workers start at a time, from the loop, so a stop signal during
       start-up is handled at once and starts nothing more.
+    - Every worker process has one deadline, whatever its state, set on each transition
+      (``_set_deadline``), and one check kills every worker past its own (``_check_deadlines``):
+      none, stuck in any state, stays for the parent's whole life.
     """
 
     def __init__(
@@ -441,6 +466,7 @@ class Supervisor:
         listeners: Sequence[socket.socket],
         *,
         stop_timeout: float,
+        stop_rule: str = "",
         worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
         start_timeout: float = DEFAULT_WORKER_START_TIMEOUT,
         on_first_ready: Callable[[], Any] | None = None,
@@ -451,7 +477,10 @@ class Supervisor:
         #: the worker's command line after ``python -m pollserve``
         self.argv = list(argv)
         self.listeners = list(listeners)
+        #: a worker told to go (retiring, superseded, the server stopping) that has not exited this
+        #: long after is killed; ``stop_rule`` says where the figure comes from, for the log
         self.stop_timeout = stop_timeout
+        self.stop_rule = stop_rule or f"{stop_timeout:g} s"
         #: --worker-timeout: a serving worker silent this long is killed; 0: never
         self.worker_timeout = worker_timeout
         #: --worker-start-timeout: a worker not ready this long after it started is killed; 0: never
@@ -471,7 +500,7 @@ class Supervisor:
         #: sum of the lags), so the server's since-start histogram never goes back either
         self.retired_lag_buckets: list[int] = []
         self.retired_lag_sum_s = 0.0
-        #: workers killed for --worker-timeout or --worker-start-timeout, since the start
+        #: workers killed past their deadline (_set_deadline), since the start
         self.timeouts_total = 0
         self.stopping = False
         #: per index: quick failures in a row, and the monotonic time before which no restart
@@ -485,7 +514,6 @@ class Supervisor:
         self._first_ready_seen = False
         #: why the server stopped at its first start: a worker that cannot start (_cannot_start)
         self.start_failure: str | None = None
-        self._kill_timer: Handle | None = None
         #: workers that could not be started (no fds, no process): a warning per episode, not per try;
         #: an episode lasts while retries, up to MAX_BACKOFF apart, keep failing
         self._spawn_failures = EpisodeLog(log, loop, "cannot start a worker process", quiet=2 * MAX_BACKOFF)
@@ -494,8 +522,7 @@ class Supervisor:
 
     def start(self) -> None:
         """Start the first workers (a few at a time: the rest follow as these are ready)."""
-        if self.worker_timeout > 0 or self.start_timeout > 0:
-            self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_deadlines)
         self._settle()
 
     def reload(self) -> None:
@@ -525,9 +552,9 @@ class Supervisor:
         for worker in list(self.workers):
             if worker.state is WorkerState.RETIRING:
                 self._terminate(worker)  # from "finish your clients" to a shutdown that flushes them now
+                self._set_deadline(worker, WorkerState.RETIRING)
             else:
                 self._enter(worker, WorkerState.RETIRING)
-        self._kill_timer = self.loop.call_later(self.stop_timeout, self._kill_stragglers)
         self._settle()
 
     def reap(self) -> None:
@@ -542,6 +569,8 @@ class Supervisor:
 
     def _on_message(self, worker: Worker, message: dict[str, Any]) -> None:
         worker.heard_at = time.monotonic()
+        if worker.state is WorkerState.SERVING:  # its heartbeat: the deadline moves on
+            self._set_deadline(worker, WorkerState.SERVING)
         kind = message.get("type")
         if kind == "stats":
             worker.snapshot = message.get("snapshot")
@@ -551,12 +580,46 @@ class Supervisor:
             self._enter(worker, WorkerState.SERVING)
             self._settle()
 
-    def _check_liveness(self) -> None:
-        """--worker-timeout: a worker whose loop has not reported for that long is hung (its
-        heartbeat is the loop's own timer, so a blocked loop stops it).  --worker-start-timeout: a
-        worker that is still starting that long after it started is stuck before its loop runs (an
-        import that waits on a lock or a network).  Kill it; _settle replaces it, with back-off."""
-        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+    def _set_deadline(self, worker: Worker, before: WorkerState | None) -> None:
+        """The one deadline of a worker process, whatever its state, as gunicorn's murder_workers
+        applies one rule to every worker; set on each transition (``before``: the state it left,
+        None at its start), and moved on by each report while it serves:
+
+        - starting: ``--worker-start-timeout`` after it started (a slow import is not a hang: the
+          bound is its own, minutes rather than seconds);
+        - serving: ``--worker-timeout`` after its last report (its heartbeat is a timer of its own
+          loop, so a blocked loop falls silent);
+        - retiring (its successor is ready, or the server stops): the stop timeout after it was
+          told to go, never later than a deadline it already had in that state;
+        - superseded (told to go while still starting, for an older generation): the same, or its
+          start deadline if that comes first.
+        """
+        now = time.monotonic()
+        if worker.state is WorkerState.STARTING:
+            worker.deadline = bound(
+                self.start_timeout,
+                worker.started,
+                f"is not ready {{elapsed:.1f}} s after it started (--worker-start-timeout {self.start_timeout:g})",
+            )
+        elif worker.state is WorkerState.SERVING:
+            worker.deadline = bound(
+                self.worker_timeout,
+                worker.heard_at,
+                f"has not reported for {{elapsed:.1f}} s (--worker-timeout {self.worker_timeout:g})",
+            )
+        elif worker.state is WorkerState.RETIRING:
+            told = bound(
+                self.stop_timeout, now, f"has not exited {{elapsed:.1f}} s after it was told to stop ({self.stop_rule})"
+            )
+            kept = worker.deadline if before in (WorkerState.STARTING, WorkerState.RETIRING) else None
+            worker.deadline = earliest(kept, told)
+        else:
+            worker.deadline = None
+
+    def _check_deadlines(self) -> None:
+        """Kill every worker past its deadline (SIGKILL: a stopped or blocked process cannot act on
+        SIGTERM); _settle replaces it, with back-off."""
+        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_deadlines)
         # What the workers sent is read first: a stall of the parent's own loop (kill -STOP, a long
         # pass) is not their fault, and their reports wait in the channels.  The pass that runs
         # this timer may have had no event for them: epoll_wait fails with EINTR once a stopped
@@ -566,29 +629,14 @@ class Supervisor:
             worker.channel.drain()
         now = time.monotonic()
         for worker in self.workers:
-            if worker.timed_out or worker.process.poll() is not None:
+            deadline = worker.deadline
+            if deadline is None or now < deadline.at or worker.process.poll() is not None:
                 continue
-            if worker.ready_at is None:
-                # A slow import is not a hang: --worker-timeout counts from ready, and this bound
-                # is its own, minutes rather than seconds.
-                waited = now - worker.started
-                if worker.state is WorkerState.STARTING and 0 < self.start_timeout < waited:
-                    self._kill_for_timeout(
-                        worker,
-                        f"is not ready {waited:.1f} s after it started (--worker-start-timeout {self.start_timeout:g})",
-                    )
-                continue
-            silence = now - worker.heard_at
-            if 0 < self.worker_timeout < silence:
-                self._kill_for_timeout(
-                    worker, f"has not reported for {silence:.1f} s (--worker-timeout {self.worker_timeout:g})"
-                )
-
-    def _kill_for_timeout(self, worker: Worker, why: str) -> None:
-        log.warning("worker %d (pid %d) %s: killing it", worker.index, worker.pid, why)
-        worker.timed_out = True
-        self.timeouts_total += 1
-        worker.process.kill()  # SIGKILL: a stopped or blocked process cannot handle SIGTERM
+            why = deadline.overdue.format(elapsed=now - deadline.since)
+            log.warning("worker %d (pid %d) %s: killing it", worker.index, worker.pid, why)
+            worker.deadline = None  # the kernel ends it; the reap follows
+            self.timeouts_total += 1
+            worker.process.kill()
 
     # -- the one place states change ---------------------------------------------------------------
 
@@ -599,6 +647,8 @@ class Supervisor:
         before, worker.state = worker.state, state
         if state is WorkerState.SERVING:
             worker.ready_at = worker.heard_at = time.monotonic()
+        self._set_deadline(worker, before)
+        if state is WorkerState.SERVING:
             log.info("worker %d (pid %d) started (generation %d)", worker.index, worker.pid, worker.generation)
             if not self._first_ready_seen:
                 self._first_ready_seen = True
@@ -732,6 +782,7 @@ class Supervisor:
             process.wait()
             raise
         worker = Worker(index, self.generation, process, channel)
+        self._set_deadline(worker, None)
         return worker
 
     def _terminate(self, worker: Worker) -> None:
@@ -807,17 +858,10 @@ class Supervisor:
 
     # -- stopping ----------------------------------------------------------------------------------
 
-    def _kill_stragglers(self) -> None:
-        for worker in self.workers:
-            if worker.process.poll() is None:
-                log.warning("worker %d (pid %d) still running; killing it", worker.index, worker.pid)
-                worker.process.kill()
-
     def _all_stopped(self) -> None:
-        for timer in (self._kill_timer, self._liveness_timer):
-            if timer is not None:
-                timer.cancel()
-        self._kill_timer = self._liveness_timer = None
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = None
         self._spawn_failures.close()
         if self.on_all_stopped is not None:
             callback, self.on_all_stopped = self.on_all_stopped, None
@@ -994,7 +1038,8 @@ class SupervisorStats:
             (
                 "pollserve_worker_timeouts_total",
                 "counter",
-                "Workers killed for a timeout: silent past --worker-timeout, or not ready in --worker-start-timeout.",
+                "Workers killed past their deadline: not ready in --worker-start-timeout, silent past "
+                "--worker-timeout, or not gone in the stop timeout after they were told to stop.",
                 supervisor.timeouts_total,
             ),
         ]

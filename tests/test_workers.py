@@ -18,7 +18,19 @@ from pathlib import Path
 import pytest
 from clients import connect, exchange, recv_exactly, recv_until_eof
 from statsclient import get_stats, http_get, stats_address, wait_for
-from workerprocs import HELLO, ask, deploy, deployed_env, healthz, live_children, worker_pids
+from workerprocs import (
+    HELLO,
+    ask,
+    deaf_pids,
+    deploy,
+    deploy_answering,
+    deploy_deaf,
+    deployed_env,
+    healthz,
+    kill_deaf,
+    live_children,
+    worker_pids,
+)
 
 psutil = pytest.importorskip("psutil")
 
@@ -288,6 +300,13 @@ def test_stats_pid_of_the_parent_includes_its_workers(start_server) -> None:
 # -- the supervisor's lifecycle under operator actions and worker failures ----------------------------
 
 
+def start_deployed(start_server, folder: Path, *args: str):
+    """Two workers of ``deployed_app:Hello`` from folder (workerprocs.deploy and the like)."""
+    return start_server(
+        "--workers", "2", "--stats-port", "0", "--app", "deployed_app:Hello", *args, env=deployed_env(folder)
+    )
+
+
 def settled(server, stats: tuple[str, int], count: int, generation: int) -> dict[int, int]:
     """Wait for the supervisor's invariant: count workers serving, all of generation, and no other
     worker process alive; index -> pid."""
@@ -537,6 +556,28 @@ def test_a_stopped_parent_blames_only_the_worker_that_hung_meanwhile(start_serve
     assert new[0] == pids[0] and new[1] != pids[1]
 
 
+@pytest.mark.slow
+def test_a_worker_hung_when_the_server_stops_is_killed_at_its_stop_deadline(start_server) -> None:
+    """A retiring worker's deadline is the stop timeout (--drain-delay + --shutdown-timeout + 10 s)
+    after it was told to go: one stopped while the server stops is killed then, and the parent
+    still exits 0."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--shutdown-timeout", "0", "--worker-timeout", "0")
+    pids = settled(server, stats_address(server), 2, generation=1)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        server.signal(signal.SIGTERM)
+        server.wait_for_log(
+            rf"WARNING worker 1 \(pid {pids[1]}\) has not exited (\d+\.\d) s after it was told to stop "
+            r"\(10 s: --drain-delay \+ --shutdown-timeout \+ 10\): killing it",
+            timeout=10 + 10,
+        )
+        assert server.wait(10) == 0
+    finally:
+        if psutil.pid_exists(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    assert server.wait_for_log(rf"worker 0 \(pid {pids[0]}\) stopped \(exit 0\)")
+
+
 def test_a_slow_import_is_not_a_hang(start_server, tmp_path) -> None:
     """The silence is counted from ready: an app that takes longer than --worker-timeout to
     import is not killed for it."""
@@ -593,6 +634,55 @@ def test_a_worker_stuck_before_ready_is_killed_and_restarted(start_server, tmp_p
     assert not psutil.pid_exists(int(found[2])) or psutil.Process(int(found[2])).status() == psutil.STATUS_ZOMBIE
     assert get_stats(stats)["worker_timeouts_total"] == 1
     assert not any("has not reported" in line for line in server.lines), server.log
+
+
+def test_a_slow_reload_overtaken_by_a_fast_one_ends_on_the_fast_one(start_server, tmp_path) -> None:
+    """The workers of a reload whose import is slow, still starting when a second reload comes, are
+    stopped: the server settles on the newest code alone, and the slow code never serves."""
+    deploy_answering(tmp_path, b"v1\n")
+    server = start_deployed(start_server, tmp_path)
+    stats = stats_address(server)
+    old = settled(server, stats, 2, generation=1)
+    deploy_answering(tmp_path, b"v2\n", import_seconds=2.0)
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: len(live_children(server.proc.pid)) == 4, timeout=10, what="generation 2 starting")
+    deploy_answering(tmp_path, b"v3\n")
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"rolling restart of 2 workers \(generation 3\)")
+    settled(server, stats, 2, generation=3)
+    assert sum("superseded before it was ready" in line for line in server.lines) == 2, server.log
+    time.sleep(2.5)  # past the slow import: nothing of generation 2 is left to come up
+    new = settled(server, stats, 2, generation=3)
+    assert set(new.values()).isdisjoint(old.values())
+    answers = {exchange(server.address, b"hi", 3) for _ in range(20)}
+    assert answers == {b"v3\n"}, answers
+
+
+def test_a_superseded_worker_that_ignores_sigterm_is_killed_at_its_start_deadline(start_server, tmp_path) -> None:
+    """Regression: a worker superseded while it was still starting got SIGTERM and nothing more, so
+    one that ignored it (an import that installs its own handler, then hangs) stayed for the
+    parent's whole life: --worker-start-timeout applied to starting workers only."""
+    deploy(tmp_path)
+    server = start_deployed(start_server, tmp_path, "--worker-start-timeout", "3")
+    stats = stats_address(server)
+    settled(server, stats, 2, generation=1)
+    deploy_deaf(tmp_path)
+    server.signal(signal.SIGHUP)
+    try:
+        wait_for(lambda: len(deaf_pids(tmp_path)) == 2, timeout=10, what="generation 2 ignoring SIGTERM")
+        deploy(tmp_path)
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"rolling restart of 2 workers \(generation 3\)")
+        for pid in deaf_pids(tmp_path):
+            server.wait_for_log(
+                rf"worker \d \(pid {pid}\) is not ready \d+\.\d s after it started "
+                r"\(--worker-start-timeout 3\): killing it",
+                timeout=10,
+            )
+        settled(server, stats, 2, generation=3)
+    finally:
+        kill_deaf(tmp_path)  # whatever the outcome: they would outlive the test
+    assert get_stats(stats)["worker_timeouts_total"] == 2
 
 
 def test_workers_that_cannot_start_at_all_stop_the_server_with_their_reason() -> None:
@@ -673,9 +763,7 @@ def test_a_count_above_rlimit_nproc_is_refused(tmp_path) -> None:
 def test_a_reload_whose_app_does_not_import_keeps_the_old_workers(start_server, tmp_path) -> None:
     """Regression: said only as INFO "stopped (exit 2)", and the worker's line had no time and index."""
     deploy(tmp_path)
-    server = start_server(
-        "--workers", "2", "--stats-port", "0", "--app", "deployed_app:Hello", env=deployed_env(tmp_path)
-    )
+    server = start_deployed(start_server, tmp_path)
     stats = stats_address(server)
     old = settled(server, stats, 2, generation=1)
     deploy(tmp_path, broken=True)
