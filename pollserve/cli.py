@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -25,7 +24,8 @@ from .limits import LimitError
 from .loop import DEFAULT_SLOW_CALLBACK
 from .probe import ProbeArgumentError, ProbeError, fetch_stats, probe_process
 from .proxy import Network, parse_networks
-from .service import ListenError, ServeOptions, serve_workers
+from .roles import Role, ignore_from_the_start
+from .service import ListenError, ServeOptions
 from .service import serve as run_server
 from .stats import table
 from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
@@ -598,11 +598,10 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     role = worker_role()
     prefix = "" if role is None else f"worker {role.index}: "
     if role is not None:
-        # A Ctrl-C reaches the whole process group: only the parent counts it, or each worker
-        # would see it twice.  SIGHUP is the parent's rolling restart.  Both from the first moment,
-        # so a signal during the app's import neither kills nor interrupts it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # What a worker ignores (a Ctrl-C reaches the whole process group, and only the parent
+        # counts it; SIGHUP is the parent's rolling restart), from the first moment, so that such a
+        # signal during the app's import neither kills nor interrupts it.
+        ignore_from_the_start(Role.WORKER)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
@@ -719,10 +718,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         slow_callback=args.slow_callback,
     )
     try:
-        if workers > 1:
-            serve_workers(options)
-        else:
-            run_server(options)
+        run_server(options)
     except (LimitError, WorkerStartError) as exc:
         return fail_as(role, str(exc), EXIT_USAGE)
     except ListenError as exc:

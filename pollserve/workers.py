@@ -14,14 +14,15 @@ start; the parent sends ``retire`` to a worker whose successor is ready, and ``c
 twice to stop.  A worker whose channel reaches EOF has lost its parent and shuts down, so no
 worker outlives the parent, even one killed with SIGKILL.
 
-Signals: SIGINT/SIGTERM to the parent stop every worker as a single server stops (drain, then
-exit) and the parent exits 0 once all are gone; a second one to the parent means "close now",
-which the parent orders over the channels.  A worker drains on any SIGTERM and counts it once,
+Signals (pollserve.roles declares what each means in the parent and in a worker): SIGINT/SIGTERM
+to the parent stop every worker as a single server stops (drain, then exit) and the parent exits 0
+once all are gone; a second one to the parent means "close now", which the parent orders over
+the channels.  A worker drains on any SIGTERM and counts it once,
 however many arrive: systemd's KillMode=control-group and ``kill -TERM -PGID`` reach every
 process, and the parent relays the same signal.  Workers ignore SIGINT (a Ctrl-C reaches the
 whole process group and counts once, through the parent) and SIGHUP, the parent's rolling
 restart.  Each worker's life is a WorkerState, changed in one place (Supervisor._enter).  The
-loop and the server know nothing of processes: this module and the worker role in service.py do.
+loop and the server know nothing of processes: this module and the roles in service.py do.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import psutil
 from . import compiled
 from .loop import EventLoop, Handle
 from .rates import EpisodeLog
-from .stats import Snapshot, count_fds, prometheus_page, usage
+from .stats import Snapshot, count_fds, log_line, prometheus_page, usage
 
 log = logging.getLogger("pollserve")
 
@@ -525,12 +526,12 @@ class Supervisor:
         self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_deadlines)
         self._settle()
 
-    def reload(self) -> None:
+    def reload(self, signame: str = "SIGHUP") -> None:
         """SIGHUP: a new generation for every index; each old worker retires once its successor is ready."""
         if self.stopping:
             return
         self.generation += 1
-        log.info("SIGHUP: reload: rolling restart of %d workers (generation %d)", self.count, self.generation)
+        log.info("%s: reload: rolling restart of %d workers (generation %d)", signame, self.count, self.generation)
         # An operator's reload is a new attempt: no back-off is carried over from the old code.
         self._failures = [0] * self.count
         self._not_before = [0.0] * self.count
@@ -1020,6 +1021,13 @@ class SupervisorStats:
 
     def json(self) -> str:
         return json.dumps(self.snapshot())
+
+    def log_line(self) -> str:
+        """The whole server's stats line (SIGUSR1 to the parent): every worker's figures together,
+        as /stats sums them, then how many workers serve."""
+        snapshot = self.snapshot()
+        whole = Snapshot(**{field.name: snapshot[field.name] for field in dataclasses.fields(Snapshot)})
+        return f"{log_line(whole)} | workers {self.supervisor.serving}/{self.supervisor.count} serving"
 
     def metrics(self) -> str:
         now = time.monotonic()
