@@ -579,9 +579,13 @@ def import_from_current_directory() -> None:
 
 def worker_role() -> WorkerRole | None:
     """This process is a worker of a supervising parent when WORKER_ENV says so.  Taken out of
-    the environment, so that what the app starts does not inherit it."""
+    the environment, and its fds made close-on-exec, so that what the app starts inherits neither."""
     value = os.environ.pop(WORKER_ENV, None)
-    return None if value is None else WorkerRole.from_env(value)
+    if value is None:
+        return None
+    role = WorkerRole.from_env(value)
+    role.keep_to_self()
+    return role
 
 
 def fail_as(role: WorkerRole | None, message: str, status: int = 1) -> int:

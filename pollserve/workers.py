@@ -27,6 +27,7 @@ loop and the server know nothing of processes: this module and the roles in serv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -88,6 +89,16 @@ class WorkerRole:
         """Parse WORKER_ENV; ValueError if it is not INDEX:FD:FD,FD..."""
         index, channel, fds = value.split(":")
         return cls(int(index), int(channel), tuple(int(fd) for fd in fds.split(",") if fd))
+
+    def keep_to_self(self) -> None:
+        """Make the inherited listeners and channel close-on-exec again, as sd_listen_fds(3) has it
+        for systemd's sockets: the parent passed them inheritable (``pass_fds``), but they are this
+        worker's, not for the programs its app runs (os.system, a subprocess with close_fds=False),
+        which would hold the port and the channel after the server stops.  A child made by fork()
+        without exec (multiprocessing's "fork" start method) still holds them: fork copies every fd."""
+        for fd in (self.channel_fd, *self.listen_fds):
+            with contextlib.suppress(OSError):  # not open: serving on it fails where it is used, with a message
+                os.set_inheritable(fd, False)
 
 
 def auto_count() -> int:

@@ -4,15 +4,18 @@ each (role, signal) pair of the table is sent to a live process, and its documen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from clients import connect
 from statsclient import get_stats, stats_address, wait_for
 from workerprocs import ask, live_children
 
@@ -23,6 +26,7 @@ psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
 class Target:
@@ -155,6 +159,40 @@ def test_every_signal_does_what_the_table_says_in_every_role(start_server, role:
     target = Target(start_server, role)
     os.kill(target.pid, signum)
     check(target, name)
+
+
+@pytest.mark.parametrize("role", [Role.SINGLE, Role.WORKER], ids=["single", "worker"])
+def test_a_program_the_app_runs_inherits_no_listener_and_no_channel(start_server, tmp_path, role: Role) -> None:
+    """Regression: a worker passed the listening sockets and the channel it inherited from the parent
+    on to whatever the app ran (os.system, subprocess with close_fds=False): after the server
+    stopped, clients connected to the helper's copy of the listener and hung, and a server started
+    again could not bind the port."""
+    pids = tmp_path / "helpers"
+    pids.touch()
+    env = {"PYTHONPATH": TESTS_DIR, "HELPER_PIDS": str(pids)}
+    args = () if role is Role.SINGLE else ("--workers", "2", "--stats-port", "0")
+    server = start_server("--app", "sample_apps:RunsHelper", *args, env=env)
+    try:
+        with connect(server.address) as sock:
+            sock.sendall(b"run")
+            helper = psutil.Process(int(sock.makefile().readline()))
+        wait_for(lambda: helper.name() == "sleep", timeout=10, what="the helper running")  # past the shell's fork
+        inherited = helper.net_connections("all")
+        assert not inherited, inherited
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        with pytest.raises(ConnectionRefusedError):  # nobody listens on the port any more
+            connect(server.address, timeout=5).close()
+        with socket.socket() as again:  # and a server started again can bind it
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(server.address)
+            again.listen()
+    finally:
+        for pid in map(int, pids.read_text().split()):
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if process.name() == "sleep":
+                    process.kill()
 
 
 def test_the_readme_documents_the_signal_table() -> None:
