@@ -12,13 +12,15 @@ before anything is served.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
 import ipaddress
 import logging
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import psutil
@@ -261,6 +263,19 @@ def worker_listeners(options: ServeOptions) -> list[socket.socket]:
     if options.reuse_port:
         return bind_tcp(options.host, options.port, reuse_port=True)
     return [adopt(socket.socket(fileno=fd)) for fd in options.worker.listen_fds]
+
+
+@contextlib.contextmanager
+def signal_blocked(signum: int) -> Iterator[None]:
+    """signum is held pending in the block (where the OS can block signals: POSIX)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def serve(options: ServeOptions) -> None:
@@ -599,7 +614,14 @@ class WorkerServer(AppServer):
     def close(self) -> None:
         if self.link is not None:
             self.link.close()  # its last snapshot first: the parent's totals stay exact
-        super().close()
+        # On its way out, as while it drains, a SIGTERM changes nothing: a group kill reaches a
+        # worker straight and again through the parent, which may relay it after this worker's loop
+        # has closed and restored SIGTERM's default action.  Blocked meanwhile, one that comes is
+        # held pending, and SIG_IGN discards it (sigaction(2), POSIX: "Setting a signal action to
+        # SIG_IGN for a signal that is pending shall cause the pending signal to be discarded").
+        with signal_blocked(signal.SIGTERM):
+            super().close()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SupervisingParent:

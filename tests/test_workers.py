@@ -441,6 +441,37 @@ def test_a_stop_as_systemd_sends_it_lets_a_large_reply_finish(start_server, kill
     assert not any("closing now" in line for line in server.lines), server.log
 
 
+def test_a_group_sigterm_that_reaches_a_worker_on_its_way_out_changes_nothing(start_server) -> None:
+    """Regression: ``kill -TERM -PGID`` reaches the workers straight, and again through the parent;
+    an idle worker had drained, closed its loop and restored SIGTERM's default action by the time the
+    parent's came, and died of it ("killed by SIGTERM").  Made certain here: the parent is held
+    stopped while the workers drain, then goes on while they are on their way out (the app's
+    atexit handler takes 1.5 s)."""
+    env = {"PYTHONPATH": TESTS_DIR}
+    server = start_server(
+        "--workers", "2", "--stats-port", "0", "--app", "slow_exit_app:Echo", env=env, start_new_session=True
+    )
+    pids = settled(server, stats_address(server), 2, generation=1)
+    sent = 0
+    for size in range(1, 21):
+        payload = bytes([size]) * (size * 500)
+        assert exchange(server.address, payload, len(payload)) == payload
+        sent += len(payload)
+    parent = psutil.Process(server.proc.pid)
+    parent.suspend()
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)  # the workers get it now, the parent once it goes on
+        for index in pids:
+            server.wait_for_log(rf"worker {index}: finished: ")
+    finally:
+        parent.resume()
+    assert server.wait(30) == 0
+    for index, pid in pids.items():
+        server.wait_for_log(rf"worker {index} \(pid {pid}\) stopped \(exit 0\)")
+    assert not any("killed by" in line for line in server.lines), server.log
+    assert stopped_totals(server) == (sent, sent)
+
+
 def test_a_second_stop_signal_to_the_parent_closes_the_workers_now(start_server) -> None:
     from sample_apps import BIG_REPLY_SIZE
 
