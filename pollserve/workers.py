@@ -16,12 +16,12 @@ worker outlives the parent, even one killed with SIGKILL.
 
 Signals (pollserve.roles declares what each means in the parent and in a worker): SIGINT/SIGTERM
 to the parent stop every worker as a single server stops (drain, then exit) and the parent exits 0
-once all are gone; a second one to the parent means "close now", which the parent orders over
-the channels.  A worker drains on any SIGTERM and counts it once,
-however many arrive: systemd's KillMode=control-group and ``kill -TERM -PGID`` reach every
-process, and the parent relays the same signal.  Workers ignore SIGINT (a Ctrl-C reaches the
-whole process group and counts once, through the parent) and SIGHUP, the parent's rolling
-restart.  Each worker's life is a WorkerState, changed in one place (Supervisor._enter).  The
+once all are gone; a second one to the parent means "close now", which the parent orders over the
+channels.  A worker drains on any SIGTERM and counts it once, however many arrive, even on its way
+out: systemd's KillMode=control-group and ``kill -TERM -PGID`` reach every process, and the parent
+relays the same signal.  Workers ignore SIGINT (a Ctrl-C reaches the whole process group and counts
+once, through the parent) and SIGHUP, the parent's rolling restart.  Each worker's life is a
+WorkerState, changed in one place (Supervisor._enter), with one deadline whatever the state.  The
 loop and the server know nothing of processes: this module and the roles in service.py do.
 """
 
