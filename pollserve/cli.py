@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         # One line: argparse's generated synopsis of every option would bury the error below it.
         usage="%(prog)s [OPTIONS] | %(prog)s backends | %(prog)s stats ... | %(prog)s bench ... (see --help)",
         description="A TCP server on one event loop over select, poll, epoll, kqueue or devpoll.",
-        epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent.",
+        epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent. "
+        "Signals: SIGINT or SIGTERM drains and stops it (a second one: at once), SIGHUP reloads (with --workers, "
+        "a rolling restart), SIGUSR1 logs the stats line; the README's signal table says what each does in a "
+        "--workers parent and in its workers.",
     )
     parser.add_argument("--version", action="version", version=f"pollserve {__version__} ({compiled.build()})")
     parser.add_argument(
