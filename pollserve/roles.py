@@ -48,7 +48,7 @@ class Meaning(NamedTuple):
     effect: str
 
 
-STOP = "stop accepting, flush within `--shutdown-timeout`, exit 0; a second one closes at once"
+STOP = "after `--drain-delay`, stop accepting, flush within `--shutdown-timeout`, exit 0; a second one: at once"
 PARENT_STOP = "stop every worker as a single server stops, exit 0; a second one: at once"
 
 #: every signal pollserve handles, and what it means in each role
