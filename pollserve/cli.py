@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -25,7 +24,8 @@ from .limits import LimitError
 from .loop import DEFAULT_SLOW_CALLBACK
 from .probe import RETRY_WITHIN, ProbeArgumentError, ProbeError, fetch_stats, probe_process
 from .proxy import Network, parse_networks
-from .service import ListenError, ServeOptions, serve_workers
+from .roles import Role, ignore_from_the_start
+from .service import ListenError, ServeOptions
 from .service import serve as run_server
 from .stats import table
 from .systemd import STATS_NAME, ActivationError, Notifier, listen_sockets
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         # One line: argparse's generated synopsis of every option would bury the error below it.
         usage="%(prog)s [OPTIONS] | %(prog)s backends | %(prog)s stats ... | %(prog)s bench ... (see --help)",
         description="A TCP server on one event loop over select, poll, epoll, kqueue or devpoll.",
-        epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent.",
+        epilog=f"Without a command, runs the server. {ENV_BACKEND} sets the backend when --backend is absent. "
+        "Signals: SIGINT or SIGTERM drains and stops it (a second one: at once), SIGHUP reloads (with --workers, "
+        "a rolling restart), SIGUSR1 logs the stats line; the README's signal table says what each does in a "
+        "--workers parent and in its workers.",
     )
     parser.add_argument("--version", action="version", version=f"pollserve {__version__} ({compiled.build()})")
     parser.add_argument(
@@ -584,9 +587,13 @@ def import_from_current_directory() -> None:
 
 def worker_role() -> WorkerRole | None:
     """This process is a worker of a supervising parent when WORKER_ENV says so.  Taken out of
-    the environment, so that what the app starts does not inherit it."""
+    the environment, and its fds made close-on-exec, so that what the app starts inherits neither."""
     value = os.environ.pop(WORKER_ENV, None)
-    return None if value is None else WorkerRole.from_env(value)
+    if value is None:
+        return None
+    role = WorkerRole.from_env(value)
+    role.keep_to_self()
+    return role
 
 
 def fail_as(role: WorkerRole | None, message: str, status: int = 1) -> int:
@@ -603,11 +610,10 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     role = worker_role()
     prefix = "" if role is None else f"worker {role.index}: "
     if role is not None:
-        # A Ctrl-C reaches the whole process group: only the parent counts it, or each worker
-        # would see it twice.  SIGHUP is the parent's rolling restart.  Both from the first moment,
-        # so a signal during the app's import neither kills nor interrupts it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # What a worker ignores (a Ctrl-C reaches the whole process group, and only the parent
+        # counts it; SIGHUP is the parent's rolling restart), from the first moment, so that such a
+        # signal during the app's import neither kills nor interrupts it.
+        ignore_from_the_start(Role.WORKER)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
@@ -724,10 +730,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         slow_callback=args.slow_callback,
     )
     try:
-        if workers > 1:
-            serve_workers(options)
-        else:
-            run_server(options)
+        run_server(options)
     except (LimitError, WorkerStartError) as exc:
         return fail_as(role, str(exc), EXIT_USAGE)
     except ListenError as exc:

@@ -1,7 +1,10 @@
 """One running server, assembled from checked options: fd budget, loop, listeners, stats, signals.
 
 cli.py checks the arguments and owns exit codes and messages; this module
-turns options it has checked into a running server and runs it until a
+turns options it has checked into a running process in its role -- the single
+server, the supervising parent of ``--workers``, or one of its workers, an
+object each (SingleServer, SupervisingParent, WorkerServer), whose signal
+handlers come from the one table in pollserve.roles -- and runs it until a
 signal stops it.  Errors a user can cause surface as LimitError (an fd limit
 that cannot be had) or ListenError (an address that cannot be bound), raised
 before anything is served.
@@ -9,6 +12,7 @@ before anything is served.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -16,7 +20,8 @@ import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import psutil
 
@@ -30,6 +35,7 @@ from .listeners import DEFAULT_BACKLOG, SocketFile, adopt, bind_tcp, bind_unix
 from .loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from .proxy import Network, ProxyLayerFactory
 from .rates import RateLimit
+from .roles import Action, Role, install
 from .server import Server, format_address
 from .stats import StatsCollector, StatsReporter, count_fds
 from .systemd import STATS_NAME, ListenSocket, Notifier
@@ -271,350 +277,518 @@ def worker_listeners(options: ServeOptions) -> list[socket.socket]:
     return [adopt(socket.socket(fileno=fd)) for fd in options.worker.listen_fds]
 
 
+@contextlib.contextmanager
+def signal_blocked(signum: int) -> Iterator[None]:
+    """signum is held pending in the block (where the OS can block signals: POSIX)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def serve(options: ServeOptions) -> None:
-    """Run until SIGINT/SIGTERM has drained the app's connections; raises LimitError or ListenError."""
-    fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
-    # A limit below what the server needs before any connection: said now, before the backend,
-    # the listeners or the stats endpoint fail for want of an fd (EMFILE) somewhere inside.
-    stats_passed = any(passed.name == STATS_NAME for passed in options.inherited)
-    stats_reserve = STATS_MAX_CONNECTIONS if options.stats_port is not None or stats_passed else 0
-    early = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, options.backend.capacity)
-    if early.connections is not None and early.connections < 1:
-        raise no_fds_left(early)
-    loop = EventLoop(options.backend())
-    # --tls-cert: a layer in front of the app, stacked only when asked for; a PROXY header
-    # comes before the TLS handshake, so that layer goes in front of this one.
-    tls_layer = TLSLayerFactory(options.factory, loop, options.tls) if options.tls is not None else None
-    app_factory = tls_layer or options.factory
-    # --proxy-protocol: a layer in front of the app, stacked only when asked for.
-    proxy_layer = ProxyLayerFactory(app_factory, loop, allowed=options.proxy_from) if options.proxy_protocol else None
-    server = Server(
-        loop,
-        proxy_layer or app_factory,
-        options.host,
-        options.port,
-        app=options.app,
-        idle_timeout=options.idle_timeout,
-    )
-    loop_health = LoopHealth(loop, log, options.slow_callback)
-    collector = StatsCollector(loop, server, tls_layer, loop_health)
-    health = Health()
-    # The endpoint's own connections are kept out of the app's counters: a Server of its own.
-    stats_server = stats_endpoint(loop, collector, health, options)
+    """Run the process in the role the options give it (pollserve.roles) until a stop signal has
+    drained it; raises LimitError, ListenError, or WorkerStartError."""
+    role: SingleServer | WorkerServer | SupervisingParent
+    if options.workers > 1:
+        role = SupervisingParent(options)
+    elif options.worker is not None:
+        role = WorkerServer(options)
+    else:
+        role = SingleServer(options)
+    role.run()
 
-    socket_files: list[SocketFile] = []
 
-    def remove_socket_files() -> None:
-        # --unix: once, and before the listener closes: while it is open the file's inode cannot be
-        # freed and reused, so "the same device and inode" still means "the file we made".
-        while socket_files:
-            socket_files.pop().remove()
+class AppServer:
+    """What the single server and a worker share: one loop serving the app -- the fd budget, the
+    layers, the listeners, the stats endpoint and views -- until a stop signal drains it.  Each
+    subclass is a role (pollserve.roles): its listeners, its signal table, what it says.
 
-    def close_all() -> None:
-        remove_socket_files()
-        loop_health.close()
-        server.close()
-        stats_server.close()
-        if proxy_layer is not None:
-            proxy_layer.close()
-        if tls_layer is not None:
-            tls_layer.close()
-        loop.close()
+    ``run`` is the whole life: the role's signal handlers before any listener (a stop from then on
+    is a drain, never the default exit), the listeners, the connection budget, the lines that say
+    it serves, the loop, then everything closed and one summary line.
+    """
 
-    if options.worker is not None:
-        # Before any listener: a SIGTERM from here on is a drain (with --reuse-port this worker's
-        # listener has a queue of its own from the moment it is bound), never the default exit.
-        loop.add_signal_handler(signal.SIGTERM, lambda: on_stop_signal("SIGTERM"))
-    # Sockets systemd passed take the place of binding (sd_listen_fds(3)); "stats" names the endpoint's.
-    passed_app = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
-    passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
-    if options.worker is not None:
-        # The parent's listeners stand for host:port, --unix and systemd's sockets alike.
+    role: ClassVar[Role]
+    #: the summary line's first word
+    summary = "stopped"
+    #: said when --drain-delay starts: with workers, the parent's /healthz is the one that answers
+    drain_note = "/healthz answers 503; "
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.fd_limit = set_fd_limit(options.max_fds)  # before the backend: /dev/poll sizes itself from it
+        # A limit below what the server needs before any connection: said now, before the backend,
+        # the listeners or the stats endpoint fail for want of an fd (EMFILE) somewhere inside.
+        stats_passed = any(passed.name == STATS_NAME for passed in options.inherited)
+        stats_reserve = STATS_MAX_CONNECTIONS if options.stats_port is not None or stats_passed else 0
+        early = connection_budget(self.fd_limit.soft, fds_in_use(), stats_reserve, options.backend.capacity)
+        if early.connections is not None and early.connections < 1:
+            raise no_fds_left(early)
+        self.loop = loop = EventLoop(options.backend())
+        # --tls-cert: a layer in front of the app, stacked only when asked for; a PROXY header
+        # comes before the TLS handshake, so that layer goes in front of this one.
+        self.tls_layer = TLSLayerFactory(options.factory, loop, options.tls) if options.tls is not None else None
+        app_factory = self.tls_layer or options.factory
+        # --proxy-protocol: a layer in front of the app, stacked only when asked for.
+        self.proxy_layer = (
+            ProxyLayerFactory(app_factory, loop, allowed=options.proxy_from) if options.proxy_protocol else None
+        )
+        self.server = Server(
+            loop,
+            self.proxy_layer or app_factory,
+            options.host,
+            options.port,
+            app=options.app,
+            idle_timeout=options.idle_timeout,
+        )
+        self.loop_health = LoopHealth(loop, log, options.slow_callback)
+        self.collector = StatsCollector(loop, self.server, self.tls_layer, self.loop_health)
+        self.health = Health()
+        # The endpoint's own connections are kept out of the app's counters: a Server of its own.
+        self.stats_server = stats_endpoint(loop, self.collector, self.health, options)
+        self.reporter = StatsReporter(self.collector, log, options.stats_interval)
+        self.server.on_fd_exhausted = self.stats_server.on_fd_exhausted = self.reporter.fds_exhausted
+        #: --unix: the socket file made, removed once on the way out
+        self.socket_files: list[SocketFile] = []
+        #: a stop signal came
+        self.stopping = False
+
+    def handlers(self) -> dict[Action, Callable[[str], Any]]:
+        """The role's methods for the actions of its column in pollserve.roles.SIGNALS."""
+        return {Action.STOP: self.stop, Action.LOG_STATS: self.log_stats}
+
+    # -- the life of the process -------------------------------------------------------------
+
+    def run(self) -> None:
         try:
-            passed_app = worker_listeners(options)
-        except OSError as exc:
-            close_all()
-            raise listen_error(exc, options.host, options.port, "--port") from None
-    for listener, passed in ((server, passed_app), (stats_server, passed_stats)):
-        if passed:
-            listener.start(passed)
-    for listener, host, port, option in (
-        (server, options.host, options.port if options.tcp and not passed_app else None, "--port"),
-        (stats_server, options.stats_host, None if passed_stats else options.stats_port, "--stats-port"),
-    ):
-        if port is None:
-            continue
+            install(self.loop, self.role, self.handlers())
+            self.listen()
+            max_connections = self.plan_connections()
+        except BaseException:
+            self.close()
+            raise
+        self.begin(max_connections)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.close()
+        self.log_summary()
+
+    def listen(self) -> None:
+        """Start the listeners; ListenError for one that cannot be."""
+        raise NotImplementedError
+
+    def start_listener(self, listener: Server, host: str, port: int | None, option: str) -> None:
         try:
             listener.start()
         except OSError as exc:
-            close_all()
             raise listen_error(exc, host, port, option) from None
-    if options.unix is not None and not passed_app:
-        try:
-            unix_socket, socket_file = bind_unix(options.unix, backlog=server.backlog, mode=options.unix_mode)
-        except OSError as exc:
-            close_all()
-            where = format_address(options.unix)
-            raise ListenError(f"cannot listen on {where} (--unix): {exc.strerror or exc}") from None
-        socket_files.append(socket_file)
-        server.start([unix_socket])  # after any TCP listener: "listening on" names host:port then
 
-    stats_reserve = (stats_server.max_connections or 0) if stats_server.sockets else 0
-    budget = connection_budget(fd_limit.soft, fds_in_use(), stats_reserve, loop.backend.capacity)
-    max_connections = options.max_connections or budget.connections
-    if budget.connections is not None and max_connections is not None and max_connections > budget.connections:
-        close_all()
-        raise LimitError(
-            f"--max-connections {max_connections} is more than the fds allow: at most {budget.connections} "
-            f"with {budget.bound} and {budget.reserve} fds in reserve (raise --max-fds, or the hard limit)"
+    def plan_connections(self) -> int | None:
+        """The connection limit the fds allow once the listeners are open; LimitError for none."""
+        stats_reserve = (self.stats_server.max_connections or 0) if self.stats_server.sockets else 0
+        budget = connection_budget(self.fd_limit.soft, fds_in_use(), stats_reserve, self.loop.backend.capacity)
+        max_connections = self.options.max_connections or budget.connections
+        if budget.connections is not None and max_connections is not None and max_connections > budget.connections:
+            raise LimitError(
+                f"--max-connections {max_connections} is more than the fds allow: at most {budget.connections} "
+                f"with {budget.bound} and {budget.reserve} fds in reserve (raise --max-fds, or the hard limit)"
+            )
+        if max_connections is not None and max_connections < 1:
+            raise no_fds_left(budget)
+        self.server.max_connections = max_connections
+        log.info("%s", describe_budget(self.fd_limit, budget, max_connections))
+        return max_connections
+
+    def begin(self, max_connections: int | None) -> None:
+        """Say what is served where, tell whoever waits for it, start the timers."""
+        options, server = self.options, self.server
+        self.log_listening()
+        if len(server.sockets) > 1:
+            log.info("also on %s", ", ".join(format_address(address) for address in server.addresses[1:]))
+        if self.stats_server.sockets:
+            log.info("stats on http://%s", format_address(self.stats_server.address, url=True))
+            public = [address for address in self.stats_server.addresses if not is_loopback(address)]
+            if public:
+                log.warning(
+                    "the stats endpoint listens on %s, not loopback: anyone who can reach it sees the server's figures",
+                    ", ".join(format_address(address) for address in public),
+                )
+        if self.proxy_layer is not None:
+            senders = ", ".join(map(str, options.proxy_from)) if options.proxy_from else "any peer"
+            log.info("PROXY protocol: every app connection must start with a v1 or v2 header, from %s", senders)
+        if options.tls is not None:
+            log.info("TLS: %s", options.tls.describe())
+        self.ready()
+        self.reporter.start()
+        self.loop_health.start()
+
+    def log_listening(self) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> None:
+        """Serving: tell whoever waits for it."""
+
+    def close(self) -> None:
+        self.remove_socket_files()
+        self.loop_health.close()
+        self.server.close()
+        self.stats_server.close()
+        if self.proxy_layer is not None:
+            self.proxy_layer.close()
+        if self.tls_layer is not None:
+            self.tls_layer.close()
+        self.loop.close()
+
+    def remove_socket_files(self) -> None:
+        # --unix: once, and before the listener closes: while it is open the file's inode cannot be
+        # freed and reused, so "the same device and inode" still means "the file we made".
+        while self.socket_files:
+            self.socket_files.pop().remove()
+
+    def log_summary(self) -> None:
+        server = self.server
+        if self.proxy_layer is not None:
+            log.info(
+                "PROXY protocol: %d connections closed for a bad or missing header, %d from peers outside --proxy-from",
+                self.proxy_layer.headers_rejected,
+                self.proxy_layer.peers_refused,
+            )
+        if self.tls_layer is not None:
+            log.info("TLS: %d handshakes, %d failed", self.tls_layer.handshakes, self.tls_layer.handshake_failures)
+        log.info(
+            "%s: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations",
+            self.summary,
+            server.connections_accepted,
+            server.connections_refused,
+            server.connections_idle_closed,
+            server.bytes_in,
+            server.bytes_out,
+            self.loop.iterations,
         )
-    if max_connections is not None and max_connections < 1:
-        close_all()
-        raise no_fds_left(budget)
-    server.max_connections = max_connections
 
-    stopping = False
+    # -- what the signals do (pollserve.roles) ------------------------------------------------
 
-    def on_stop_signal(signame: str) -> None:
-        nonlocal stopping
-        if stopping and options.worker is not None:
-            # The same SIGTERM may come twice, straight and relayed by the parent (a group kill,
-            # KillMode=control-group): only the parent's "close" order means "now".
+    def stop(self, signame: str) -> None:
+        """STOP: drain -- after --drain-delay, while /healthz answers 503 -- then exit; a second one
+        closes at once."""
+        if self.stopping:  # a second signal: do not wait for slow clients
+            self.close_now(f"{signame} again")
+            return
+        self.stopping = True
+        options = self.options
+        if options.notifier is not None:  # systemd counts the service as stopping from the signal on
+            options.notifier.stopping(f"stopping: draining {len(self.server.connections)} connections")
+        # The stats endpoint stays up to the end, so a balancer sees /healthz answer 503.
+        self.health.draining = self.collector.draining = True
+        if options.drain_delay > 0:
+            log.info("%s: draining: %sstill accepting for %g s", signame, self.drain_note, options.drain_delay)
+            self.loop.call_later(options.drain_delay, self.stop_serving, signame)
+        else:
+            self.stop_serving(signame)
+
+    def stop_serving(self, signame: str) -> None:
+        log.info("%s: no longer accepting; flushing %d connections", signame, len(self.server.connections))
+        self.remove_socket_files()
+        self.server.shutdown(self.options.shutdown_timeout, self.loop.stop)
+
+    def close_now(self, why: str) -> None:
+        log.warning("%s: closing now", why)
+        self.remove_socket_files()
+        self.server.close()
+        self.loop.stop()
+
+    def log_stats(self, signame: str) -> None:
+        """LOG_STATS: the stats line, once."""
+        self.reporter.log_now()
+
+
+class SingleServer(AppServer):
+    """``--workers 1``: this process serves, and answers to the operator and to systemd itself."""
+
+    role = Role.SINGLE
+
+    def handlers(self) -> dict[Action, Callable[[str], Any]]:
+        return {**super().handlers(), Action.RELOAD: self.reload}
+
+    def listen(self) -> None:
+        """Sockets systemd passed take the place of binding (sd_listen_fds(3)); "stats" names the
+        endpoint's.  Else host:port, the stats endpoint, and --unix."""
+        options, server = self.options, self.server
+        passed_app = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
+        passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
+        if passed_app:
+            server.start(passed_app)
+        if passed_stats:
+            self.stats_server.start(passed_stats)
+        if options.tcp and not passed_app:
+            self.start_listener(server, options.host, options.port, "--port")
+        if options.stats_port is not None and not passed_stats:
+            self.start_listener(self.stats_server, options.stats_host, options.stats_port, "--stats-port")
+        if options.unix is not None and not passed_app:
+            try:
+                unix_socket, socket_file = bind_unix(options.unix, backlog=server.backlog, mode=options.unix_mode)
+            except OSError as exc:
+                where = format_address(options.unix)
+                raise ListenError(f"cannot listen on {where} (--unix): {exc.strerror or exc}") from None
+            self.socket_files.append(socket_file)
+            server.start([unix_socket])  # after any TCP listener: "listening on" names host:port then
+
+    def log_listening(self) -> None:
+        options = self.options
+        if options.inherited:
+            passed_stats = any(passed.name == STATS_NAME for passed in options.inherited)
+            ignored = ["--host", "--port", "--unix", *(["--stats-host", "--stats-port"] if passed_stats else [])]
+            log.info(
+                "socket activation: serving on the sockets systemd passed (%s); %s and %s are ignored",
+                ", ".join(f"{passed.name} {format_address(passed.sock.getsockname())}" for passed in options.inherited),
+                ", ".join(ignored[:-1]),
+                ignored[-1],
+            )
+        # Scripts look for exactly one "listening on" line: the first address.
+        address = format_address(self.server.address)
+        log.info("listening on %s (backend %s, app %s)", address, self.loop.backend.name, self.options.app)
+
+    def ready(self) -> None:
+        if self.options.notifier is not None:  # Type=notify: systemd counts the service started from here
+            self.options.notifier.ready(f"serving on {format_address(self.server.address)}")
+
+    def reload(self, signame: str) -> None:
+        """RELOAD: "reload", by the convention of nginx and gunicorn, and never "stop" (the default
+        action would kill the server without draining it).  New handshakes get the new certificate;
+        sessions go on."""
+        if self.options.tls is not None:
+            reload_certificates(self.options.tls, signame)
+        else:
+            log.info("%s: reload: nothing to reload; still serving", signame)
+
+
+class WorkerServer(AppServer):
+    """One of the workers of ``--workers N``: it serves on the listeners it inherited from the
+    parent (or, with --reuse-port, its own) and takes its orders from the parent over the channel
+    (workers.WorkerLink): ``retire`` (a rolling restart), ``close`` (the parent's second stop
+    signal), and the channel's EOF (the parent is gone).  SIGINT and SIGHUP are the parent's."""
+
+    role = Role.WORKER
+    #: the parent says "stopped:" once, with the totals
+    summary = "finished"
+    drain_note = ""
+    link: WorkerLink | None = None
+
+    def __init__(self, options: ServeOptions) -> None:
+        assert options.worker is not None
+        self.worker = options.worker
+        super().__init__(options)
+
+    def listen(self) -> None:
+        # The parent's listeners stand for host:port, --unix and systemd's sockets alike.
+        try:
+            listeners = worker_listeners(self.options)
+        except OSError as exc:
+            raise listen_error(exc, self.options.host, self.options.port, "--port") from None
+        self.server.start(listeners)
+
+    def begin(self, max_connections: int | None) -> None:
+        # From here on the channel is the link's: before, a worker that cannot start still has it
+        # to say why (workers.tell_parent_failed).
+        self.link = WorkerLink(
+            self.loop,
+            self.worker,
+            self.collector.snapshot,
+            retire=lambda: self.server.retire(self.options.shutdown_timeout, self.loop.stop),
+            close_now=lambda: self.close_now("the parent's order"),
+            parent_gone=lambda: None if self.stopping else self.stop("the parent's exit"),
+        )
+        super().begin(max_connections)
+
+    def log_listening(self) -> None:
+        # The parent says "listening on", once for every worker.
+        address = format_address(self.server.address)
+        log.info("serving %s (backend %s, app %s)", address, self.loop.backend.name, self.options.app)
+
+    def ready(self) -> None:
+        assert self.link is not None
+        self.link.ready()
+
+    def stop(self, signame: str) -> None:
+        """STOP, counted once: the same SIGTERM may come twice, straight and relayed by the parent
+        (a group kill, KillMode=control-group), and only the parent's "close" order means "now"."""
+        if self.stopping:
             log.info("%s again: still draining (the parent orders a close now, if it gets a second signal)", signame)
             return
-        if stopping:  # a second signal: do not wait for slow clients
-            close_now(f"{signame} again")
-            return
-        stopping = True
-        if options.notifier is not None:  # systemd counts the service as stopping from the signal on
-            options.notifier.stopping(f"stopping: draining {len(server.connections)} connections")
-        # The stats endpoint stays up to the end, so a balancer sees /healthz answer 503.
-        health.draining = collector.draining = True
-        if options.drain_delay > 0:
-            health_note = "" if options.worker is not None else "/healthz answers 503; "  # the parent's
-            log.info("%s: draining: %sstill accepting for %g s", signame, health_note, options.drain_delay)
-            loop.call_later(options.drain_delay, stop_serving, signame)
-        else:
-            stop_serving(signame)
+        super().stop(signame)
 
-    def close_now(why: str) -> None:
-        log.warning("%s: closing now", why)
-        remove_socket_files()
-        server.close()
-        loop.stop()
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()  # its last snapshot first: the parent's totals stay exact
+        # On its way out, as while it drains, a SIGTERM changes nothing: a group kill reaches a
+        # worker straight and again through the parent, which may relay it after this worker's loop
+        # has closed and restored SIGTERM's default action.  Blocked meanwhile, one that comes is
+        # held pending, and SIG_IGN discards it (sigaction(2), POSIX: "Setting a signal action to
+        # SIG_IGN for a signal that is pending shall cause the pending signal to be discarded").
+        with signal_blocked(signal.SIGTERM):
+            super().close()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    def stop_serving(signame: str) -> None:
-        log.info("%s: no longer accepting; flushing %d connections", signame, len(server.connections))
-        remove_socket_files()
-        server.shutdown(options.shutdown_timeout, loop.stop)
 
-    link: WorkerLink | None = None
-    if options.worker is not None:
-        # A worker takes its orders from the parent: SIGTERM (drain; installed above), "retire"
-        # (a rolling restart), "close" (the parent's second stop signal), and the channel's EOF
-        # (the parent is gone).  SIGINT and SIGHUP are the parent's (cli.py ignores them here).
-        link = WorkerLink(
-            loop,
-            options.worker,
-            collector.snapshot,
-            retire=lambda: server.retire(options.shutdown_timeout, loop.stop),
-            close_now=lambda: close_now("the parent's order"),
-            parent_gone=lambda: None if stopping else on_stop_signal("the parent's exit"),
+class SupervisingParent:
+    """``--workers N``: binds the listeners once, serves the stats endpoint, and runs the workers
+    (workers.Supervisor) until a stop signal has stopped them all."""
+
+    role = Role.PARENT
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.loop = EventLoop(options.backend())
+        # The app's listeners, bound once here (or passed by systemd) and inherited by every worker.
+        self.listeners = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
+        self.socket_files: list[SocketFile] = []
+        try:
+            self.bind()
+        except BaseException:
+            self.close_listeners()
+            self.loop.close()
+            raise
+        argv = list(options.argv)
+        tcp_ports = [
+            sock.getsockname()[1] for sock in self.listeners if sock.family in (socket.AF_INET, socket.AF_INET6)
+        ]
+        if tcp_ports:
+            # The workers parse the same arguments; a later --port wins, so port 0 is the one found here.
+            argv += ["--port", str(tcp_ports[0])]
+        stop_timeout = options.drain_delay + options.shutdown_timeout + 2 * STOP_MARGIN
+        self.supervisor = Supervisor(
+            self.loop,
+            options.workers,
+            argv,
+            [] if options.reuse_port else self.listeners,
+            stop_timeout=stop_timeout,
+            stop_rule=f"{stop_timeout:g} s: --drain-delay + --shutdown-timeout + {2 * STOP_MARGIN:g}",
+            worker_timeout=options.worker_timeout,
+            start_timeout=options.worker_start_timeout,
+            on_first_ready=self.first_ready,
+            on_all_stopped=self.loop.stop,
         )
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if options.worker is None:
-            loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
-    if hasattr(signal, "SIGHUP") and options.worker is None:
-        # "Reload", by the convention of nginx and gunicorn, and never "stop": the default
-        # action would kill the server without draining it.
-        if options.tls is not None:  # new handshakes get the new certificate; sessions go on
-            loop.add_signal_handler(signal.SIGHUP, reload_certificates, options.tls)
-        else:
-            loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: reload: nothing to reload; still serving")
+        self.view = SupervisorStats(self.loop, self.supervisor)
+        self.health = Health(lambda: (self.supervisor.serving, self.supervisor.count))
+        self.stats_server = stats_endpoint(self.loop, self.view, self.health, options)
+        try:
+            self.listen_stats()
+        except BaseException:
+            self.close()
+            raise
 
-    reporter = StatsReporter(collector, log, options.stats_interval)
-    server.on_fd_exhausted = stats_server.on_fd_exhausted = reporter.fds_exhausted
-    if hasattr(signal, "SIGUSR1"):
-        loop.add_signal_handler(signal.SIGUSR1, reporter.log_now)
+    def handlers(self) -> dict[Action, Callable[[str], Any]]:
+        return {
+            Action.STOP: self.stop,
+            Action.RELOAD: self.reload,
+            Action.LOG_STATS: self.log_stats,
+            Action.REAP: self.reap,
+        }
 
-    log.info("%s", describe_budget(fd_limit, budget, max_connections))
-    if options.inherited:
-        ignored = ["--host", "--port", "--unix", *(["--stats-host", "--stats-port"] if passed_stats else [])]
+    def bind(self) -> None:
+        options = self.options
+        if not self.listeners and options.tcp:
+            try:
+                # With --reuse-port the parent only holds the port (bound, not listening), so that
+                # --port 0 is resolved once; each worker listens on it with a socket of its own.
+                self.listeners += bind_tcp(
+                    options.host, options.port, listen=not options.reuse_port, reuse_port=options.reuse_port
+                )
+            except OSError as exc:
+                raise listen_error(exc, options.host, options.port, "--port") from None
+        if not options.inherited and options.unix is not None:
+            try:
+                unix_socket, socket_file = bind_unix(options.unix, backlog=DEFAULT_BACKLOG, mode=options.unix_mode)
+            except OSError as exc:
+                where = format_address(options.unix)
+                raise ListenError(f"cannot listen on {where} (--unix): {exc.strerror or exc}") from None
+            self.socket_files.append(socket_file)
+            self.listeners.append(unix_socket)
+
+    def listen_stats(self) -> None:
+        options = self.options
+        passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
+        if passed_stats:
+            self.stats_server.start(passed_stats)
+        elif options.stats_port is not None:
+            try:
+                self.stats_server.start()
+            except OSError as exc:
+                raise listen_error(exc, options.stats_host, options.stats_port, "--stats-port") from None
+
+    def run(self) -> None:
+        install(self.loop, self.role, self.handlers())
+        # From the loop, so that a stop signal during start-up is handled between two starts.
+        self.loop.call_soon(self.supervisor.start)
+        try:
+            self.loop.run_forever()
+        finally:
+            totals = self.view.snapshot()
+            self.close()
         log.info(
-            "socket activation: serving on the sockets systemd passed (%s); %s and %s are ignored",
-            ", ".join(f"{passed.name} {format_address(passed.sock.getsockname())}" for passed in options.inherited),
-            ", ".join(ignored[:-1]),
-            ignored[-1],
+            "stopped: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, "
+            "%d loop iterations (%d workers)",
+            totals["connections_accepted"],
+            totals["connections_refused"],
+            totals["connections_idle_closed"],
+            totals["bytes_in"],
+            totals["bytes_out"],
+            totals["loop_iterations"],
+            self.options.workers,
         )
-    if link is not None:
-        # The parent says "listening on", once for every worker.
-        log.info("serving %s (backend %s, app %s)", format_address(server.address), loop.backend.name, options.app)
-        link.ready()
-    else:
-        # Scripts look for exactly one "listening on" line: the first address.
-        log.info("listening on %s (backend %s, app %s)", format_address(server.address), loop.backend.name, options.app)
-    if len(server.sockets) > 1:
-        log.info("also on %s", ", ".join(format_address(address) for address in server.addresses[1:]))
-    if stats_server.sockets:
-        log.info("stats on http://%s", format_address(stats_server.address, url=True))
-        public = [address for address in stats_server.addresses if not is_loopback(address)]
-        if public:
-            log.warning(
-                "the stats endpoint listens on %s, not loopback: anyone who can reach it sees the server's figures",
-                ", ".join(format_address(address) for address in public),
-            )
-    if proxy_layer is not None:
-        senders = ", ".join(map(str, options.proxy_from)) if options.proxy_from else "any peer"
-        log.info("PROXY protocol: every app connection must start with a v1 or v2 header, from %s", senders)
-    if options.tls is not None:
-        log.info("TLS: %s", options.tls.describe())
-    if options.notifier is not None:  # Type=notify: systemd counts the service started from here
-        options.notifier.ready(f"serving on {format_address(server.address)}")
-    reporter.start()
-    loop_health.start()
-    try:
-        loop.run_forever()
-    finally:
-        if link is not None:
-            link.close()  # its last snapshot first: the parent's totals stay exact
-        close_all()
-    if proxy_layer is not None:
-        log.info(
-            "PROXY protocol: %d connections closed for a bad or missing header, %d from peers outside --proxy-from",
-            proxy_layer.headers_rejected,
-            proxy_layer.peers_refused,
-        )
-    if tls_layer is not None:
-        log.info("TLS: %d handshakes, %d failed", tls_layer.handshakes, tls_layer.handshake_failures)
-    log.info(
-        "%s: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations",
-        "stopped" if link is None else "finished",  # the parent says "stopped:" once, with the totals
-        server.connections_accepted,
-        server.connections_refused,
-        server.connections_idle_closed,
-        server.bytes_in,
-        server.bytes_out,
-        loop.iterations,
-    )
+        if self.supervisor.start_failure is not None:
+            raise WorkerStartError(self.supervisor.start_failure)
 
+    def first_ready(self) -> None:
+        # Exactly one "listening on" line, once a worker accepts: the parent's, for all of them.
+        options = self.options
+        how = "own SO_REUSEPORT listeners" if options.reuse_port else "shared listeners"
+        address = format_address(self.listeners[0].getsockname())
+        log.info("listening on %s (backend %s, app %s)", address, self.loop.backend.name, options.app)
+        log.info("%d workers on %s", options.workers, how)
+        if len(self.listeners) > 1:
+            log.info("also on %s", ", ".join(format_address(sock.getsockname()) for sock in self.listeners[1:]))
+        if self.stats_server.sockets:
+            log.info("stats on http://%s", format_address(self.stats_server.address, url=True))
+        if options.notifier is not None:  # Type=notify: systemd counts the service started from here
+            options.notifier.ready(f"serving on {address}, {how}")
 
-def serve_workers(options: ServeOptions) -> None:
-    """The supervising parent of ``--workers N``: binds the listeners once, serves the stats
-    endpoint, runs the workers (workers.Supervisor) until SIGINT/SIGTERM has stopped them all."""
-    loop = EventLoop(options.backend())
-    # The app's listeners, bound once here (or passed by systemd) and inherited by every worker.
-    listeners = [passed.sock for passed in options.inherited if passed.name != STATS_NAME]
-    passed_stats = [passed.sock for passed in options.inherited if passed.name == STATS_NAME]
-    socket_files: list[SocketFile] = []
-
-    def close_listeners() -> None:
-        while socket_files:  # before the socket closes: while it is open its inode is ours
-            socket_files.pop().remove()
-        for sock in listeners:
+    def close_listeners(self) -> None:
+        while self.socket_files:  # before the socket closes: while it is open its inode is ours
+            self.socket_files.pop().remove()
+        for sock in self.listeners:
             sock.close()
 
-    if not listeners and options.tcp:
-        try:
-            # With --reuse-port the parent only holds the port (bound, not listening), so that
-            # --port 0 is resolved once; each worker listens on it with a socket of its own.
-            listeners += bind_tcp(
-                options.host, options.port, listen=not options.reuse_port, reuse_port=options.reuse_port
-            )
-        except OSError as exc:
-            loop.close()
-            raise listen_error(exc, options.host, options.port, "--port") from None
-    if not options.inherited and options.unix is not None:
-        try:
-            unix_socket, socket_file = bind_unix(options.unix, backlog=DEFAULT_BACKLOG, mode=options.unix_mode)
-        except OSError as exc:
-            close_listeners()
-            loop.close()
-            raise ListenError(
-                f"cannot listen on {format_address(options.unix)} (--unix): {exc.strerror or exc}"
-            ) from None
-        socket_files.append(socket_file)
-        listeners.append(unix_socket)
-    argv = list(options.argv)
-    tcp_ports = [sock.getsockname()[1] for sock in listeners if sock.family in (socket.AF_INET, socket.AF_INET6)]
-    if tcp_ports:
-        # The workers parse the same arguments; a later --port wins, so port 0 is the one found here.
-        argv += ["--port", str(tcp_ports[0])]
-    stop_timeout = options.drain_delay + options.shutdown_timeout + 2 * STOP_MARGIN
-    supervisor = Supervisor(
-        loop,
-        options.workers,
-        argv,
-        [] if options.reuse_port else listeners,
-        stop_timeout=stop_timeout,
-        worker_timeout=options.worker_timeout,
-        start_timeout=options.worker_start_timeout,
-        on_all_stopped=loop.stop,
-    )
-    view = SupervisorStats(loop, supervisor)
-    health = Health(lambda: (supervisor.serving, supervisor.count))
-    stats_server = stats_endpoint(loop, view, health, options)
+    def close(self) -> None:
+        self.supervisor.close()
+        self.stats_server.close()
+        self.close_listeners()
+        self.loop.close()
 
-    def close_all() -> None:
-        supervisor.close()
-        stats_server.close()
-        close_listeners()
-        loop.close()
+    # -- what the signals do (pollserve.roles) ------------------------------------------------
 
-    if passed_stats:
-        stats_server.start(passed_stats)
-    elif options.stats_port is not None:
-        try:
-            stats_server.start()
-        except OSError as exc:
-            close_all()
-            raise listen_error(exc, options.stats_host, options.stats_port, "--stats-port") from None
+    def stop(self, signame: str) -> None:
+        """STOP: every worker drains as a single server does; /healthz answers 503 from the first
+        signal on, while they do.  A second one: the workers close now."""
+        self.health.draining = self.view.draining = True
+        if self.options.notifier is not None and not self.supervisor.stopping:
+            self.options.notifier.stopping(f"stopping {len(self.supervisor.workers)} workers")
+        self.supervisor.stop(signame)
 
-    def first_ready() -> None:
-        # Exactly one "listening on" line, once a worker accepts: the parent's, for all of them.
-        how = "own SO_REUSEPORT listeners" if options.reuse_port else "shared listeners"
-        log.info(
-            "listening on %s (backend %s, app %s)",
-            format_address(listeners[0].getsockname()),
-            loop.backend.name,
-            options.app,
-        )
-        log.info("%d workers on %s", options.workers, how)
-        if len(listeners) > 1:
-            log.info("also on %s", ", ".join(format_address(sock.getsockname()) for sock in listeners[1:]))
-        if stats_server.sockets:
-            log.info("stats on http://%s", format_address(stats_server.address, url=True))
-        if options.notifier is not None:  # Type=notify: systemd counts the service started from here
-            options.notifier.ready(f"serving on {format_address(listeners[0].getsockname())}, {how}")
+    def reload(self, signame: str) -> None:
+        """RELOAD: a rolling restart."""
+        self.supervisor.reload(signame)
 
-    supervisor.on_first_ready = first_ready
+    def log_stats(self, signame: str) -> None:
+        """LOG_STATS: the whole server's line, from the workers' reports."""
+        log.info("%s", self.view.log_line())
 
-    def on_stop_signal(signame: str) -> None:
-        health.draining = view.draining = True  # /healthz: 503 from the first signal on, while the workers drain
-        if options.notifier is not None and not supervisor.stopping:
-            options.notifier.stopping(f"stopping {len(supervisor.workers)} workers")
-        supervisor.stop(signame)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_stop_signal, signal.Signals(signum).name)
-    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
-    loop.add_signal_handler(signal.SIGCHLD, supervisor.reap)
-    # From the loop, so that a stop signal during start-up is handled between two starts.
-    loop.call_soon(supervisor.start)
-    try:
-        loop.run_forever()
-    finally:
-        totals = view.snapshot()
-        close_all()
-    log.info(
-        "stopped: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations"
-        " (%d workers)",
-        totals["connections_accepted"],
-        totals["connections_refused"],
-        totals["connections_idle_closed"],
-        totals["bytes_in"],
-        totals["bytes_out"],
-        totals["loop_iterations"],
-        options.workers,
-    )
-    if supervisor.start_failure is not None:
-        raise WorkerStartError(supervisor.start_failure)
+    def reap(self, signame: str) -> None:
+        """REAP: SIGCHLD."""
+        self.supervisor.reap()

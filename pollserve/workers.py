@@ -14,18 +14,20 @@ start; the parent sends ``retire`` to a worker whose successor is ready, and ``c
 twice to stop.  A worker whose channel reaches EOF has lost its parent and shuts down, so no
 worker outlives the parent, even one killed with SIGKILL.
 
-Signals: SIGINT/SIGTERM to the parent stop every worker as a single server stops (drain, then
-exit) and the parent exits 0 once all are gone; a second one to the parent means "close now",
-which the parent orders over the channels.  A worker drains on any SIGTERM and counts it once,
-however many arrive: systemd's KillMode=control-group and ``kill -TERM -PGID`` reach every
-process, and the parent relays the same signal.  Workers ignore SIGINT (a Ctrl-C reaches the
-whole process group and counts once, through the parent) and SIGHUP, the parent's rolling
-restart.  Each worker's life is a WorkerState, changed in one place (Supervisor._enter).  The
-loop and the server know nothing of processes: this module and the worker role in service.py do.
+Signals (pollserve.roles declares what each means in the parent and in a worker): SIGINT/SIGTERM
+to the parent stop every worker as a single server stops (drain, then exit) and the parent exits 0
+once all are gone; a second one to the parent means "close now", which the parent orders over the
+channels.  A worker drains on any SIGTERM and counts it once, however many arrive, even on its way
+out: systemd's KillMode=control-group and ``kill -TERM -PGID`` reach every process, and the parent
+relays the same signal.  Workers ignore SIGINT (a Ctrl-C reaches the whole process group and counts
+once, through the parent) and SIGHUP, the parent's rolling restart.  Each worker's life is a
+WorkerState, changed in one place (Supervisor._enter), with one deadline whatever the state.  The
+loop and the server know nothing of processes: this module and the roles in service.py do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -42,7 +44,8 @@ import psutil
 
 from . import compiled
 from .loop import EventLoop, Handle
-from .stats import Snapshot, count_fds, prometheus_page, usage
+from .rates import EpisodeLog
+from .stats import Snapshot, count_fds, log_line, prometheus_page, usage
 
 log = logging.getLogger("pollserve")
 
@@ -86,6 +89,16 @@ class WorkerRole:
         """Parse WORKER_ENV; ValueError if it is not INDEX:FD:FD,FD..."""
         index, channel, fds = value.split(":")
         return cls(int(index), int(channel), tuple(int(fd) for fd in fds.split(",") if fd))
+
+    def keep_to_self(self) -> None:
+        """Make the inherited listeners and channel close-on-exec again, as sd_listen_fds(3) has it
+        for systemd's sockets: the parent passed them inheritable (``pass_fds``), but they are this
+        worker's, not for the programs its app runs (os.system, a subprocess with close_fds=False),
+        which would hold the port and the channel after the server stops.  A child made by fork()
+        without exec (multiprocessing's "fork" start method) still holds them: fork copies every fd."""
+        for fd in (self.channel_fd, *self.listen_fds):
+            with contextlib.suppress(OSError):  # not open: serving on it fails where it is used, with a message
+                os.set_inheritable(fd, False)
 
 
 def auto_count() -> int:
@@ -219,8 +232,9 @@ class Channel:
             self.loop.remove_writer(self.sock.fileno())
 
     def drain(self) -> None:
-        """Read whatever the peer sent before it exited, up to EOF: its last snapshot may arrive
-        in the same loop iteration as SIGCHLD, and must not be lost with the closed channel."""
+        """Read whatever the peer has sent so far, up to EOF if it exited: its last snapshot may
+        arrive in the same loop iteration as SIGCHLD, and must not be lost with the closed channel;
+        and its reports must be read before anyone judges it silent."""
         while not self._closed and self._on_readable():
             pass
 
@@ -330,6 +344,24 @@ def tell_parent_failed(role: WorkerRole, reason: str) -> None:
         pass  # the parent is gone or not reading: the exit status still says it failed
 
 
+def signal_name(number: int) -> str:
+    """SIGTERM for 15; a real-time signal, which has no name of its own in ``signal.Signals``, as
+    ``kill -l`` writes it (SIGRTMIN+1 for 35 on Linux); else ``signal N``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        pass
+    low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+    if low is not None and high is not None and low < number < high:
+        return f"SIGRTMIN+{number - low}"
+    return f"signal {number}"
+
+
+def describe_exit(returncode: int) -> str:
+    """``exit 0``, or ``killed by SIGKILL``, from a Popen returncode (negative: the signal)."""
+    return f"exit {returncode}" if returncode >= 0 else f"killed by {signal_name(-returncode)}"
+
+
 class WorkerStartError(Exception):
     """The workers cannot start at all (a configuration error each would meet); the message is for the user."""
 
@@ -362,9 +394,31 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 ALIVE = (WorkerState.STARTING, WorkerState.SERVING, WorkerState.RETIRING)
 
 
+@dataclasses.dataclass(frozen=True)
+class Deadline:
+    """When the parent kills a worker process that has not moved on, and what it says then."""
+
+    #: monotonic
+    at: float
+    #: the start of the wait that the warning counts (monotonic)
+    since: float
+    #: the warning's words, with ``{elapsed}`` for the seconds waited
+    overdue: str
+
+
+def bound(seconds: float, since: float, overdue: str) -> Deadline | None:
+    """A deadline ``seconds`` after ``since``; None for 0, a timeout turned off."""
+    return Deadline(since + seconds, since, overdue) if seconds > 0 else None
+
+
+def earliest(*deadlines: Deadline | None) -> Deadline | None:
+    present = [deadline for deadline in deadlines if deadline is not None]
+    return min(present, key=lambda deadline: deadline.at) if present else None
+
+
 class Worker:
     """The parent's record of one worker process: which index it fills, for which generation,
-    and in which state."""
+    in which state, and its deadline (Supervisor._set_deadline)."""
 
     def __init__(self, index: int, generation: int, process: subprocess.Popen[bytes], channel: Channel) -> None:
         self.index = index
@@ -382,8 +436,8 @@ class Worker:
         self.snapshot: dict[str, Any] | None = None
         #: what it said when it could not start (an app that does not import), or None
         self.failure: str | None = None
-        #: killed by the parent for --worker-timeout
-        self.timed_out = False
+        #: when the parent kills it unless it moves on first; None: no bound in this state
+        self.deadline: Deadline | None = None
 
     @property
     def pid(self) -> int:
@@ -411,6 +465,9 @@ class Supervisor:
       fresh generation; none is queued.
     - At most STARTING_AT_ONCE workers start at a time, from the loop, so a stop signal during
       start-up is handled at once and starts nothing more.
+    - Every worker process has one deadline, whatever its state, set on each transition
+      (``_set_deadline``), and one check kills every worker past its own (``_check_deadlines``):
+      none, stuck in any state, stays for the parent's whole life.
     """
 
     def __init__(
@@ -421,6 +478,7 @@ class Supervisor:
         listeners: Sequence[socket.socket],
         *,
         stop_timeout: float,
+        stop_rule: str = "",
         worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
         start_timeout: float = DEFAULT_WORKER_START_TIMEOUT,
         on_first_ready: Callable[[], Any] | None = None,
@@ -431,7 +489,10 @@ class Supervisor:
         #: the worker's command line after ``python -m pollserve``
         self.argv = list(argv)
         self.listeners = list(listeners)
+        #: a worker told to go (retiring, superseded, the server stopping) that has not exited this
+        #: long after is killed; ``stop_rule`` says where the figure comes from, for the log
         self.stop_timeout = stop_timeout
+        self.stop_rule = stop_rule or f"{stop_timeout:g} s"
         #: --worker-timeout: a serving worker silent this long is killed; 0: never
         self.worker_timeout = worker_timeout
         #: --worker-start-timeout: a worker not ready this long after it started is killed; 0: never
@@ -447,7 +508,11 @@ class Supervisor:
         self.retired_totals: dict[str, int] = {}
         #: the loop busy seconds of the workers that have exited: a float, so kept beside the counts
         self.retired_busy_s = 0.0
-        #: workers killed for --worker-timeout or --worker-start-timeout, since the start
+        #: the lag histogram of the workers that have exited (cumulative counts per bucket, and the
+        #: sum of the lags), so the server's since-start histogram never goes back either
+        self.retired_lag_buckets: list[int] = []
+        self.retired_lag_sum_s = 0.0
+        #: workers killed past their deadline (_set_deadline), since the start
         self.timeouts_total = 0
         self.stopping = False
         #: per index: quick failures in a row, and the monotonic time before which no restart
@@ -461,22 +526,23 @@ class Supervisor:
         self._first_ready_seen = False
         #: why the server stopped at its first start: a worker that cannot start (_cannot_start)
         self.start_failure: str | None = None
-        self._kill_timer: Handle | None = None
+        #: workers that could not be started (no fds, no process): a warning per episode, not per try;
+        #: an episode lasts while retries, up to MAX_BACKOFF apart, keep failing
+        self._spawn_failures = EpisodeLog(log, loop, "cannot start a worker process", quiet=2 * MAX_BACKOFF)
 
     # -- events ------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the first workers (a few at a time: the rest follow as these are ready)."""
-        if self.worker_timeout > 0 or self.start_timeout > 0:
-            self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_deadlines)
         self._settle()
 
-    def reload(self) -> None:
+    def reload(self, signame: str = "SIGHUP") -> None:
         """SIGHUP: a new generation for every index; each old worker retires once its successor is ready."""
         if self.stopping:
             return
         self.generation += 1
-        log.info("SIGHUP: reload: rolling restart of %d workers (generation %d)", self.count, self.generation)
+        log.info("%s: reload: rolling restart of %d workers (generation %d)", signame, self.count, self.generation)
         # An operator's reload is a new attempt: no back-off is carried over from the old code.
         self._failures = [0] * self.count
         self._not_before = [0.0] * self.count
@@ -498,9 +564,9 @@ class Supervisor:
         for worker in list(self.workers):
             if worker.state is WorkerState.RETIRING:
                 self._terminate(worker)  # from "finish your clients" to a shutdown that flushes them now
+                self._set_deadline(worker, WorkerState.RETIRING)
             else:
                 self._enter(worker, WorkerState.RETIRING)
-        self._kill_timer = self.loop.call_later(self.stop_timeout, self._kill_stragglers)
         self._settle()
 
     def reap(self) -> None:
@@ -515,6 +581,8 @@ class Supervisor:
 
     def _on_message(self, worker: Worker, message: dict[str, Any]) -> None:
         worker.heard_at = time.monotonic()
+        if worker.state is WorkerState.SERVING:  # its heartbeat: the deadline moves on
+            self._set_deadline(worker, WorkerState.SERVING)
         kind = message.get("type")
         if kind == "stats":
             worker.snapshot = message.get("snapshot")
@@ -524,37 +592,63 @@ class Supervisor:
             self._enter(worker, WorkerState.SERVING)
             self._settle()
 
-    def _check_liveness(self) -> None:
-        """--worker-timeout: a worker whose loop has not reported for that long is hung (its
-        heartbeat is the loop's own timer, so a blocked loop stops it).  --worker-start-timeout: a
-        worker that is still starting that long after it started is stuck before its loop runs (an
-        import that waits on a lock or a network).  Kill it; _settle replaces it, with back-off."""
-        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_liveness)
+    def _set_deadline(self, worker: Worker, before: WorkerState | None) -> None:
+        """The one deadline of a worker process, whatever its state, as gunicorn's murder_workers
+        applies one rule to every worker; set on each transition (``before``: the state it left,
+        None at its start), and moved on by each report while it serves:
+
+        - starting: ``--worker-start-timeout`` after it started (a slow import is not a hang: the
+          bound is its own, minutes rather than seconds);
+        - serving: ``--worker-timeout`` after its last report (its heartbeat is a timer of its own
+          loop, so a blocked loop falls silent);
+        - retiring (its successor is ready, or the server stops): the stop timeout after it was
+          told to go, never later than a deadline it already had in that state;
+        - superseded (told to go while still starting, for an older generation): the same, or its
+          start deadline if that comes first.
+        """
+        now = time.monotonic()
+        if worker.state is WorkerState.STARTING:
+            worker.deadline = bound(
+                self.start_timeout,
+                worker.started,
+                f"is not ready {{elapsed:.1f}} s after it started (--worker-start-timeout {self.start_timeout:g})",
+            )
+        elif worker.state is WorkerState.SERVING:
+            worker.deadline = bound(
+                self.worker_timeout,
+                worker.heard_at,
+                f"has not reported for {{elapsed:.1f}} s (--worker-timeout {self.worker_timeout:g})",
+            )
+        elif worker.state is WorkerState.RETIRING:
+            told = bound(
+                self.stop_timeout, now, f"has not exited {{elapsed:.1f}} s after it was told to stop ({self.stop_rule})"
+            )
+            kept = worker.deadline if before in (WorkerState.STARTING, WorkerState.RETIRING) else None
+            worker.deadline = earliest(kept, told)
+        else:
+            worker.deadline = None
+
+    def _check_deadlines(self) -> None:
+        """Kill every worker past its deadline (SIGKILL: a stopped or blocked process cannot act on
+        SIGTERM); _settle replaces it, with back-off."""
+        self._liveness_timer = self.loop.call_later(LIVENESS_INTERVAL, self._check_deadlines)
+        # What the workers sent is read first: a stall of the parent's own loop (kill -STOP, a long
+        # pass) is not their fault, and their reports wait in the channels.  The pass that runs
+        # this timer may have had no event for them: epoll_wait fails with EINTR once a stopped
+        # process is continued (signal(7)), and CPython's retry of a wait whose timeout has passed
+        # returns no event (PEP 475).
+        for worker in list(self.workers):
+            worker.channel.drain()
         now = time.monotonic()
         for worker in self.workers:
-            if worker.timed_out or worker.process.poll() is not None:
+            deadline = worker.deadline
+            if deadline is None or now < deadline.at or worker.process.poll() is not None:
                 continue
-            if worker.ready_at is None:
-                # A slow import is not a hang: --worker-timeout counts from ready, and this bound
-                # is its own, minutes rather than seconds.
-                waited = now - worker.started
-                if worker.state is WorkerState.STARTING and 0 < self.start_timeout < waited:
-                    self._kill_for_timeout(
-                        worker,
-                        f"is not ready {waited:.1f} s after it started (--worker-start-timeout {self.start_timeout:g})",
-                    )
-                continue
-            silence = now - worker.heard_at
-            if 0 < self.worker_timeout < silence:
-                self._kill_for_timeout(
-                    worker, f"has not reported for {silence:.1f} s (--worker-timeout {self.worker_timeout:g})"
-                )
-
-    def _kill_for_timeout(self, worker: Worker, why: str) -> None:
-        log.warning("worker %d (pid %d) %s: killing it", worker.index, worker.pid, why)
-        worker.timed_out = True
-        self.timeouts_total += 1
-        worker.process.kill()  # SIGKILL: a stopped or blocked process cannot handle SIGTERM
+            why = deadline.overdue.format(elapsed=now - deadline.since)
+            log.warning("worker %d (pid %d) %s: killing it", worker.index, worker.pid, why)
+            worker.deadline = None  # the kernel ends it; the reap follows
+            self.timeouts_total += 1
+            worker.process.kill()
 
     # -- the one place states change ---------------------------------------------------------------
 
@@ -565,6 +659,8 @@ class Supervisor:
         before, worker.state = worker.state, state
         if state is WorkerState.SERVING:
             worker.ready_at = worker.heard_at = time.monotonic()
+        self._set_deadline(worker, before)
+        if state is WorkerState.SERVING:
             log.info("worker %d (pid %d) started (generation %d)", worker.index, worker.pid, worker.generation)
             if not self._first_ready_seen:
                 self._first_ready_seen = True
@@ -652,24 +748,35 @@ class Supervisor:
     # -- what the transitions do -------------------------------------------------------------------
 
     def _spawn(self, index: int) -> bool:
-        """Start a worker for index in the newest generation; False (and a back-off) if it cannot."""
-        parent_end, child_end = socket.socketpair()
-        listen_fds = tuple(sock.fileno() for sock in self.listeners)
-        role = WorkerRole(index, child_end.fileno(), listen_fds)
-        env = {**os.environ, WORKER_ENV: role.to_env()}
+        """Start a worker for index in the newest generation; False if it cannot be started now
+        (no fd for its channel, no process: EMFILE, EAGAIN, ENOMEM ...).  Whatever the failure, the
+        index is retried after a back-off, and the failures are logged once per episode."""
         try:
+            worker = self._start_worker(index)
+        except Exception as exc:
+            traceback = None if isinstance(exc, OSError) else exc  # an OSError says all in one line
+            self._spawn_failures.event(f"worker {index}: {exc}; retrying with back-off", traceback)
+            self._delay_restart(index, failed=True, quiet=True)
+            return False
+        self.workers.append(worker)
+        return True
+
+    def _start_worker(self, index: int) -> Worker:
+        """The process and its channel, or an exception with nothing left open."""
+        parent_end, child_end = socket.socketpair()
+        try:
+            listen_fds = tuple(sock.fileno() for sock in self.listeners)
+            role = WorkerRole(index, child_end.fileno(), listen_fds)
             process = subprocess.Popen(
                 [*compiled.command(), *self.argv],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(*listen_fds, child_end.fileno()),
-                env=env,
+                env={**os.environ, WORKER_ENV: role.to_env()},
             )
-        except OSError as exc:
+        except BaseException:
             parent_end.close()
             child_end.close()
-            log.error("worker %d: cannot start: %s", index, exc)
-            self._delay_restart(index, failed=True)
-            return False
+            raise
         child_end.close()
         worker: Worker
 
@@ -679,9 +786,16 @@ class Supervisor:
         def on_closed() -> None:
             self.loop.call_soon(self.reap)  # the process is exiting, or has
 
-        worker = Worker(index, self.generation, process, Channel(self.loop, parent_end, on_message, on_closed))
-        self.workers.append(worker)
-        return True
+        try:
+            channel = Channel(self.loop, parent_end, on_message, on_closed)
+        except BaseException:  # the loop cannot watch it (select's FD_SETSIZE): no worker without one
+            parent_end.close()
+            process.kill()
+            process.wait()
+            raise
+        worker = Worker(index, self.generation, process, channel)
+        self._set_deadline(worker, None)
+        return worker
 
     def _terminate(self, worker: Worker) -> None:
         """SIGTERM: the worker drains as a single server does (a second SIGTERM changes nothing)."""
@@ -689,8 +803,7 @@ class Supervisor:
             worker.process.send_signal(signal.SIGTERM)
 
     def _log_exit(self, worker: Worker, before: WorkerState) -> None:
-        status = worker.process.returncode
-        how = f"exit {status}" if status >= 0 else f"killed by {signal.Signals(-status).name}"
+        how = describe_exit(worker.process.returncode)
         lived = time.monotonic() - worker.started
         log.info("worker %d (pid %d) stopped (%s) after %.1f s", worker.index, worker.pid, how, lived)
         if before is not WorkerState.STARTING or self.stopping or worker.generation != self.generation:
@@ -730,11 +843,12 @@ class Supervisor:
         healthy = worker.ready_at is not None and time.monotonic() - worker.ready_at >= HEALTHY_AFTER
         self._delay_restart(worker.index, failed=not healthy)
 
-    def _delay_restart(self, index: int, *, failed: bool) -> None:
+    def _delay_restart(self, index: int, *, failed: bool, quiet: bool = False) -> None:
+        """No start for index before the back-off is over; ``quiet``: the caller logs the failure."""
         self._failures[index] = self._failures[index] + 1 if failed else 0
         failures = self._failures[index]
         delay = 0.0 if failures == 0 else min(FIRST_BACKOFF * 2 ** (failures - 1), MAX_BACKOFF)
-        if delay:
+        if delay and not quiet:
             log.warning("worker %d: restarting in %.1f s (%d quick exits in a row)", index, delay, failures)
         self._not_before[index] = time.monotonic() + delay
 
@@ -748,26 +862,26 @@ class Supervisor:
         busy = worker.snapshot.get("loop_busy_s")
         if isinstance(busy, (int, float)):
             self.retired_busy_s += busy
+        merged = add_histograms([self.retired_lag_buckets, worker.snapshot.get("loop_lag_buckets") or []])
+        lag_sum = worker.snapshot.get("loop_lag_sum_s")
+        if merged is not None and isinstance(lag_sum, (int, float)):
+            self.retired_lag_buckets = merged
+            self.retired_lag_sum_s += lag_sum
 
     # -- stopping ----------------------------------------------------------------------------------
 
-    def _kill_stragglers(self) -> None:
-        for worker in self.workers:
-            if worker.process.poll() is None:
-                log.warning("worker %d (pid %d) still running; killing it", worker.index, worker.pid)
-                worker.process.kill()
-
     def _all_stopped(self) -> None:
-        for timer in (self._kill_timer, self._liveness_timer):
-            if timer is not None:
-                timer.cancel()
-        self._kill_timer = self._liveness_timer = None
+        if self._liveness_timer is not None:
+            self._liveness_timer.cancel()
+            self._liveness_timer = None
+        self._spawn_failures.close()
         if self.on_all_stopped is not None:
             callback, self.on_all_stopped = self.on_all_stopped, None
             callback()
 
     def close(self) -> None:
         """Kill what still runs (the parent is going away) and wait for it."""
+        self._spawn_failures.close()
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.process.kill()
@@ -814,7 +928,8 @@ class SupervisorStats:
     together; ``fd_usage`` the highest of any worker, since each hits its own limit), plus
     ``workers``: each worker's own snapshot with its ``index`` and ``pid``.  Loop health is the
     worst worker's (an average would hide the one that is stuck): utilization and lag the highest,
-    the slowest callback of any; busy seconds and the lag histogram are summed."""
+    the slowest callback of any; busy seconds and the lag histogram are counters, summed as the
+    others are (the exited workers' included)."""
 
     #: the parent's own fd count is refreshed at most this often
     fd_refresh_interval = 1.0
@@ -898,10 +1013,17 @@ class SupervisorStats:
             draining=self.draining,
         )
         if everyone:
-            # A running total since start, as a counter must be, summed like COUNTERS: an exited
-            # worker's busy time stays in it.
+            # Running totals since start, as counters must be, summed like COUNTERS over every
+            # worker that reports (a retiring one too) and those that have exited.
             busy = sum(snap.get("loop_busy_s") or 0 for snap in everyone)
             out["loop_busy_s"] = round(self.supervisor.retired_busy_s + busy, 6)
+            buckets = add_histograms(
+                [self.supervisor.retired_lag_buckets, *(snap.get("loop_lag_buckets") or [] for snap in everyone)]
+            )
+            if buckets is not None:
+                out["loop_lag_buckets"] = buckets
+                lag_sum = sum(snap.get("loop_lag_sum_s") or 0 for snap in everyone)
+                out["loop_lag_sum_s"] = round(self.supervisor.retired_lag_sum_s + lag_sum, 6)
         out["workers"] = [self.worker_row(worker, now) for worker in shown]
         out["workers_serving"] = self.supervisor.serving
         out["workers_wanted"] = self.supervisor.count
@@ -911,6 +1033,13 @@ class SupervisorStats:
 
     def json(self) -> str:
         return json.dumps(self.snapshot())
+
+    def log_line(self) -> str:
+        """The whole server's stats line (SIGUSR1 to the parent): every worker's figures together,
+        as /stats sums them, then how many workers serve."""
+        snapshot = self.snapshot()
+        whole = Snapshot(**{field.name: snapshot[field.name] for field in dataclasses.fields(Snapshot)})
+        return f"{log_line(whole)} | workers {self.supervisor.serving}/{self.supervisor.count} serving"
 
     def metrics(self) -> str:
         now = time.monotonic()
@@ -929,7 +1058,8 @@ class SupervisorStats:
             (
                 "pollserve_worker_timeouts_total",
                 "counter",
-                "Workers killed for a timeout: silent past --worker-timeout, or not ready in --worker-start-timeout.",
+                "Workers killed past their deadline: not ready in --worker-start-timeout, silent past "
+                "--worker-timeout, or not gone in the stop timeout after they were told to stop.",
                 supervisor.timeouts_total,
             ),
         ]
@@ -957,10 +1087,9 @@ def worst_loop_health(workers: list[tuple[int, int, dict[str, Any]]]) -> dict[st
         values = [value for snap in snaps if (value := snap.get(key)) is not None]
         out[key] = max(values) if values else None
     out["loop_busy_s"] = round(sum(snap.get("loop_busy_s") or 0 for snap in snaps), 6)
-    histograms = [snap.get("loop_lag_buckets") or [] for snap in snaps]
-    width = max(map(len, histograms))
-    if all(len(counts) == width for counts in histograms):
-        out["loop_lag_buckets"] = [sum(column) for column in zip(*histograms, strict=True)]
+    buckets = add_histograms([snap.get("loop_lag_buckets") or [] for snap in snaps])
+    if buckets is not None:
+        out["loop_lag_buckets"] = buckets
         out["loop_lag_sum_s"] = round(sum(snap.get("loop_lag_sum_s") or 0 for snap in snaps), 6)
     slowest = [
         (snap["slowest_callback_s"], f"worker {index}: {snap['slowest_callback']}")
@@ -970,3 +1099,14 @@ def worst_loop_health(workers: list[tuple[int, int, dict[str, Any]]]) -> dict[st
     if slowest:
         out["slowest_callback_s"], out["slowest_callback"] = max(slowest)
     return out
+
+
+def add_histograms(histograms: list[list[int]]) -> list[int] | None:
+    """Cumulative bucket counts added bucket by bucket, the empty ones (nothing reported yet) left
+    out; None if the others do not have the same buckets (workers of two pollserve versions)."""
+    present = [counts for counts in histograms if counts]
+    if not present:
+        return []
+    if any(len(counts) != len(present[0]) for counts in present):
+        return None
+    return [sum(column) for column in zip(*present, strict=True)]

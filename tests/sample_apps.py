@@ -112,3 +112,15 @@ class Spin(Protocol):
         while time.perf_counter() < deadline:
             pass
         self.transport.write(data)
+
+
+class RunsHelper(Protocol):
+    """Starts a helper program with ``os.system`` on each request, as an app that shells out does,
+    and answers with the helper's pid once it has written it to the file HELPER_PIDS names: the
+    helper (``sleep 30``) inherits whatever fds the server lets it."""
+
+    def data_received(self, data: bytes) -> None:
+        pids = os.environ["HELPER_PIDS"]
+        os.system(f"sleep 30 </dev/null >/dev/null 2>&1 & echo $! >> {pids}")
+        with open(pids) as file:
+            self.transport.write(file.read().split()[-1].encode() + b"\n")

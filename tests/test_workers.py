@@ -18,7 +18,19 @@ from pathlib import Path
 import pytest
 from clients import connect, exchange, recv_exactly, recv_until_eof
 from statsclient import get_stats, http_get, stats_address, wait_for
-from workerprocs import HELLO, ask, deploy, deployed_env, healthz, live_children, worker_pids
+from workerprocs import (
+    HELLO,
+    ask,
+    deaf_pids,
+    deploy,
+    deploy_answering,
+    deploy_deaf,
+    deployed_env,
+    healthz,
+    kill_deaf,
+    live_children,
+    worker_pids,
+)
 
 psutil = pytest.importorskip("psutil")
 
@@ -195,6 +207,55 @@ def test_a_worker_that_crashes_at_start_is_restarted_with_a_back_off(start_serve
     assert server.alive() and server.proc.pid == psutil.Process(worker_pids(stats)[1]).ppid()
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGRTMIN"), reason="no real-time signals here")
+def test_a_worker_killed_by_a_signal_without_a_name_is_restarted_with_a_back_off(start_server, tmp_path) -> None:
+    """Regression: ``signal.Signals(35)`` raised ValueError in the exit bookkeeping before the
+    back-off was set, so a worker that kept dying of a real-time signal was restarted at once."""
+    marker = tmp_path / "crash"
+    env = {"PYTHONPATH": TESTS_DIR, "CRASH_MARKER": str(marker)}
+    server = start_server("--workers", "2", "--stats-port", "0", "--app", "crashing_app:Hello", env=env)
+    stats = stats_address(server)
+    pids = worker_pids(stats)
+    unnamed = signal.SIGRTMIN + 1
+    marker.write_text(str(unnamed))  # from now on a new worker kills itself with it at import
+    os.kill(pids[1], unnamed)
+    server.wait_for_log(rf"worker 1 \(pid {pids[1]}\) stopped \(killed by SIGRTMIN\+1\)", timeout=10)
+    server.wait_for_log(r"worker 1: restarting in 1\.0 s \(2 quick exits in a row\)", timeout=30)
+    starts = sum(bool(re.search(r"worker 1 \(pid \d+\) stopped", line)) for line in server.lines)
+    assert starts <= 4, server.log  # a back-off, not a fork loop
+    assert not any("Traceback" in line or "ValueError" in line for line in server.lines), server.log
+    marker.unlink()
+    wait_for(lambda: worker_pids(stats).get(1) not in (None, pids[1]), timeout=30, what="worker 1 back")
+    assert server.alive()
+
+
+@pytest.mark.skipif(not hasattr(psutil.Process, "rlimit"), reason="psutil cannot set another process's limits here")
+def test_a_worker_that_cannot_be_started_for_want_of_fds_is_retried_once_there_are_some(start_server) -> None:
+    """Regression: the socket pair made for a new worker was outside the error handling, so EMFILE
+    escaped with no back-off and no wake-up, and the index stayed empty for good.  The parent's
+    soft fd limit is lowered from outside (prlimit(2)) to 3, below every fd it holds, so that it can
+    open none, then a worker is killed, then the limit is restored."""
+    import resource
+
+    server = start_server("--workers", "2", "--stats-port", "0")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+    parent = psutil.Process(server.proc.pid)
+    limits = parent.rlimit(resource.RLIMIT_NOFILE)
+    parent.rlimit(resource.RLIMIT_NOFILE, (3, limits[1]))
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        server.wait_for_log(r"WARNING cannot start a worker process: worker 0: .*Too many open files", timeout=10)
+        time.sleep(2)  # a few retries, with back-off, all failing
+    finally:
+        parent.rlimit(resource.RLIMIT_NOFILE, limits)
+    new = settled(server, stats, 2, generation=1)
+    assert new[0] != pids[0] and new[1] == pids[1]
+    episodes = [line for line in server.lines if "cannot start a worker process" in line and "WARNING" in line]
+    assert len(episodes) == 1, server.log  # once per episode, not once per attempt
+    assert not any("Traceback" in line for line in server.lines), server.log
+
+
 def test_workers_argument_is_checked(start_server) -> None:
     from serverproc import run_pollserve
 
@@ -237,6 +298,13 @@ def test_stats_pid_of_the_parent_includes_its_workers(start_server) -> None:
 
 
 # -- the supervisor's lifecycle under operator actions and worker failures ----------------------------
+
+
+def start_deployed(start_server, folder: Path, *args: str):
+    """Two workers of ``deployed_app:Hello`` from folder (workerprocs.deploy and the like)."""
+    return start_server(
+        "--workers", "2", "--stats-port", "0", "--app", "deployed_app:Hello", *args, env=deployed_env(folder)
+    )
 
 
 def settled(server, stats: tuple[str, int], count: int, generation: int) -> dict[int, int]:
@@ -373,6 +441,37 @@ def test_a_stop_as_systemd_sends_it_lets_a_large_reply_finish(start_server, kill
     assert not any("closing now" in line for line in server.lines), server.log
 
 
+def test_a_group_sigterm_that_reaches_a_worker_on_its_way_out_changes_nothing(start_server) -> None:
+    """Regression: ``kill -TERM -PGID`` reaches the workers straight, and again through the parent;
+    an idle worker had drained, closed its loop and restored SIGTERM's default action by the time the
+    parent's came, and died of it ("killed by SIGTERM").  Made certain here: the parent is held
+    stopped while the workers drain, then goes on while they are on their way out (the app's
+    atexit handler takes 1.5 s)."""
+    env = {"PYTHONPATH": TESTS_DIR}
+    server = start_server(
+        "--workers", "2", "--stats-port", "0", "--app", "slow_exit_app:Echo", env=env, start_new_session=True
+    )
+    pids = settled(server, stats_address(server), 2, generation=1)
+    sent = 0
+    for size in range(1, 21):
+        payload = bytes([size]) * (size * 500)
+        assert exchange(server.address, payload, len(payload)) == payload
+        sent += len(payload)
+    parent = psutil.Process(server.proc.pid)
+    parent.suspend()
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)  # the workers get it now, the parent once it goes on
+        for index in pids:
+            server.wait_for_log(rf"worker {index}: finished: ")
+    finally:
+        parent.resume()
+    assert server.wait(30) == 0
+    for index, pid in pids.items():
+        server.wait_for_log(rf"worker {index} \(pid {pid}\) stopped \(exit 0\)")
+    assert not any("killed by" in line for line in server.lines), server.log
+    assert stopped_totals(server) == (sent, sent)
+
+
 def test_a_second_stop_signal_to_the_parent_closes_the_workers_now(start_server) -> None:
     from sample_apps import BIG_REPLY_SIZE
 
@@ -455,6 +554,61 @@ def test_a_hung_worker_is_marked_stale_then_killed_and_replaced(start_server) ->
     assert get_stats(stats)["worker_timeouts_total"] == 1
 
 
+@pytest.mark.slow
+def test_a_stopped_parent_blames_only_the_worker_that_hung_meanwhile(start_server) -> None:
+    """Regression: after ``kill -STOP`` of the parent longer than --worker-timeout, then ``kill
+    -CONT``, every worker was killed as silent, though they had served every client and reported
+    throughout: the parent judged silence before reading its channels (on resuming, its wait
+    returned no event, signal(7)).  A worker that hung while the parent was stopped is still found
+    within --worker-timeout (and a report) of the parent's resuming."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--worker-timeout", "2")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+    parent = psutil.Process(server.proc.pid)
+    time.sleep(0.3)  # the parent idle in its backend's wait, where a kill -STOP usually finds it
+    parent.suspend()
+    try:
+        os.kill(pids[1], signal.SIGSTOP)  # worker 1 hangs; worker 0 serves every client meanwhile
+        served, deadline = 0, time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            ask(server.address)
+            served += 1
+            time.sleep(0.05)
+    finally:
+        parent.resume()
+    try:
+        server.wait_for_log(rf"worker 1 \(pid {pids[1]}\) has not reported for [\d.]+ s", timeout=2 + 1 + 5)
+    finally:
+        if psutil.pid_exists(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    assert served > 10
+    assert not any(f"(pid {pids[0]}) has not reported" in line for line in server.lines), server.log
+    new = settled(server, stats, 2, generation=1)
+    assert new[0] == pids[0] and new[1] != pids[1]
+
+
+@pytest.mark.slow
+def test_a_worker_hung_when_the_server_stops_is_killed_at_its_stop_deadline(start_server) -> None:
+    """A retiring worker's deadline is the stop timeout (--drain-delay + --shutdown-timeout + 10 s)
+    after it was told to go: one stopped while the server stops is killed then, and the parent
+    still exits 0."""
+    server = start_server("--workers", "2", "--stats-port", "0", "--shutdown-timeout", "0", "--worker-timeout", "0")
+    pids = settled(server, stats_address(server), 2, generation=1)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        server.signal(signal.SIGTERM)
+        server.wait_for_log(
+            rf"WARNING worker 1 \(pid {pids[1]}\) has not exited (\d+\.\d) s after it was told to stop "
+            r"\(10 s: --drain-delay \+ --shutdown-timeout \+ 10\): killing it",
+            timeout=10 + 10,
+        )
+        assert server.wait(10) == 0
+    finally:
+        if psutil.pid_exists(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    assert server.wait_for_log(rf"worker 0 \(pid {pids[0]}\) stopped \(exit 0\)")
+
+
 def test_a_slow_import_is_not_a_hang(start_server, tmp_path) -> None:
     """The silence is counted from ready: an app that takes longer than --worker-timeout to
     import is not killed for it."""
@@ -511,6 +665,55 @@ def test_a_worker_stuck_before_ready_is_killed_and_restarted(start_server, tmp_p
     assert not psutil.pid_exists(int(found[2])) or psutil.Process(int(found[2])).status() == psutil.STATUS_ZOMBIE
     assert get_stats(stats)["worker_timeouts_total"] == 1
     assert not any("has not reported" in line for line in server.lines), server.log
+
+
+def test_a_slow_reload_overtaken_by_a_fast_one_ends_on_the_fast_one(start_server, tmp_path) -> None:
+    """The workers of a reload whose import is slow, still starting when a second reload comes, are
+    stopped: the server settles on the newest code alone, and the slow code never serves."""
+    deploy_answering(tmp_path, b"v1\n")
+    server = start_deployed(start_server, tmp_path)
+    stats = stats_address(server)
+    old = settled(server, stats, 2, generation=1)
+    deploy_answering(tmp_path, b"v2\n", import_seconds=2.0)
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: len(live_children(server.proc.pid)) == 4, timeout=10, what="generation 2 starting")
+    deploy_answering(tmp_path, b"v3\n")
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"rolling restart of 2 workers \(generation 3\)")
+    settled(server, stats, 2, generation=3)
+    assert sum("superseded before it was ready" in line for line in server.lines) == 2, server.log
+    time.sleep(2.5)  # past the slow import: nothing of generation 2 is left to come up
+    new = settled(server, stats, 2, generation=3)
+    assert set(new.values()).isdisjoint(old.values())
+    answers = {exchange(server.address, b"hi", 3) for _ in range(20)}
+    assert answers == {b"v3\n"}, answers
+
+
+def test_a_superseded_worker_that_ignores_sigterm_is_killed_at_its_start_deadline(start_server, tmp_path) -> None:
+    """Regression: a worker superseded while it was still starting got SIGTERM and nothing more, so
+    one that ignored it (an import that installs its own handler, then hangs) stayed for the
+    parent's whole life: --worker-start-timeout applied to starting workers only."""
+    deploy(tmp_path)
+    server = start_deployed(start_server, tmp_path, "--worker-start-timeout", "3")
+    stats = stats_address(server)
+    settled(server, stats, 2, generation=1)
+    deploy_deaf(tmp_path)
+    server.signal(signal.SIGHUP)
+    try:
+        wait_for(lambda: len(deaf_pids(tmp_path)) == 2, timeout=10, what="generation 2 ignoring SIGTERM")
+        deploy(tmp_path)
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"rolling restart of 2 workers \(generation 3\)")
+        for pid in deaf_pids(tmp_path):
+            server.wait_for_log(
+                rf"worker \d \(pid {pid}\) is not ready \d+\.\d s after it started "
+                r"\(--worker-start-timeout 3\): killing it",
+                timeout=10,
+            )
+        settled(server, stats, 2, generation=3)
+    finally:
+        kill_deaf(tmp_path)  # whatever the outcome: they would outlive the test
+    assert get_stats(stats)["worker_timeouts_total"] == 2
 
 
 def test_workers_that_cannot_start_at_all_stop_the_server_with_their_reason() -> None:
@@ -591,9 +794,7 @@ def test_a_count_above_rlimit_nproc_is_refused(tmp_path) -> None:
 def test_a_reload_whose_app_does_not_import_keeps_the_old_workers(start_server, tmp_path) -> None:
     """Regression: said only as INFO "stopped (exit 2)", and the worker's line had no time and index."""
     deploy(tmp_path)
-    server = start_server(
-        "--workers", "2", "--stats-port", "0", "--app", "deployed_app:Hello", env=deployed_env(tmp_path)
-    )
+    server = start_deployed(start_server, tmp_path)
     stats = stats_address(server)
     old = settled(server, stats, 2, generation=1)
     deploy(tmp_path, broken=True)
@@ -679,6 +880,31 @@ def test_the_stopped_totals_are_what_the_workers_served(start_server) -> None:
     server.signal(signal.SIGTERM)  # at once: the last bytes are in no periodic report yet
     assert server.wait(30) == 0
     assert stopped_totals(server) == (sent, sent)
+
+
+def test_the_lag_histogram_keeps_an_exited_workers_ticks(start_server) -> None:
+    """The whole server's loop_lag_buckets and loop_lag_sum_s are counters, as the other totals:
+    regression, a worker killed and replaced took its ticks (up to its last report) out of them."""
+    server = start_server("--workers", "2", "--stats-port", "0")
+    stats = stats_address(server)
+    pids = settled(server, stats, 2, generation=1)
+
+    def ticks(snapshot: dict) -> int:
+        return (snapshot.get("loop_lag_buckets") or [0])[-1]
+
+    wait_for(
+        lambda: all(ticks(row) >= 10 for row in get_stats(stats)["workers"]), timeout=20, what="probe ticks reported"
+    )
+    before = get_stats(stats)
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lambda: worker_pids(stats).get(0) not in (None, pids[0]), timeout=20, what="a new worker 0")
+    after = get_stats(stats)
+    assert len(after["loop_lag_buckets"]) == len(before["loop_lag_buckets"])
+    assert all(now >= then for now, then in zip(after["loop_lag_buckets"], before["loop_lag_buckets"], strict=True)), (
+        before["loop_lag_buckets"],
+        after["loop_lag_buckets"],
+    )
+    assert after["loop_lag_sum_s"] >= before["loop_lag_sum_s"]
 
 
 def test_worker_timeout_is_checked(start_server) -> None:

@@ -4,8 +4,9 @@ each has settled, what the Supervisor docstring promises.
 
 Actions: SIGHUP (one, or two closer than a worker's start-up), ``kill -9`` of a worker, ``kill
 -STOP`` of one (a hung loop, found by --worker-timeout), a deploy whose app does not import (then
-fixed), a deploy whose import never ends (found by --worker-start-timeout, then fixed), and bursts
-of clients, while a background client keeps asking throughout.  After each:
+fixed), a deploy whose import never ends (found by --worker-start-timeout, then fixed), a reload
+whose import is slow or ignores SIGTERM and hangs, overtaken by a second reload of fixed code
+before it is ready, and bursts of clients, while a background client keeps asking throughout.  After each:
 exactly 2 workers serve, both of the newest generation; no other worker process is alive;
 /healthz says ``ok 2/2 workers``; no client failed unless a worker was killed in that step; the
 parent's fd count is back to its baseline.  Each run ends with SIGTERM to the whole process
@@ -38,7 +39,17 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 from statsclient import get_stats, stats_address, wait_for  # noqa: E402
-from workerprocs import HELLO, ask, deploy, deployed_env, healthz, live_children  # noqa: E402
+from workerprocs import (  # noqa: E402
+    HELLO,
+    ask,
+    deploy,
+    deploy_answering,
+    deploy_deaf,
+    deployed_env,
+    healthz,
+    kill_deaf,
+    live_children,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -297,6 +308,30 @@ class SupervisorModel(RuleBasedStateMachine):
         ask(self.server.address)
         deploy(self.folder)
 
+    @rule(deaf=st.booleans())
+    def reload_overtaken_before_it_is_ready(self, deaf: bool) -> None:
+        """A reload whose workers are still starting -- a slow import, or one that ignores SIGTERM
+        and never ends -- overtaken by a second reload of fixed code: the superseded workers are
+        stopped (SIGTERM, then SIGKILL at their start deadline), and the server settles on the
+        newest generation alone; the slow code never serves."""
+        self.begin("reload_overtaken_before_it_is_ready")
+        if deaf:
+            deploy_deaf(self.folder)
+        else:
+            deploy_answering(self.folder, HELLO, import_seconds=START_TIMEOUT / 2)
+        before = self.reloads_logged()
+        self.server.signal(signal.SIGHUP)
+        wait_for(lambda: self.reloads_logged() > before, timeout=10, what="the first reload line")
+        wait_for(
+            lambda: len(live_children(self.server.proc.pid)) >= 2 * WORKERS,
+            timeout=10,
+            what="the first reload's workers starting",
+        )
+        deploy(self.folder)
+        self.server.signal(signal.SIGHUP)
+        wait_for(lambda: self.reloads_logged() > before + 1, timeout=10, what="the second reload line")
+        self.generation += 2
+
     @rule(clients=st.integers(min_value=1, max_value=30), rounds=st.integers(min_value=1, max_value=20))
     def clients_burst(self, clients: int, rounds: int) -> None:
         self.begin("clients_burst")
@@ -318,6 +353,7 @@ class SupervisorModel(RuleBasedStateMachine):
                     assert not still_running(pid, created), f"worker {pid} outlived the parent"
         finally:
             self.server.kill()
+            kill_deaf(self.folder)  # a worker that ignored SIGTERM and was never killed
             shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -27,6 +27,52 @@ def deploy(folder: Path, *, broken: bool = False, hanging: bool = False) -> Path
     return path
 
 
+def deploy_answering(folder: Path, answer: bytes, *, import_seconds: float = 0.0) -> Path:
+    """Write deployed_app.py in folder: ``Hello`` answers every chunk with ``answer``, so a client
+    tells which deploy served it; its import takes ``import_seconds`` (a slow deploy)."""
+    path = folder / "deployed_app.py"
+    path.write_text(
+        "import time\n"
+        f"time.sleep({import_seconds!r})\n"
+        "from pollserve.apps import Protocol\n"
+        "class Hello(Protocol):\n"
+        "    def data_received(self, data):\n"
+        f"        self.transport.write({answer!r})\n"
+    )
+    return path
+
+
+def deploy_deaf(folder: Path) -> Path:
+    """Write deployed_app.py in folder: an import that ignores SIGTERM and never ends (an app that
+    installs its own handler, then waits on a lock or a network); each process importing it
+    creates ``deaf-PID`` in folder once SIGTERM is ignored."""
+    path = folder / "deployed_app.py"
+    path.write_text(
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open(os.path.join({str(folder)!r}, f'deaf-{{os.getpid()}}'), 'w').close()\n"
+        "time.sleep(3600)  # this deploy hangs on purpose\n"
+    )
+    return path
+
+
+def deaf_pids(folder: Path) -> set[int]:
+    """The processes that have imported deploy_deaf's module."""
+    return {int(path.name.split("-")[1]) for path in folder.glob("deaf-*")}
+
+
+def kill_deaf(folder: Path) -> None:
+    """SIGKILL what is left of the processes that imported deploy_deaf's module (a worker the
+    parent never killed would sleep on for an hour): each pid only while it still runs pollserve."""
+    for pid in deaf_pids(folder):
+        try:
+            process = psutil.Process(pid)
+            if any("pollserve" in part for part in process.cmdline()):
+                process.kill()
+        except psutil.Error:
+            pass
+
+
 def deployed_env(folder: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder), "PYTHONDONTWRITEBYTECODE": "1"}
 
