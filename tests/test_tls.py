@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -30,14 +29,17 @@ from serverproc import run_pollserve
 from statsclient import get_stats, http_get, stats_address, wait_for
 from tlshelpers import (
     HOSTNAME,
+    OPENSSL,
     BIOClient,
     Certs,
     make_certs,
+    needs_openssl,
     recv_plain,
     small_buffer_client,
     small_send_buffers,
     tls_connect,
     tls_serving,
+    uses_openssl,
 )
 
 from pollserve.apps import Echo, Protocol
@@ -46,33 +48,6 @@ from pollserve.proxy import ProxyLayerFactory
 from pollserve.tls import ServerTLS, TLSLayerFactory, TLSOptions, reload_certificates, server_context
 
 POSIX = sys.platform != "win32"
-
-
-def find_openssl() -> tuple[str | None, str]:
-    """OpenSSL's own s_client, 1.1.1 or later (TLS 1.3, the K command), or None and why not: macOS
-    puts LibreSSL's openssl on PATH, whose s_client differs."""
-    path = shutil.which("openssl")
-    if path is None:
-        return None, "openssl is not on PATH"
-    try:
-        version = subprocess.run([path, "version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"openssl version failed: {exc}"
-    found = re.match(r"OpenSSL (\d+)\.(\d+)\.(\d+)", version)
-    if not found or tuple(map(int, found.groups())) < (1, 1, 1):
-        return None, f"{version or path} is not OpenSSL 1.1.1 or later"
-    return path, version
-
-
-OPENSSL, OPENSSL_ABOUT = find_openssl()
-#: CI on Linux installs openssl (.ci/run): there a missing one is a failure, not a skip
-if OPENSSL is None and os.environ.get("CI") and sys.platform.startswith("linux"):
-    OPENSSL_ABOUT = ""
-
-
-def needs_openssl() -> None:
-    if OPENSSL is None:
-        pytest.fail(f"openssl is missing: .ci/run installs Debian's openssl package ({OPENSSL_ABOUT})")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +153,7 @@ def test_session_tickets_go_out_with_no_app_data_to_carry_them(backend_name: str
             wait_until(lambda: layers.handshakes == 2)
 
 
-@pytest.mark.skipif(OPENSSL is None and bool(OPENSSL_ABOUT), reason=OPENSSL_ABOUT or "-")
+@uses_openssl
 def test_key_updates_both_ways(backend_name: str, certs: Certs) -> None:
     """A KeyUpdate with update_requested (RFC 8446 section 4.6.3): the server reads with the new
     keys, and sends a KeyUpdate of its own "prior to sending its next Application Data record"
@@ -872,7 +847,7 @@ def test_cli_timeout_and_plain_text_are_counted_and_logged_once(start_server, ce
     assert "Traceback" not in server.log
 
 
-@pytest.mark.skipif(OPENSSL is None and bool(OPENSSL_ABOUT), reason=OPENSSL_ABOUT or "-")
+@uses_openssl
 def test_openssl_s_client_session(start_server, certs: Certs) -> None:
     needs_openssl()
     server = start_server("--app", "echo", *tls_args(certs))
