@@ -93,17 +93,20 @@ FFDHE_SIZES = {FFDHE2048: 256, FFDHE8192: 1024}
 
 def key_exchange(group: int) -> bytes:
     """A share OpenSSL takes: 32 random bytes for X25519; for a finite-field group, the generator
-    (2 = g^1, which RFC 7919's groups accept as a public value, padded to the prime's size)."""
+    (2 = g^1, which RFC 7919's groups accept as a public value, padded to the prime's size); one
+    byte for any other group, as for GREASE (RFC 8701)."""
     if group == X25519:
         return secrets.token_bytes(32)
-    return (2).to_bytes(FFDHE_SIZES[group], "big")
+    if group in FFDHE_SIZES:
+        return (2).to_bytes(FFDHE_SIZES[group], "big")
+    return b"\x00"
 
 
 def _vector(width: int, data: bytes) -> bytes:
     return len(data).to_bytes(width, "big") + data
 
 
-def _extension(kind: int, data: bytes) -> bytes:
+def extension(kind: int, data: bytes) -> bytes:
     return kind.to_bytes(2, "big") + _vector(2, data)
 
 
@@ -117,30 +120,31 @@ def client_hello(
     key_shares: Iterable[int] | None = None,
     alpn: Iterable[bytes] | None = None,
     tls13: bool = True,
+    more: bytes = b"",
 ) -> bytes:
     """A ClientHello handshake message (no record header): TLS 1.3 (and 1.2) suites, the groups
     listed in supported_groups, a share for each of ``key_shares`` (default: the first group;
-    X25519 or finite-field ones), ALPN if given.  OpenSSL answers such a hello with a ServerHello
-    (or a HelloRetryRequest)."""
+    X25519 or finite-field ones), ALPN if given, then the extensions in ``more`` as they are.
+    OpenSSL answers such a hello with a ServerHello (or a HelloRetryRequest)."""
     groups = tuple(groups)
     shares = groups[:1] if key_shares is None else tuple(key_shares)
     extensions = [
-        _extension(10, _vector(2, _u16s(groups))),  # supported_groups
-        _extension(13, _vector(2, _u16s((0x0403, 0x0804, 0x0401)))),  # signature_algorithms
+        extension(10, _vector(2, _u16s(groups))),  # supported_groups
+        extension(13, _vector(2, _u16s((0x0403, 0x0804, 0x0401)))),  # signature_algorithms
     ]
     if tls13:
-        extensions.append(_extension(43, _vector(1, _u16s((0x0304, 0x0303)))))  # supported_versions
+        extensions.append(extension(43, _vector(1, _u16s((0x0304, 0x0303)))))  # supported_versions
         key_share = b"".join(group.to_bytes(2, "big") + _vector(2, key_exchange(group)) for group in shares)
-        extensions.append(_extension(51, _vector(2, key_share)))
+        extensions.append(extension(51, _vector(2, key_share)))
     if alpn is not None:
-        extensions.append(_extension(16, _vector(2, b"".join(_vector(1, name) for name in alpn))))
+        extensions.append(extension(16, _vector(2, b"".join(_vector(1, name) for name in alpn))))
     body = (
         b"\x03\x03"  # legacy_version: TLS 1.2
         + secrets.token_bytes(32)  # random
         + _vector(1, secrets.token_bytes(32))  # legacy_session_id
         + _vector(2, _u16s((0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F)))  # cipher_suites
         + b"\x01\x00"  # legacy_compression_methods: null
-        + _vector(2, b"".join(extensions))
+        + _vector(2, b"".join(extensions) + more)
     )
     return b"\x01" + _vector(3, body)
 
