@@ -81,12 +81,15 @@ from typing import TYPE_CHECKING, Any
 
 from .apps import LayeredTransport, Protocol, ProtocolFactory, Transport
 from .clienthello import (
+    ALPN,
     FINITE_FIELD,
     ClientHello,
     ClientHelloReader,
     HelloError,
     HelloTooLarge,
+    MalformedHello,
     NotAHandshake,
+    alpn_names,
     group_name,
 )
 from .listeners import format_address
@@ -115,10 +118,12 @@ DEFAULT_LOW_WATER = 16 * 1024
 #: TLS 1.3's suites are all AEAD and are left as OpenSSL has them.
 DEFAULT_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
-#: the alerts the layer sends itself, before OpenSSL has seen the ClientHello (RFC 8446 section 6)
+#: the alerts the layer sends itself, before OpenSSL has seen the ClientHello (RFC 8446 section 6,
+#: RFC 7301 section 3.2)
 HANDSHAKE_FAILURE = 40
 ILLEGAL_PARAMETER = 47
 DECODE_ERROR = 50
+NO_APPLICATION_PROTOCOL = 120
 
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -281,6 +286,8 @@ class TLSLayerFactory:
         self.tls = tls
         self.handshakes = 0
         self.handshake_failures = 0
+        #: the ALPN protocols the server offers (--tls-alpn), as a ClientHello names them
+        self.alpn = frozenset(protocol.encode("ascii") for protocol in tls.options.alpn)
         self._failures = EpisodeLog(log, loop, f"{name}: TLS handshakes failed")
 
     def __call__(self) -> Protocol:
@@ -316,7 +323,7 @@ def describe_handshake_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def check_client_hello(hello: ClientHello) -> tuple[int, str] | None:
+def check_client_hello(hello: ClientHello, alpn: frozenset[bytes]) -> tuple[int, str] | None:
     """Why pollserve refuses this ClientHello, as (alert, a line for the log); None: OpenSSL takes it on.
     Raises MalformedHello where an extension read does not parse.
 
@@ -326,6 +333,10 @@ def check_client_hello(hello: ClientHello) -> tuple[int, str] | None:
       ffdhe2048 after X25519 is served; one whose only share is ffdhe2048 is refused, even if it
       lists X25519, as OpenSSL would take that share rather than ask for another.  TLS 1.2
       needs no check: its DHE suites use the server's parameters, and pollserve loads none.
+    - ALPN offered, and none of the server's protocols (``alpn``, from --tls-alpn) among it
+      (RFC 7301 section 3.2: the server "SHALL respond with a fatal no_application_protocol
+      alert"; Python's ssl would go on without a protocol).  A client without ALPN is served,
+      and the app sees no protocol selected.
     """
     if hello.offers_tls13():
         group = hello.key_exchange_group()
@@ -334,6 +345,12 @@ def check_client_hello(hello: ClientHello) -> tuple[int, str] | None:
                 f"the client asks for a finite-field key exchange ({group_name(group)}), which costs the "
                 "server up to a hundred elliptic-curve ones: refused"
             )
+    if alpn:
+        offered = hello.alpn()
+        if offered is not None and alpn.isdisjoint(offered):
+            names = ",".join(name.decode("ascii", "backslashreplace") for name in offered)
+            ours = ",".join(sorted(name.decode("ascii") for name in alpn))
+            return NO_APPLICATION_PROTOCOL, f"the client offers ALPN {names}, none of {ours}: refused"
     return None
 
 
@@ -366,6 +383,7 @@ class TLSLayer:
         "_handshaking",
         "_handshake_bytes",
         "_hello",
+        "_alpn_offered",
         "_failed",
         "_timer",
         "_app_made",
@@ -401,6 +419,8 @@ class TLSLayer:
         self._handshake_bytes = 0
         #: the first bytes, until they hold a ClientHello that check_client_hello() lets through
         self._hello: ClientHelloReader | None = ClientHelloReader()
+        #: the client's ALPN extension, as it sent it (get_extra_info("alpn_offered")); None: it sent none
+        self._alpn_offered: bytes | None = None
         self._failed = False
         self._timer: Handle | None = None
         self._app_made = False
@@ -514,7 +534,7 @@ class TLSLayer:
             hello = reader.feed(data)
             if hello is None:
                 return False  # more to come, within the handshake timeout
-            refusal = check_client_hello(hello)
+            refusal = check_client_hello(hello, self._factory.alpn)
         except NotAHandshake:
             return True  # not TLS: OpenSSL refuses it, and says what it is (plain HTTP ...)
         except HelloTooLarge as exc:
@@ -526,6 +546,7 @@ class TLSLayer:
         if refusal is not None:
             self._refuse(*refusal)
             return False
+        self._alpn_offered = hello.extensions.get(ALPN)
         return True
 
     def _refuse(self, alert: int, reason: str) -> None:
@@ -833,10 +854,14 @@ class TLSLayer:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """``ssl_object``, ``peercert``, ``cipher``, ``compression``, ``sslcontext`` as asyncio's
-        TLS transports offer them; anything else is the connection's (``peername``, ``socket``...)."""
+        TLS transports offer them; ``alpn_offered``, the protocols the client's ALPN listed, in
+        its order (``[]``: it sent no ALPN); anything else is the connection's (``peername``,
+        ``socket``...)."""
         sslobj = self._sslobj
         if name == "ssl_object":
             return sslobj
+        if name == "alpn_offered":
+            return self._offered_protocols()
         if name == "peercert":
             return sslobj.getpeercert()
         if name == "cipher":
@@ -846,6 +871,15 @@ class TLSLayer:
         if name == "sslcontext":
             return sslobj.context
         return self._raw.get_extra_info(name, default)
+
+    def _offered_protocols(self) -> list[str]:
+        if self._alpn_offered is None:
+            return []
+        try:
+            names = alpn_names(self._alpn_offered)
+        except MalformedHello:  # not read when the server has no ALPN, and OpenSSL took it
+            return []
+        return [name.decode("ascii", "backslashreplace") for name in names]
 
     def set_protocol(self, protocol: Protocol) -> None:
         self._app = protocol
