@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import multiprocessing
 import os
 import signal
@@ -43,6 +42,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from bench_peers import callgrind_total
 
 from pollserve.bench import BenchError, ServerProcess, uvloop_installed
 from pollserve.compiled import command
@@ -248,11 +249,7 @@ def instructions_per_handshake(name: str, argv: list[str]) -> float:
             subprocess.run(["callgrind_control", "-d", str(server.pid)], capture_output=True)  # the counts, now
         finally:
             server.kill()  # a Python exiting under valgrind can take longer than any stop timeout
-        total = 0
-        for path in glob.glob(f"{out}*"):
-            for line in Path(path).read_text(errors="replace").splitlines():
-                if line.startswith(("totals:", "summary:")):
-                    total = max(total, int(line.split()[1]))
+        total = callgrind_total(out)
         if not total:
             raise BenchError(f"{name}: no callgrind counts")
         points.append(total)
