@@ -4,8 +4,8 @@ Sans-IO: ``ClientHelloReader.feed()`` takes the bytes as they arrive, however TC
 client cut them into segments and TLS records, and returns the ClientHello once it is whole.
 Only what pollserve decides on is read (RFC 8446 section 4.1.2): the versions offered, the
 groups listed and the groups of the key shares sent, and the ALPN names, each when it is asked
-for (a usual handshake needs the versions and the key shares only: a ClientHello costs about 1%
-of the handshake's CPU).  The TLS layer (``tls.py``) refuses offers by them; everything else is
+for (a usual handshake needs the versions and the key shares only: reading a ClientHello costs
+about 1.5% of a full handshake's instructions).  The TLS layer (``tls.py``) refuses offers by them; everything else is
 left to OpenSSL, which reads the same bytes again.
 
 The bytes are the client's and may be hostile: every length is checked against the bytes that

@@ -61,14 +61,19 @@ The hard parts, and where each is handled:
   set before the process starts; it replaces the system's configuration, crypto-policies
   included, for every context in the process), and ``SSL_CTX_set1_groups_list`` through
   ctypes (the SSL_CTX pointer read out of CPython's private SSLContext struct, and the
-  libssl that ``_ssl`` links, which a statically linked Python does not export).  Both
-  answer a client that lists X25519 but sends only a finite-field share with a
-  HelloRetryRequest where the check refuses it, and both cost nothing per handshake; the
-  check costs 44,000 instructions per handshake, 1.4% of a full one's 3.1 million
-  (callgrind, pure build), works wherever Python's ssl does, and overrides nothing:
-  OpenSSL's group list and the system's configuration stay as they are.  It applies to the
-  connections this layer serves, whatever context they use; a context from
-  ``server_context()`` used elsewhere (asyncio's ``create_server``) accepts what OpenSSL does.
+  libssl that ``_ssl`` links, whose symbols a Python that links OpenSSL statically may not
+  export).  Both answer a client that lists X25519 but sends only a finite-field share with
+  a HelloRetryRequest where the check refuses it, and both cost nothing per handshake; the
+  check costs 47,000 instructions per handshake, 1.5% of a full one's 3.1 million
+  (callgrind, ``benchmarks/bench_tls.py --instructions``), works wherever Python's ssl does,
+  and overrides nothing: OpenSSL's group list and the system's configuration stay as they
+  are.  It applies to the connections this layer serves, whatever context they use; a
+  context from ``server_context()`` used elsewhere (asyncio's ``create_server``) accepts what
+  OpenSSL does.
+- *ALPN with no protocol in common.*  Python's ssl goes on without ALPN then, where RFC 7301
+  wants a no_application_protocol alert, and cannot tell such a client from one without
+  ALPN.  The ClientHello check can: it sends the alert itself (``check_client_hello``), and
+  a client without ALPN is served with no protocol selected.
 """
 
 from __future__ import annotations
