@@ -7,6 +7,7 @@ with an ECDSA and an RSA certificate (static RSA key exchange needs the latter).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from tlshelpers import (
     HANDSHAKE_FAILURE,
     HOSTNAME,
     SECP256R1,
+    SECP384R1,
     X25519,
     BIOClient,
     Certs,
@@ -42,7 +44,7 @@ from tlshelpers import (
 )
 
 from pollserve.apps import Echo
-from pollserve.tls import DEFAULT_TLS12_CIPHERS
+from pollserve.tls import DEFAULT_TLS12_CIPHERS, server_context
 
 AEAD = ("-GCM-", "-CHACHA20-POLY1305")
 
@@ -110,6 +112,16 @@ def test_tls_ciphers_widens_tls12(backend_name: str, certs: Certs) -> None:
         tls_connect(server.address, tls12_client(certs, cbc)) as sock,
     ):
         assert "GCM" not in sock.cipher()[0] and sock.version() == "TLSv1.2"
+
+
+def test_dhe_suites_named_in_tls_ciphers_are_never_chosen(backend_name: str, certs: Certs) -> None:
+    """A context has no DH parameters unless load_dh_params() is called, and pollserve never calls
+    it: a client offering only DHE suites is refused even when --tls-ciphers names them."""
+    options = certs.options(ciphers=f"{DEFAULT_TLS12_CIPHERS}:DHE+AESGCM")
+    with tls_serving(backend_name, Echo, options) as (server, layers):
+        with pytest.raises(ssl.SSLError), connect(server.address) as raw:
+            tls12_client(certs, OFFERS["dhe-aead"][0]).wrap_socket(raw, server_hostname=HOSTNAME).close()
+        wait_until(lambda: layers.handshake_failures == 1)
 
 
 class TestCommandLine:
@@ -308,3 +320,35 @@ def test_a_python_client_hello_cut_into_records_and_segments_completes(backend_n
             client.write(b"ping")
             assert client.read(4) == b"ping"
         wait_until(lambda: layers.handshakes == 1)
+
+
+#: ServerHello.random of a HelloRetryRequest: SHA-256 of "HelloRetryRequest" (RFC 8446 section 4.1.3)
+HELLO_RETRY_REQUEST = hashlib.sha256(b"HelloRetryRequest").digest()
+
+
+def test_a_context_of_the_apps_own_gets_the_check_and_a_hello_retry_request_works(
+    backend_name: str, ec_certs: Certs
+) -> None:
+    """ServerTLS takes a context the app made, and the layer's check holds for it too.  This one
+    serves P-384 only (set_ecdh_curve), so a Python client, whose one share is X25519's, is asked
+    for another: its second ClientHello goes to OpenSSL as it comes, and the handshake completes."""
+    context = server_context(ec_certs.options())
+    context.set_ecdh_curve("secp384r1")
+    with tls_serving(backend_name, Echo, ec_certs.options(), context) as (server, layers):
+        with BIOClient(server.address, ec_certs.client_context()) as client:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                client.obj.do_handshake()
+            client.flush()
+            reply = b""
+            while len(reply) < 5 + 4 + 2 + 32:  # record header, handshake header, version, random
+                data = client.sock.recv(65536)
+                assert data, "EOF before the server's first flight"
+                reply += data
+            assert reply[11:43] == HELLO_RETRY_REQUEST
+            client.incoming.write(reply)
+            client.handshake()
+            client.write(b"ping")
+            assert client.read(4) == b"ping"
+        hello = client_hello(groups=(FFDHE2048, SECP384R1), key_shares=(FFDHE2048,))
+        assert first_reply(server.address, records(hello)) == HANDSHAKE_FAILURE
+        wait_until(lambda: (layers.handshakes, layers.handshake_failures) == (1, 1))

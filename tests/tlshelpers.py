@@ -217,11 +217,12 @@ def make_certs(folder: Path, *, extra_names: int = 0) -> Certs:
 
 @contextlib.contextmanager
 def tls_serving(
-    backend_name: str, app_factory, options: TLSOptions, **server_options
+    backend_name: str, app_factory, options: TLSOptions, context: ssl.SSLContext | None = None, **server_options
 ) -> Iterator[tuple[Server, TLSLayerFactory]]:
-    """An in-process server of app_factory over TLS (tests/inprocess.serving), and its layer factory."""
+    """An in-process server of app_factory over TLS (tests/inprocess.serving), and its layer factory;
+    ``context``: one of the app's own instead of the one ``options`` load."""
     loop = EventLoop(backend_name)
-    layers = TLSLayerFactory(app_factory, loop, ServerTLS.load(options))
+    layers = TLSLayerFactory(app_factory, loop, ServerTLS(options, context))
     try:
         with serving(backend_name, layers, loop=loop, **server_options) as server:
             yield server, layers
