@@ -241,6 +241,17 @@ def syscalls_per_request(target: Target, fixtures: dict[str, Path], seconds: flo
     return f"{sum(calls.values()) / requests:.2f} ({detail})"
 
 
+def callgrind_total(out: Path) -> int:
+    """The instructions callgrind counted, from the files of ``--callgrind-out-file=out`` (a dump
+    on demand writes ``out.1`` beside it)."""
+    total = 0
+    for path in glob.glob(f"{out}*"):
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
 def instructions_per_request(target: Target, fixtures: dict[str, Path]) -> float:
     """User-space instructions per request (callgrind), one connection closed loop, as the slope
     between a 3 s and a 9 s run, so start-up and shutdown cancel out."""
@@ -272,11 +283,7 @@ def instructions_per_request(target: Target, fixtures: dict[str, Path]) -> float
         subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], capture_output=True)
         subprocess.run(["callgrind_control", "-d", str(server.pid)], capture_output=True)  # the counts, now
         server.kill()  # a Python exiting under valgrind can take longer than any stop timeout
-        total = 0
-        for path in glob.glob(f"{out}*"):
-            for line in Path(path).read_text(errors="replace").splitlines():
-                if line.startswith(("totals:", "summary:")):
-                    total = max(total, int(line.split()[1]))
+        total = callgrind_total(out)
         if load.returncode != 0 or not load.stdout.strip():
             tail = " ".join(load.stderr.strip().splitlines()[-2:])
             raise BenchError(f"{target.name}: the load failed under callgrind (exit {load.returncode}): {tail}")

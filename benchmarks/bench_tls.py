@@ -2,13 +2,20 @@
 
     python benchmarks/bench_tls.py                   # 5 s windows, 50 echo connections, 2 client processes
     python benchmarks/bench_tls.py --seconds 2 --targets pollserve,uvloop
+    git worktree add /tmp/before HEAD~1 && python benchmarks/bench_tls.py --before /tmp/before --targets pollserve
+    python benchmarks/bench_tls.py --targets pollserve --before /tmp/before --scenarios none --instructions
 
 Two scenarios, each against a fresh server of every target:
 - handshakes: clients connect, complete a full TLS 1.3 handshake (no resumption) and close, in a
   closed loop: handshakes/s, and the server's CPU time per handshake;
 - echo: 1 KiB requests echoed over established TLS connections, closed loop: requests/s, and the
   server's CPU time per request.
-Ratios are to uvloop (else asyncio), from this one run.  The clients are Python (asyncio, on
+Ratios are to uvloop (else asyncio; else, with ``--before DIR``, to that other source tree of
+pollserve's, run as the target ``before``), from this one run; with ``--reps N`` the targets take
+turns N times and each figure is the median of its N.  ``--instructions`` adds the server's user-space
+instructions per handshake (callgrind; a full handshake and a 1-byte echo, from one client, as the
+slope between 40 and 160 of them), the figure that repeats whatever else the machine does: wall-clock
+CPU per handshake drifts by 10-20% between runs on a shared machine.  The clients are Python (asyncio, on
 uvloop when it is installed), so on a small machine they may bound the rates: the server's CPU
 time per operation is the figure that compares the servers whatever the client manages.  On Linux
 the server runs on CPU 0 and the clients on CPU 1.
@@ -26,14 +33,20 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import socket
 import ssl
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench_peers import callgrind_total
+
 from pollserve.bench import BenchError, ServerProcess, uvloop_installed
+from pollserve.compiled import command
 from pollserve.peers import AsyncioEcho, listening
 from pollserve.tls import TLSOptions, server_context
 
@@ -72,11 +85,15 @@ def run_peer(name: str, cert: str, key: str) -> None:
         asyncio.run(serve_peer(name, cert, key))
 
 
-def target_argv(name: str, cert: str, key: str) -> list[str]:
-    if name == "pollserve":
+def target_argv(name: str, cert: str, key: str, before: str | None = None, *, callgrind: bool = False) -> list[str]:
+    """``before`` is pollserve run from another tree (compiled.command puts it first on sys.path).
+    Under callgrind every pass of the loop is slow: the first handshakes take seconds, and the
+    slow-callback log is turned off, which would count and log every pass."""
+    if name in ("pollserve", "before"):
+        slow = ["--tls-handshake-timeout", "60", "--slow-callback", "0"] if callgrind else []
         return [
-            sys.executable, "-m", "pollserve", "--app", "echo", "--port", "0", "--idle-timeout", "0",
-            "--tls-cert", cert, "--tls-key", key,
+            *command(before if name == "before" else None), "--app", "echo", "--port", "0", "--idle-timeout", "0",
+            "--tls-cert", cert, "--tls-key", key, *slow,
         ]  # fmt: skip
     return [sys.executable, __file__, "serve", name, cert, key]
 
@@ -201,6 +218,44 @@ def measure(name: str, argv: list[str], scenario: str, args: argparse.Namespace)
     return done / args.seconds, 1e6 * cpu / done
 
 
+#: the handshakes of the two callgrind runs whose difference counts
+FEW_HANDSHAKES, MANY_HANDSHAKES = 40, 160
+
+
+def handshake_in_turn(port: int, count: int) -> None:
+    """count full handshakes, one after another, each with a 1-byte echo."""
+    context = client_context()
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+        with raw, context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise BenchError("no echo")
+
+
+def instructions_per_handshake(name: str, argv: list[str]) -> float:
+    """The server's user-space instructions per handshake (callgrind), as the slope between
+    FEW_HANDSHAKES and MANY_HANDSHAKES, so that start-up and shutdown cancel out."""
+    points = []
+    for count in (FEW_HANDSHAKES, MANY_HANDSHAKES):
+        out = Path(tempfile.mkdtemp()) / "callgrind.out"
+        valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+        server = ServerProcess(name, [*valgrind, *argv])
+        port = server.start()
+        try:
+            subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], capture_output=True)
+            handshake_in_turn(port, count)
+            subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], capture_output=True)
+            subprocess.run(["callgrind_control", "-d", str(server.pid)], capture_output=True)  # the counts, now
+        finally:
+            server.kill()  # a Python exiting under valgrind can take longer than any stop timeout
+        total = callgrind_total(out)
+        if not total:
+            raise BenchError(f"{name}: no callgrind counts")
+        points.append(total)
+    return (points[1] - points[0]) / (MANY_HANDSHAKES - FEW_HANDSHAKES)
+
+
 def make_certificate(folder: str) -> tuple[str, str]:
     try:
         import trustme
@@ -247,27 +302,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per run (default: 1)")
     parser.add_argument("--connections", type=int, default=50, help="client connections (default: 50)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes (default: 2)")
+    parser.add_argument(
+        "--scenarios", default="handshakes,echo", help="comma-separated, or none (default: handshakes,echo)"
+    )
+    parser.add_argument(
+        "--instructions", action="store_true", help="also instructions per handshake (callgrind, valgrind on PATH)"
+    )
+    parser.add_argument("--reps", type=int, default=1, help="runs of each target, taking turns (default: 1)")
+    parser.add_argument(
+        "--before", metavar="DIR", help="another pollserve source tree (the folder holding pollserve/): target before"
+    )
     args = parser.parse_args(argv)
     names = [name for name in args.targets.split(",") if name]
+    if args.before is not None:
+        if not os.path.isfile(os.path.join(args.before, "pollserve", "__init__.py")):
+            sys.exit(f"bench_tls: --before {args.before}: no pollserve/__init__.py in it")
+        names.append("before")
     if "uvloop" in names and not uvloop_installed():
         print("bench_tls: uvloop is not installed: left out (pip install uvloop)", file=sys.stderr)
         names.remove("uvloop")
-    baseline = "uvloop" if "uvloop" in names else names[0]
+    baseline = "uvloop" if "uvloop" in names else "before" if "before" in names else names[0]
     rows: dict[str, dict[str, tuple[float, float]]] = {}
+    instructions: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         cert, key = make_certificate(folder)
-        for scenario in ("handshakes", "echo"):
+        if args.instructions:
             for name in names:
-                print(f"bench_tls: {name} {scenario} ...", file=sys.stderr, flush=True)
+                print(f"bench_tls: {name} instructions per handshake ...", file=sys.stderr, flush=True)
                 try:
-                    rows.setdefault(name, {})[scenario] = measure(name, target_argv(name, cert, key), scenario, args)
+                    argv = target_argv(name, cert, key, args.before, callgrind=True)
+                    instructions[name] = instructions_per_handshake(name, argv)
                 except BenchError as exc:
                     print(f"bench_tls: {exc}", file=sys.stderr)
+        for scenario in [name for name in args.scenarios.split(",") if name != "none"]:
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+            for rep in range(args.reps):
+                for name in names:
+                    print(f"bench_tls: {name} {scenario} {rep + 1}/{args.reps} ...", file=sys.stderr, flush=True)
+                    argv = target_argv(name, cert, key, args.before)
+                    try:
+                        runs[name].append(measure(name, argv, scenario, args))
+                    except BenchError as exc:
+                        print(f"bench_tls: {exc}", file=sys.stderr)
+            for name, results in runs.items():
+                if results:
+                    rows.setdefault(name, {})[scenario] = (
+                        statistics.median(rate for rate, _ in results),
+                        statistics.median(cpu for _, cpu in results),
+                    )
     print(
         f"TLS 1.3, ECDSA P-256; {ssl.OPENSSL_VERSION}; Python {sys.version.split()[0]}; {args.seconds:g} s windows, "
         f"{args.connections} connections, {args.client_procs} client processes"
+        + (f"; medians of {args.reps} runs" if args.reps > 1 else "")
     )
-    print(table(rows, baseline))
+    if rows:
+        print(table(rows, baseline))
+    if instructions:
+        base = instructions.get(baseline)
+        print("\nUser-space instructions per handshake (callgrind; a full handshake and a 1-byte echo, one client)\n")
+        print("| target | instructions | ratio |\n| --- | ---: | ---: |")
+        for name, count in instructions.items():
+            print(f"| {name} | {count:,.0f} | {count / base:.3f} |" if base else f"| {name} | {count:,.0f} | - |")
     return 0
 
 

@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls-alpn",
         metavar="LIST",
-        help="comma-separated protocols offered through ALPN, preferred first, e.g. h2,http/1.1 (default: none)",
+        help="comma-separated protocols offered through ALPN, preferred first, e.g. h2,http/1.1; a client whose "
+        "ALPN names none of them is refused (no_application_protocol), one without ALPN is served (default: none)",
     )
     parser.add_argument(
         "--tls-ciphers",

@@ -49,6 +49,31 @@ The hard parts, and where each is handled:
 - *Not TLS at all.*  Plain text spoken to the TLS port fails the handshake like any
   other bad client: counted, closed, and logged by episode (rates.EpisodeLog), never
   with a traceback.
+- *A client choosing what its handshake costs.*  In TLS 1.3 the client picks the key
+  exchange group, and OpenSSL serves RFC 7919's finite-field groups by default: an
+  ffdhe8192 handshake cost this server 130 ms of CPU, on the loop, against 1.2 ms for
+  X25519 (OpenSSL 3.0.19).  Python 3.10 to 3.13 set one group (``set_ecdh_curve``), not a
+  list.  So the layer reads the ClientHello before OpenSSL does (``clienthello.py``; the
+  first bytes are held until it is whole, 16 KiB at most) and refuses an offer in which
+  OpenSSL would compute in a finite-field group with a handshake_failure alert, a failed
+  handshake like any other (``check_client_hello``).  Weighed against it: an OpenSSL
+  configuration with ``Groups=`` (``OPENSSL_CONF``, read once when OpenSSL initialises, so
+  set before the process starts; it replaces the system's configuration, crypto-policies
+  included, for every context in the process), and ``SSL_CTX_set1_groups_list`` through
+  ctypes (the SSL_CTX pointer read out of CPython's private SSLContext struct, and the
+  libssl that ``_ssl`` links, whose symbols a Python that links OpenSSL statically may not
+  export).  Both answer a client that lists X25519 but sends only a finite-field share with
+  a HelloRetryRequest where the check refuses it, and both cost nothing per handshake; the
+  check costs 47,000 instructions per handshake, 1.5% of a full one's 3.1 million
+  (callgrind, ``benchmarks/bench_tls.py --instructions``), works wherever Python's ssl does,
+  and overrides nothing: OpenSSL's group list and the system's configuration stay as they
+  are.  It applies to the connections this layer serves, whatever context they use; a
+  context from ``server_context()`` used elsewhere (asyncio's ``create_server``) accepts what
+  OpenSSL does.
+- *ALPN with no protocol in common.*  Python's ssl goes on without ALPN then, where RFC 7301
+  wants a no_application_protocol alert, and cannot tell such a client from one without
+  ALPN.  The ClientHello check can: it sends the alert itself (``check_client_hello``), and
+  a client without ALPN is served with no protocol selected.
 """
 
 from __future__ import annotations
@@ -60,6 +85,18 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from .apps import LayeredTransport, Protocol, ProtocolFactory, Transport
+from .clienthello import (
+    ALPN,
+    FINITE_FIELD,
+    ClientHello,
+    ClientHelloReader,
+    HelloError,
+    HelloTooLarge,
+    MalformedHello,
+    NotAHandshake,
+    alpn_names,
+    group_name,
+)
 from .listeners import format_address
 from .rates import EpisodeLog
 from .server import _byte_view
@@ -85,6 +122,13 @@ DEFAULT_LOW_WATER = 16 * 1024
 #: (slow, and weak groups are common), no static RSA key exchange (no forward secrecy, ROBOT).
 #: TLS 1.3's suites are all AEAD and are left as OpenSSL has them.
 DEFAULT_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+#: the alerts the layer sends itself, before OpenSSL has seen the ClientHello (RFC 8446 section 6,
+#: RFC 7301 section 3.2)
+HANDSHAKE_FAILURE = 40
+ILLEGAL_PARAMETER = 47
+DECODE_ERROR = 50
+NO_APPLICATION_PROTOCOL = 120
 
 
 # -- configuration ----------------------------------------------------------------------------------------
@@ -247,6 +291,8 @@ class TLSLayerFactory:
         self.tls = tls
         self.handshakes = 0
         self.handshake_failures = 0
+        #: the ALPN protocols the server offers (--tls-alpn), as a ClientHello names them
+        self.alpn = frozenset(protocol.encode("ascii") for protocol in tls.options.alpn)
         self._failures = EpisodeLog(log, loop, f"{name}: TLS handshakes failed")
 
     def __call__(self) -> Protocol:
@@ -282,13 +328,51 @@ def describe_handshake_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def check_client_hello(hello: ClientHello, alpn: frozenset[bytes]) -> tuple[int, str] | None:
+    """Why pollserve refuses this ClientHello, as (alert, a line for the log); None: OpenSSL takes it on.
+    Raises MalformedHello where an extension read does not parse.
+
+    - A TLS 1.3 key exchange in a finite-field group (RFC 7919): the client chooses the group,
+      and ffdhe8192 costs the server a hundred times X25519's CPU.  What counts is the group
+      OpenSSL would compute in (``ClientHello.key_exchange_group``), so a client that lists
+      ffdhe2048 after X25519 is served; one whose only share is ffdhe2048 is refused, even if it
+      lists X25519, as OpenSSL would take that share rather than ask for another.  TLS 1.2
+      needs no check: its DHE suites use the server's parameters, and pollserve loads none.
+    - ALPN offered, and none of the server's protocols (``alpn``, from --tls-alpn) among it
+      (RFC 7301 section 3.2: the server "SHALL respond with a fatal no_application_protocol
+      alert"; Python's ssl would go on without a protocol).  A client without ALPN is served,
+      and the app sees no protocol selected.
+    """
+    if hello.offers_tls13():
+        group = hello.key_exchange_group()
+        if group is not None and group in FINITE_FIELD:
+            return HANDSHAKE_FAILURE, (
+                f"the client asks for a finite-field key exchange ({group_name(group)}), which costs the "
+                "server up to a hundred elliptic-curve ones: refused"
+            )
+    if alpn:
+        offered = hello.alpn()
+        if offered is not None and alpn.isdisjoint(offered):
+            names = ",".join(name.decode("ascii", "backslashreplace") for name in offered)
+            ours = ",".join(sorted(name.decode("ascii") for name in alpn))
+            return NO_APPLICATION_PROTOCOL, f"the client offers ALPN {names}, none of {ours}: refused"
+    return None
+
+
+def alert_record(description: int) -> bytes:
+    """A fatal alert in a record of its own, in clear: nothing is encrypted before the ServerHello."""
+    return bytes((21, 3, 3, 0, 2, 2, description))
+
+
 class TLSLayer:
     """One connection's TLS: the connection's protocol, and the app's transport (through a
     TLSTransport whose methods are this object's, bound).
 
     States: handshaking until ``do_handshake()`` succeeds (then the app is made and
     told ``connection_made``), open, and closing once close() or a failure has sent
-    close_notify or an alert.
+    close_notify or an alert.  Handshaking begins with the ClientHello check: the first
+    bytes are held (``_hello``) until they hold a whole ClientHello, which is refused with
+    an alert or handed to OpenSSL with the rest.
     """
 
     __slots__ = (
@@ -303,6 +387,8 @@ class TLSLayer:
         "_sslobj",
         "_handshaking",
         "_handshake_bytes",
+        "_hello",
+        "_alpn_offered",
         "_failed",
         "_timer",
         "_app_made",
@@ -336,6 +422,10 @@ class TLSLayer:
         self._sslobj = factory.tls.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._handshaking = True
         self._handshake_bytes = 0
+        #: the first bytes, until they hold a ClientHello that check_client_hello() lets through
+        self._hello: ClientHelloReader | None = ClientHelloReader()
+        #: the client's ALPN extension, as it sent it (get_extra_info("alpn_offered")); None: it sent none
+        self._alpn_offered: bytes | None = None
         self._failed = False
         self._timer: Handle | None = None
         self._app_made = False
@@ -379,11 +469,10 @@ class TLSLayer:
         self._timer = self._loop.call_later(self._factory.tls.options.handshake_timeout, self._handshake_timed_out)
 
     def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
         if self._handshaking:
-            self._handshake_bytes += len(data)
-            self._do_handshake()
+            self._handshake_received(data)
         else:
+            self._incoming.write(data)
             self._read()
 
     def eof_received(self) -> bool:
@@ -429,6 +518,47 @@ class TLSLayer:
             self._schedule_drain()
 
     # -- the handshake ---------------------------------------------------------------------------
+
+    def _handshake_received(self, data: bytes) -> None:
+        if self._closing:  # refused, or failed: nothing more goes to OpenSSL
+            return
+        self._handshake_bytes += len(data)
+        reader = self._hello
+        if reader is None:
+            self._incoming.write(data)
+        elif self._hello_read(reader, data):
+            self._hello = None
+            self._incoming.write(reader.flight)
+        else:
+            return
+        self._do_handshake()
+
+    def _hello_read(self, reader: ClientHelloReader, data: bytes) -> bool:
+        """Whether the first bytes go to OpenSSL now; False: more are needed, or they were refused."""
+        try:
+            hello = reader.feed(data)
+            if hello is None:
+                return False  # more to come, within the handshake timeout
+            refusal = check_client_hello(hello, self._factory.alpn)
+        except NotAHandshake:
+            return True  # not TLS: OpenSSL refuses it, and says what it is (plain HTTP ...)
+        except HelloTooLarge as exc:
+            self._refuse(ILLEGAL_PARAMETER, str(exc))
+            return False
+        except HelloError as exc:
+            self._refuse(DECODE_ERROR, f"a malformed ClientHello: {exc}")
+            return False
+        if refusal is not None:
+            self._refuse(*refusal)
+            return False
+        self._alpn_offered = hello.extensions.get(ALPN)
+        return True
+
+    def _refuse(self, alert: int, reason: str) -> None:
+        """Fail the handshake before OpenSSL has seen it, telling the client why with an alert."""
+        self._hello = None
+        self._raw_write(alert_record(alert))
+        self._handshake_failed(reason)
 
     def _do_handshake(self) -> None:
         try:
@@ -729,10 +859,14 @@ class TLSLayer:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """``ssl_object``, ``peercert``, ``cipher``, ``compression``, ``sslcontext`` as asyncio's
-        TLS transports offer them; anything else is the connection's (``peername``, ``socket``...)."""
+        TLS transports offer them; ``alpn_offered``, the protocols the client's ALPN listed, in
+        its order (``[]``: it sent no ALPN); anything else is the connection's (``peername``,
+        ``socket``...)."""
         sslobj = self._sslobj
         if name == "ssl_object":
             return sslobj
+        if name == "alpn_offered":
+            return self._offered_protocols()
         if name == "peercert":
             return sslobj.getpeercert()
         if name == "cipher":
@@ -742,6 +876,15 @@ class TLSLayer:
         if name == "sslcontext":
             return sslobj.context
         return self._raw.get_extra_info(name, default)
+
+    def _offered_protocols(self) -> list[str]:
+        if self._alpn_offered is None:
+            return []
+        try:
+            names = alpn_names(self._alpn_offered)
+        except MalformedHello:  # not read when the server has no ALPN, and OpenSSL took it
+            return []
+        return [name.decode("ascii", "backslashreplace") for name in names]
 
     def set_protocol(self, protocol: Protocol) -> None:
         self._app = protocol

@@ -6,29 +6,62 @@
 - HTTP: any byte sequence fed to the parser raises nothing but BadRequest, and the endpoint
   answers any of them with one well-formed response.
 - The stats endpoint's slots: a model-based test of which connection is closed to make room.
+<<<<<<< HEAD
 - Its render budget (http.Budgeted): a model-based test of when an answer is rendered or shared.
+=======
+- TLS: any bytes, and ClientHellos damaged anywhere, cut anywhere, into the reader the TLS layer
+  reads ClientHellos with (it raises only its own errors, holds at most its bound, and reads the
+  same however the bytes are cut), and into a TLS server over sockets (it answers each with an
+  alert or a ServerHello, logs no traceback, and goes on serving); and a model-based test of
+  clients sending their first flight in pieces, interleaved, or leaving before it is whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
+import os
 import re
 import socket
+import ssl
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from clients import connect, recv_exactly, reset  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from clients import connect, recv_exactly, recv_until_eof, reset  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
 from inprocess import in_loop, serving, wait_until  # noqa: E402
+from tlshelpers import (  # noqa: E402
+    FFDHE2048,
+    FFDHE8192,
+    HANDSHAKE_FAILURE,
+    NO_APPLICATION_PROTOCOL,
+    SECP256R1,
+    X25519,
+    BIOClient,
+    Certs,
+    client_hello,
+    handshake_message,
+    make_certs,
+    records,
+    recv_plain,
+    tls_connect,
+    tls_serving,
+)
 from transports import RecordingTransport  # noqa: E402
 
 from pollserve.apps import Echo  # noqa: E402
+from pollserve.clienthello import MAX_HELLO_BYTES, ClientHello, ClientHelloReader, HelloError, MalformedHello  # noqa: E402
 from pollserve.http import BadRequest, Budgeted, HTTPEndpoint, Slots, find_head_end, parse_head  # noqa: E402
 from pollserve.rates import RateLimit  # noqa: E402
+from pollserve.tls import check_client_hello  # noqa: E402
 
 #: how a client hangs up: after reading all its echo (half-close, close, reset), or by a reset
 #: while the server may still be writing to it ("reset-early", which expects nothing back)
@@ -378,3 +411,275 @@ class BudgetedMachine(RuleBasedStateMachine):
 
 TestBudgetedMachine = BudgetedMachine.TestCase
 TestBudgetedMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+# -- the ClientHello the TLS layer reads before OpenSSL: any bytes, cut anywhere ---------------------
+
+
+def feed_all(chunks: list[bytes]) -> tuple[str, object]:
+    """Feed the chunks to a reader; the outcome: ("hello", what the TLS layer would judge it by),
+    ("more", None), or the HelloError's class name.  Nothing else may come out, and the reader
+    holds at most the bound and one chunk."""
+    reader = ClientHelloReader()
+    for data in chunks:
+        try:
+            hello = reader.feed(data)
+        except HelloError as exc:
+            assert len(reader.flight) <= MAX_HELLO_BYTES + len(data)
+            return type(exc).__name__, None
+        assert len(reader.flight) <= MAX_HELLO_BYTES + len(data)
+        if hello is not None:
+            return "hello", judged(hello)
+    return "more", None
+
+
+def judged(hello: ClientHello) -> object:
+    """What the TLS layer decides by (check_client_hello), or the MalformedHello it met."""
+    try:
+        tls13 = hello.offers_tls13()
+        return tls13, hello.key_exchange_group() if tls13 else None, hello.alpn(), check_client_hello(hello, ALPN_H2)
+    except MalformedHello:
+        return "MalformedHello"
+
+
+ALPN_H2 = frozenset({b"h2"})
+_GROUPS = st.sampled_from([X25519, SECP256R1, FFDHE2048, FFDHE8192, 0x0A0A, 0x0019])
+
+
+@st.composite
+def first_flights(draw) -> bytes:
+    """ClientHellos made by hand with random offers, in random records, then maybe damaged: bytes
+    replaced, inserted or cut off anywhere."""
+    groups = draw(st.lists(_GROUPS, min_size=1, max_size=4, unique=True))
+    shares = draw(st.lists(st.sampled_from(groups), max_size=2, unique=True))
+    alpn = draw(st.none() | st.lists(st.sampled_from([b"h2", b"http/1.1", b"x" * 40]), min_size=1, max_size=3))
+    message = client_hello(groups=groups, key_shares=shares, alpn=alpn, tls13=draw(st.booleans()))
+    flight = bytearray(records(message, draw(st.sampled_from([1, 3, 50, 1 << 14]))))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(flight) - 1))
+        kind = draw(st.sampled_from(["replace", "insert", "cut"]))
+        if kind == "replace":
+            flight[at] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            flight[at:at] = draw(st.binary(min_size=1, max_size=4))
+        else:
+            del flight[at:]
+            break
+    return bytes(flight)
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    edges = sorted({0, len(data), *(point % (len(data) + 1) for point in points)})
+    return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(st.binary(max_size=3000), st.binary(max_size=3000).map(lambda tail: b"\x16\x03\x01" + tail)),
+    st.lists(st.integers(min_value=0), max_size=20),
+)
+def test_client_hello_reader_on_any_bytes(data: bytes, points: list[int]) -> None:
+    outcome, _ = feed_all(cut(data, points))
+    assert outcome in ("hello", "more", "NotAHandshake", "MalformedHello", "HelloTooLarge")
+
+
+@settings(max_examples=500, deadline=None)
+@given(first_flights(), st.lists(st.integers(min_value=0), max_size=12))
+def test_client_hello_reader_reads_the_same_however_cut(flight: bytes, points: list[int]) -> None:
+    whole = feed_all([flight])
+    assert feed_all(cut(flight, points)) == whole
+    assert whole[0] in ("hello", "more", "NotAHandshake", "MalformedHello", "HelloTooLarge")
+
+
+@pytest.fixture(scope="module")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("fuzz-tls"))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(flights=st.lists(st.tuples(first_flights(), st.lists(st.integers(min_value=0), max_size=6)), max_size=4))
+def test_a_tls_server_outlives_any_first_flight(
+    backend_name: str, tls_certs: Certs, flights: list[tuple[bytes, list[int]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each client sends a (damaged) ClientHello in chunks and its FIN: it gets an alert, or a
+    ServerHello, then the server's EOF; never a traceback, and the server still serves."""
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="pollserve"),
+        tls_serving(backend_name, Echo, tls_certs.options(alpn=("h2",))) as (server, _),
+    ):
+        for flight, points in flights:
+            with connect(server.address, timeout=10) as sock:
+                for chunk in cut(flight, points):
+                    sock.sendall(chunk)
+                sock.shutdown(socket.SHUT_WR)
+                try:
+                    reply = recv_until_eof(sock)
+                except ConnectionResetError:
+                    reply = b""
+                assert reply[:1] in (b"", b"\x15", b"\x16"), reply[:16]
+        with tls_connect(server.address, tls_certs.client_context()) as sock:
+            sock.sendall(b"alive")
+            assert recv_plain(sock, 5) == b"alive"
+        wait_until(lambda: in_loop(server, lambda: len(server.connections)) == 0)
+    assert not [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+# -- the TLS handshake's first state: a model of clients sending their first flight in pieces -------
+
+
+class FirstFlight:
+    """One client of the model: the bytes of its first flight, how many it sent, what it earns."""
+
+    def __init__(self, kind: str, address, certs: Certs, fragment: int) -> None:
+        self.kind = kind
+        self.sent = 0
+        self.bio: BIOClient | None = None
+        if kind in ("good", "good-alpn"):
+            context = certs.client_context()
+            if kind == "good-alpn":
+                context.set_alpn_protocols(["h2"])
+            self.bio = BIOClient(address, context)
+            self.sock = self.bio.sock
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.bio.obj.do_handshake()
+            self.flight = records(handshake_message(self.bio.outgoing.read()), fragment)
+        else:
+            self.sock = connect(address, timeout=10)
+            self.flight = FLIGHTS[kind](fragment)
+
+    @property
+    def whole(self) -> bool:
+        return self.sent == len(self.flight)
+
+    def send(self, size: int) -> None:
+        chunk = self.flight[self.sent : self.sent + size]
+        self.sent += len(chunk)
+        with contextlib.suppress(OSError):  # plain text may be refused before its last byte
+            self.sock.sendall(chunk)
+
+    def outcome(self) -> str:
+        """With the whole flight sent: complete the handshake, or read the refusal to its EOF."""
+        if self.bio is not None:
+            self.bio.handshake()
+            self.bio.write(b"ping")
+            assert self.bio.read(4) == b"ping"
+            return "served"
+        try:
+            reply = recv_until_eof(self.sock)
+        except ConnectionResetError:
+            reply = b""
+        return {HANDSHAKE_FAILURE: "handshake_failure", NO_APPLICATION_PROTOCOL: "no_application_protocol"}.get(
+            reply, "refused by OpenSSL" if reply[:1] in (b"", b"\x15") else f"{reply[:16]!r}"
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+#: the first flights made by hand, by the size of their records
+FLIGHTS = {
+    "ffdhe": lambda size: records(client_hello(groups=(FFDHE2048, X25519), key_shares=(FFDHE2048,)), size),
+    "alpn-mismatch": lambda size: records(client_hello(alpn=[b"http/1.1"]), size),
+    "plain": lambda size: b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+}
+EARNS = {
+    "good": "served",
+    "good-alpn": "served",
+    "ffdhe": "handshake_failure",
+    "alpn-mismatch": "no_application_protocol",
+    "plain": "refused by OpenSSL",
+}
+
+
+KINDS = st.sampled_from(sorted(EARNS))
+#: the size of the records a ClientHello is cut into
+FRAGMENTS = st.sampled_from([1, 7, 1 << 14])
+
+
+class FirstFlightMachine(RuleBasedStateMachine):
+    """Clients connect and send their first flight (a ClientHello in records of any size, or plain
+    text) in pieces of any size, interleaved, or leave before it is whole.  Invariants: a client
+    whose flight is whole gets what its offer earns (served; handshake_failure or
+    no_application_protocol, alone, then EOF; OpenSSL's refusal of plain text); one that leaves
+    after a byte is a failed handshake and one that leaves before any is not; the server's
+    counters say exactly that (plain text fails once OpenSSL has read enough of it to tell, which
+    is its business: between its first byte and its last); and at the end no connection is left
+    and a new client is served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = contextlib.ExitStack()
+        self.certs = make_certs(Path(self.stack.enter_context(tempfile.TemporaryDirectory())))
+        backend = os.environ.get("POLLSERVE_BACKEND") or "auto"
+        self.server, self.layers = self.stack.enter_context(
+            tls_serving(backend, Echo, self.certs.options(alpn=("h2",)))
+        )
+        self.clients: list[FirstFlight] = []
+        self.handshakes = 0
+        self.failures = 0
+
+    @initialize(kind=KINDS, fragment=FRAGMENTS)
+    def first(self, kind: str, fragment: int) -> None:
+        self.connect(kind, fragment)
+
+    # No preconditions: a rule that does not apply does nothing (hypothesis gives up on a step
+    # after a few draws of disabled rules).
+
+    @rule(kind=KINDS, fragment=FRAGMENTS)
+    def connect(self, kind: str, fragment: int) -> None:
+        if len(self.clients) < 4:
+            self.clients.append(FirstFlight(kind, self.server.address, self.certs, fragment))
+
+    @rule(index=st.integers(min_value=0), size=st.sampled_from([1, 4, 5, 6, 100, 400, 1 << 20]))
+    def send(self, index: int, size: int) -> None:
+        if not self.clients:
+            return
+        client = self.clients[index % len(self.clients)]
+        client.send(size)
+        if client.whole:
+            self.clients.remove(client)
+            try:
+                outcome = client.outcome()
+                event(f"{client.kind}: {outcome}")
+                assert outcome == EARNS[client.kind], client.kind
+            finally:
+                client.close()
+            if client.kind.startswith("good"):
+                self.handshakes += 1
+            else:
+                self.failures += 1
+
+    @rule(index=st.integers(min_value=0))
+    def leave(self, index: int) -> None:
+        if not self.clients:
+            return
+        client = self.clients.pop(index % len(self.clients))
+        client.close()
+        if client.sent:
+            self.failures += 1
+
+    @invariant()
+    def counted(self) -> None:
+        started = sum(1 for client in self.clients if client.kind == "plain" and client.sent)
+        wait_until(lambda: self.layers.handshakes == self.handshakes, 5)
+        wait_until(lambda: self.failures <= self.layers.handshake_failures <= self.failures + started, 5)
+
+    def teardown(self) -> None:
+        try:
+            for client in self.clients:
+                client.close()
+            with tls_connect(self.server.address, self.certs.client_context()) as sock:
+                sock.sendall(b"after")
+                assert recv_plain(sock, 5) == b"after"
+            wait_until(lambda: in_loop(self.server, lambda: len(self.server.connections)) == 0)
+        finally:
+            self.stack.close()
+
+
+TestFirstFlightMachine = FirstFlightMachine.TestCase
+TestFirstFlightMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -30,14 +29,18 @@ from serverproc import run_pollserve
 from statsclient import get_stats, http_get, stats_address, wait_for
 from tlshelpers import (
     HOSTNAME,
+    OPENSSL,
     BIOClient,
     Certs,
     make_certs,
+    needs_openssl,
     recv_plain,
+    s_client,
     small_buffer_client,
     small_send_buffers,
     tls_connect,
     tls_serving,
+    uses_openssl,
 )
 
 from pollserve.apps import Echo, Protocol
@@ -46,33 +49,6 @@ from pollserve.proxy import ProxyLayerFactory
 from pollserve.tls import ServerTLS, TLSLayerFactory, TLSOptions, reload_certificates, server_context
 
 POSIX = sys.platform != "win32"
-
-
-def find_openssl() -> tuple[str | None, str]:
-    """OpenSSL's own s_client, 1.1.1 or later (TLS 1.3, the K command), or None and why not: macOS
-    puts LibreSSL's openssl on PATH, whose s_client differs."""
-    path = shutil.which("openssl")
-    if path is None:
-        return None, "openssl is not on PATH"
-    try:
-        version = subprocess.run([path, "version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"openssl version failed: {exc}"
-    found = re.match(r"OpenSSL (\d+)\.(\d+)\.(\d+)", version)
-    if not found or tuple(map(int, found.groups())) < (1, 1, 1):
-        return None, f"{version or path} is not OpenSSL 1.1.1 or later"
-    return path, version
-
-
-OPENSSL, OPENSSL_ABOUT = find_openssl()
-#: CI on Linux installs openssl (.ci/run): there a missing one is a failure, not a skip
-if OPENSSL is None and os.environ.get("CI") and sys.platform.startswith("linux"):
-    OPENSSL_ABOUT = ""
-
-
-def needs_openssl() -> None:
-    if OPENSSL is None:
-        pytest.fail(f"openssl is missing: .ci/run installs Debian's openssl package ({OPENSSL_ABOUT})")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +70,7 @@ class Recorder(Echo):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.calls.append("made")
-        for name in ("ssl_object", "peercert", "cipher", "sslcontext", "peername", "socket"):
+        for name in ("ssl_object", "peercert", "cipher", "sslcontext", "peername", "socket", "alpn_offered"):
             self.info[name] = transport.get_extra_info(name)
 
     def data_received(self, data: bytes) -> None:
@@ -178,7 +154,7 @@ def test_session_tickets_go_out_with_no_app_data_to_carry_them(backend_name: str
             wait_until(lambda: layers.handshakes == 2)
 
 
-@pytest.mark.skipif(OPENSSL is None and bool(OPENSSL_ABOUT), reason=OPENSSL_ABOUT or "-")
+@uses_openssl
 def test_key_updates_both_ways(backend_name: str, certs: Certs) -> None:
     """A KeyUpdate with update_requested (RFC 8446 section 4.6.3): the server reads with the new
     keys, and sends a KeyUpdate of its own "prior to sending its next Application Data record"
@@ -668,6 +644,57 @@ def test_alpn(backend_name: str, certs: Certs) -> None:
             sock.sendall(b"hi")
             recv_plain(sock, 2)
     assert made[0].info["ssl_object"].selected_alpn_protocol() == "http/1.1"
+    assert made[0].info["alpn_offered"] == ["http/1.1", "spdy/3"]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_alpn_without_overlap_is_refused_and_without_alpn_is_served(
+    backend_name: str, certs: Certs, version: ssl.TLSVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 7301 section 3.2: a client whose ALPN names none of the server's protocols gets a fatal
+    no_application_protocol alert; one that sends no ALPN is served, with no protocol selected."""
+    made: list[Recorder] = []
+
+    def client(*protocols: str) -> ssl.SSLContext:
+        context = certs.client_context()
+        context.maximum_version = version
+        if protocols:
+            context.set_alpn_protocols(list(protocols))
+        return context
+
+    with (
+        caplog.at_level(logging.INFO, logger="pollserve"),
+        tls_serving(backend_name, lambda: Recorder(made), certs.options(alpn=("h2",))) as (server, layers),
+    ):
+        with pytest.raises(ssl.SSLError) as refused:
+            tls_connect(server.address, client("http/1.1")).close()
+        # Python's table of OpenSSL's reasons lacks this one: the message names the alert
+        assert "alert no application protocol" in str(refused.value), refused.value
+        wait_until(lambda: layers.handshake_failures == 1)
+        for protocols, selected in (((), None), (("http/1.1", "h2"), "h2")):
+            with tls_connect(server.address, client(*protocols)) as sock:
+                assert sock.selected_alpn_protocol() == selected
+                sock.sendall(b"hi")
+                assert recv_plain(sock, 2) == b"hi"
+        assert layers.handshakes == 2 and layers.handshake_failures == 1
+    told = [app for app in made if app.calls]  # the refused client's app was made, never told
+    assert [app.info["ssl_object"].selected_alpn_protocol() for app in told] == [None, "h2"]
+    assert [app.info["alpn_offered"] for app in told] == [[], ["http/1.1", "h2"]]
+    (line,) = warnings_about(caplog, "TLS handshakes failed")
+    assert "the client offers ALPN http/1.1, none of h2: refused" in line, line
+    assert_no_tracebacks(caplog)
+
+
+@uses_openssl
+def test_openssl_s_client_alpn(backend_name: str, certs: Certs) -> None:
+    with tls_serving(backend_name, Echo, certs.options(alpn=("h2",))) as (server, layers):
+        output = s_client(server.address, certs.ca_file, "-alpn", "http/1.1")
+        assert "no application protocol" in output and "alert number 120" in output, output
+        output = s_client(server.address, certs.ca_file, "-alpn", "h2")
+        assert "ALPN protocol: h2" in output, output
+        output = s_client(server.address, certs.ca_file)
+        assert "No ALPN negotiated" in output and "Verification: OK" in output, output
+        wait_until(lambda: layers.handshakes == 2 and layers.handshake_failures == 1)
 
 
 def test_tls_1_2_is_the_minimum(backend_name: str, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
@@ -872,7 +899,7 @@ def test_cli_timeout_and_plain_text_are_counted_and_logged_once(start_server, ce
     assert "Traceback" not in server.log
 
 
-@pytest.mark.skipif(OPENSSL is None and bool(OPENSSL_ABOUT), reason=OPENSSL_ABOUT or "-")
+@uses_openssl
 def test_openssl_s_client_session(start_server, certs: Certs) -> None:
     needs_openssl()
     server = start_server("--app", "echo", *tls_args(certs))
@@ -881,6 +908,24 @@ def test_openssl_s_client_session(start_server, certs: Certs) -> None:
         client.send("hello over tls\n")
         client.wait_for("^hello over tls$")
         assert client.close() == 0
+    assert "Traceback" not in server.log
+
+
+@uses_openssl
+def test_cli_refuses_a_finite_field_key_exchange_and_an_alpn_mismatch(start_server, certs: Certs) -> None:
+    server = start_server("--app", "echo", "--stats-port", "0", *tls_args(certs, "--tls-alpn", "h2"))
+    address = stats_address(server)
+    output = s_client(server.address, certs.ca_file, "-groups", "ffdhe8192", "-alpn", "h2")
+    assert "alert handshake failure" in output and "Server Temp Key" not in output, output
+    output = s_client(server.address, certs.ca_file, "-alpn", "http/1.1")
+    assert "alert no application protocol" in output, output
+    with tls_connect(server.address, certs.client_context()) as sock:  # no ALPN: served
+        sock.sendall(b"hello")
+        assert recv_plain(sock, 5) == b"hello"
+    wait_for(lambda: get_stats(address)["tls_handshake_failures"] == 2, what="2 refused handshakes")
+    assert get_stats(address)["tls_handshakes"] == 1
+    (line,) = [line for line in server.lines if "TLS handshakes failed" in line]  # one episode
+    assert "finite-field key exchange (ffdhe8192)" in line, line
     assert "Traceback" not in server.log
 
 

@@ -2,20 +2,29 @@
 
 ``BIOClient`` is a TLS client on MemoryBIOs over a blocking socket: the test decides which
 bytes go out in which send(), so it can put a Finished and the first request in one segment,
-or several records in one.
+or several records in one.  ``client_hello()`` builds a ClientHello byte by byte (RFC 8446
+section 4.1.2), for offers no client library makes; ``s_client()`` runs ``openssl s_client``
+once, for the offers its options make (``-groups``, ``-alpn``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import re
+import secrets
 import selectors
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pytest
 import trustme
 from clients import connect
 from inprocess import serving
@@ -25,6 +34,142 @@ from pollserve.server import Server
 from pollserve.tls import ServerTLS, TLSLayerFactory, TLSOptions
 
 HOSTNAME = "localhost"
+
+
+# -- openssl s_client ---------------------------------------------------------------------------------------------
+
+
+def find_openssl() -> tuple[str | None, str]:
+    """OpenSSL's own s_client, 1.1.1 or later (TLS 1.3, the K command), or None and why not: macOS
+    puts LibreSSL's openssl on PATH, whose s_client differs."""
+    path = shutil.which("openssl")
+    if path is None:
+        return None, "openssl is not on PATH"
+    try:
+        version = subprocess.run([path, "version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"openssl version failed: {exc}"
+    found = re.match(r"OpenSSL (\d+)\.(\d+)\.(\d+)", version)
+    if not found or tuple(map(int, found.groups())) < (1, 1, 1):
+        return None, f"{version or path} is not OpenSSL 1.1.1 or later"
+    return path, version
+
+
+OPENSSL, OPENSSL_ABOUT = find_openssl()
+#: CI on Linux installs openssl (.ci/run): there a missing one is a failure, not a skip
+if OPENSSL is None and os.environ.get("CI") and sys.platform.startswith("linux"):
+    OPENSSL_ABOUT = ""
+
+#: skips a test that drives openssl s_client where it is missing, except under CI on Linux
+uses_openssl = pytest.mark.skipif(OPENSSL is None and bool(OPENSSL_ABOUT), reason=OPENSSL_ABOUT or "-")
+
+
+def needs_openssl() -> None:
+    if OPENSSL is None:
+        pytest.fail(f"openssl is missing: .ci/run installs Debian's openssl package ({OPENSSL_ABOUT})")
+
+
+def s_client(address, ca_file: str, *args: str, send: str = "") -> str:
+    """``openssl s_client`` once: connect, handshake, send ``send`` and close; its whole output.
+    ``-ign_eof`` is left out, so stdin's end ends the session."""
+    needs_openssl()
+    assert OPENSSL is not None
+    result = subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"{address[0]}:{address[1]}", "-CAfile", ca_file,
+         "-servername", HOSTNAME, *args],
+        input=send, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
+# -- ClientHellos made by hand (RFC 8446 section 4.1.2) -------------------------------------------------------------
+
+#: named groups (RFC 8446 section 4.2.7, RFC 7919)
+X25519, SECP256R1, SECP384R1 = 0x001D, 0x0017, 0x0018
+FFDHE2048, FFDHE8192 = 0x0100, 0x0104
+#: the size of a finite-field group's key_exchange: its prime's (RFC 8446 section 4.2.8.1)
+FFDHE_SIZES = {FFDHE2048: 256, FFDHE8192: 1024}
+
+
+def key_exchange(group: int) -> bytes:
+    """A share OpenSSL takes: 32 random bytes for X25519; for a finite-field group, the generator
+    (2 = g^1, which RFC 7919's groups accept as a public value, padded to the prime's size); one
+    byte for any other group, as for GREASE (RFC 8701)."""
+    if group == X25519:
+        return secrets.token_bytes(32)
+    if group in FFDHE_SIZES:
+        return (2).to_bytes(FFDHE_SIZES[group], "big")
+    return b"\x00"
+
+
+def _vector(width: int, data: bytes) -> bytes:
+    return len(data).to_bytes(width, "big") + data
+
+
+def extension(kind: int, data: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + _vector(2, data)
+
+
+def _u16s(values: Iterable[int]) -> bytes:
+    return b"".join(value.to_bytes(2, "big") for value in values)
+
+
+def client_hello(
+    *,
+    groups: Iterable[int] = (X25519,),
+    key_shares: Iterable[int] | None = None,
+    alpn: Iterable[bytes] | None = None,
+    tls13: bool = True,
+    more: bytes = b"",
+) -> bytes:
+    """A ClientHello handshake message (no record header): TLS 1.3 (and 1.2) suites, the groups
+    listed in supported_groups, a share for each of ``key_shares`` (default: the first group;
+    X25519 or finite-field ones), ALPN if given, then the extensions in ``more`` as they are.
+    OpenSSL answers such a hello with a ServerHello (or a HelloRetryRequest)."""
+    groups = tuple(groups)
+    shares = groups[:1] if key_shares is None else tuple(key_shares)
+    extensions = [
+        extension(10, _vector(2, _u16s(groups))),  # supported_groups
+        extension(13, _vector(2, _u16s((0x0403, 0x0804, 0x0401)))),  # signature_algorithms
+    ]
+    if tls13:
+        extensions.append(extension(43, _vector(1, _u16s((0x0304, 0x0303)))))  # supported_versions
+        key_share = b"".join(group.to_bytes(2, "big") + _vector(2, key_exchange(group)) for group in shares)
+        extensions.append(extension(51, _vector(2, key_share)))
+    if alpn is not None:
+        extensions.append(extension(16, _vector(2, b"".join(_vector(1, name) for name in alpn))))
+    body = (
+        b"\x03\x03"  # legacy_version: TLS 1.2
+        + secrets.token_bytes(32)  # random
+        + _vector(1, secrets.token_bytes(32))  # legacy_session_id
+        + _vector(2, _u16s((0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F)))  # cipher_suites
+        + b"\x01\x00"  # legacy_compression_methods: null
+        + _vector(2, b"".join(extensions) + more)
+    )
+    return b"\x01" + _vector(3, body)
+
+
+def records(message: bytes, size: int = 1 << 14) -> bytes:
+    """A handshake message in handshake records of at most ``size`` bytes each (RFC 8446 section 5.1)."""
+    return b"".join(
+        b"\x16\x03\x01" + _vector(2, message[start : start + size]) for start in range(0, len(message), size)
+    )
+
+
+def handshake_message(flight: bytes) -> bytes:
+    """The handshake bytes the records of ``flight`` carry (their fragments, joined)."""
+    message, at = bytearray(), 0
+    while at < len(flight):
+        assert flight[at] == 0x16, f"a record of type {flight[at]} in the flight"
+        length = int.from_bytes(flight[at + 3 : at + 5], "big")
+        message += flight[at + 5 : at + 5 + length]
+        at += 5 + length
+    return bytes(message)
+
+
+#: the alert records a server sends before its ServerHello (RFC 8446 section 6): fatal, then the description
+HANDSHAKE_FAILURE = b"\x15\x03\x03\x00\x02\x02\x28"
+NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
 
 
 @dataclasses.dataclass
@@ -72,11 +217,12 @@ def make_certs(folder: Path, *, extra_names: int = 0) -> Certs:
 
 @contextlib.contextmanager
 def tls_serving(
-    backend_name: str, app_factory, options: TLSOptions, **server_options
+    backend_name: str, app_factory, options: TLSOptions, context: ssl.SSLContext | None = None, **server_options
 ) -> Iterator[tuple[Server, TLSLayerFactory]]:
-    """An in-process server of app_factory over TLS (tests/inprocess.serving), and its layer factory."""
+    """An in-process server of app_factory over TLS (tests/inprocess.serving), and its layer factory;
+    ``context``: one of the app's own instead of the one ``options`` load."""
     loop = EventLoop(backend_name)
-    layers = TLSLayerFactory(app_factory, loop, ServerTLS.load(options))
+    layers = TLSLayerFactory(app_factory, loop, ServerTLS(options, context))
     try:
         with serving(backend_name, layers, loop=loop, **server_options) as server:
             yield server, layers
