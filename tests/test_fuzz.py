@@ -6,9 +6,7 @@
 - HTTP: any byte sequence fed to the parser raises nothing but BadRequest, and the endpoint
   answers any of them with one well-formed response.
 - The stats endpoint's slots: a model-based test of which connection is closed to make room.
-<<<<<<< HEAD
 - Its render budget (http.Budgeted): a model-based test of when an answer is rendered or shared.
-=======
 - TLS: any bytes, and ClientHellos damaged anywhere, cut anywhere, into the reader the TLS layer
   reads ClientHellos with (it raises only its own errors, holds at most its bound, and reads the
   same however the bytes are cut), and into a TLS server over sockets (it answers each with an
