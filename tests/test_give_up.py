@@ -124,6 +124,16 @@ def test_the_shutdown_timeout_resets_a_client_with_bytes_undelivered(backend_nam
         assert got < size
 
 
+@pytest.mark.parametrize("size", WHERE)
+def test_closing_the_server_now_resets_a_client_with_bytes_undelivered(backend_name: str, size: int) -> None:
+    """Server.close(), which a second stop signal calls: every connection ends at once."""
+    with serving(backend_name, reply(size), linger_timeout=30) as server, pending_reply(server, size) as sock:
+        in_loop(server, server.close)
+        got, end = read_to_the_end(sock)
+        assert end == "reset", f"{got} of {size} bytes, then a clean EOF"
+        assert got < size
+
+
 @pytest.mark.parametrize(
     "options", [{"idle_timeout": 0.3}, {"idle_timeout": 0, "flush_timeout": 0.3}], ids=["idle-timeout", "flush-timeout"]
 )
