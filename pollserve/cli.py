@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="on SIGINT/SIGTERM, how long to flush buffered replies before closing anyway (default: 5)",
+        help="on SIGINT/SIGTERM, how long to flush buffered replies before closing anyway; a client not yet given "
+        "its whole reply is then reset (default: 5)",
     )
     parser.add_argument(
         "--stats-interval",
@@ -172,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
-        help=f"close a connection that made no progress either way for SECONDS (a client still reading "
-        f"counts); 0 disables (default: {DEFAULT_IDLE_TIMEOUT:g})",
+        help=f"close a connection on which nothing moved for SECONDS: no byte either way, and its kernel send "
+        f"queue did not shrink (a slow reader counts while its reads reopen its TCP window: keep the timeout "
+        f"above twice its window over its read rate); one with bytes undelivered is reset; 0 disables "
+        f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--proxy-protocol",

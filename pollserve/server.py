@@ -11,15 +11,22 @@ write side, then read and drop until the client's EOF or ``linger_timeout``.
 Closing a socket with unread bytes, or one that receives bytes after close(),
 makes the kernel answer with RST, and the RST can destroy replies that send()
 had already accepted (nginx's ``lingering_close`` exists for this).
+
+When the server itself gives up on a connection (the idle timeout, a flush or a delivery that makes
+no progress, the shutdown timeout) with bytes the client has not received, in its own buffer or in
+the kernel's send queue, it resets the connection instead (SO_LINGER 0, as nginx's
+``reset_timedout_connection``): a FIN would let the client take a truncated reply for a whole one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -53,6 +60,11 @@ MAX_READ: Final = 65536
 #: A bytes object of up to 512 bytes (33 of them its header) comes from the interpreter's own
 #: allocator (pymalloc); a larger one from malloc, which costs several times more.
 MIN_READ: Final = 512 - 33
+
+#: SO_LINGER on, with a zero timeout: close() then sends RST and drops what the send queue holds,
+#: instead of sending it and a FIN [socket(7) SO_LINGER; RFC 9293 3.10.4 ABORT].  Windows' struct
+#: linger is two u_shorts, elsewhere two ints.
+_RESET_ON_CLOSE: Final = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
 
 #: accept() failures that mean "out of fds or kernel memory": back off, don't spin
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -416,7 +428,39 @@ class Connection:
         if self._lost:
             return
         self._loop.add_reader(self._fd, self._on_linger_readable)
-        self._linger_timer = self._loop.call_later(self._server.linger_timeout, self._finish, None)
+        self._linger_timer = self._loop.call_later(self._server.linger_timeout, self._linger_ended)
+
+    def _linger_ended(self) -> None:
+        """No EOF from the client within linger_timeout.  If the kernel still holds bytes the client
+        has not acknowledged, the close is not over: closing now would leave them to an orphaned
+        socket, or with a client that reads no more, to nobody.  It goes on (still reading and
+        dropping) while the client makes progress, under the flush rule (_check_delivery)."""
+        self._linger_timer = None
+        unsent = unsent_bytes(self._fd)
+        if not unsent:  # all delivered, or an OS that cannot say (sendqueue.py): close as ever
+            self._finish(None)
+            return
+        self._unsent, self._unsent_at = unsent, self._loop.now
+        self._linger_timer = self._loop.call_later(self._server._sweep_interval(), self._check_delivery)
+
+    def _check_delivery(self) -> None:
+        """Every sweep interval after the linger: the close is over once the kernel's send queue is
+        empty; the queue shrinking is progress; no progress for the server's limit, and it gives up."""
+        self._linger_timer = None
+        server = self._server
+        now = self._loop.now
+        limit = server._no_progress_limit()
+        unsent = unsent_bytes(self._fd) or 0
+        if unsent == 0:
+            self._finish(None)
+            return
+        if unsent < self._unsent:
+            self._last_active = now
+        elif self._last_active <= now - limit:
+            server._give_up(self, f"delivering, no progress for {limit:g} s")
+            return
+        self._unsent, self._unsent_at = unsent, now
+        self._linger_timer = self._loop.call_later(server._sweep_interval(), self._check_delivery)
 
     def _on_linger_readable(self) -> None:
         try:
@@ -441,12 +485,20 @@ class Connection:
         if self.is_reading():
             self._on_readable()
 
-    def _close_idle(self, why: str) -> None:
-        """The idle timeout: a client that has not read for that long will not read what is buffered."""
-        if self._buffer:
-            self._server_abort(why)
-        else:
+    def _close_idle(self, why: str) -> bool:
+        """The idle sweep gives up on a connection that made no progress for the limit.  One whose
+        client has received everything gets the lingering close; one that is closing already, or
+        has bytes undelivered, is closed now (_server_abort).  Returns whether it was reset."""
+        if not self._closing and self._undelivered() == 0:
             self._server_close(why)
+            return False
+        return self._server_abort(why)
+
+    def _undelivered(self) -> int:
+        """Bytes the client has not received, as far as the server can tell: its own buffer's, and
+        the kernel's send queue where the OS can say (sendqueue.py); elsewhere that part counts as
+        delivered, as before, for want of a way to tell."""
+        return len(self._buffer) + (unsent_bytes(self._fd) or 0)
 
     def _kernel_progress(self, now: float) -> bool | None:
         """Whether the client read since the sweep last looked, though no send() of ours moved a
@@ -523,8 +575,23 @@ class Connection:
             goodbye()
         self.close()
 
-    def _server_abort(self, why: str) -> None:
-        self.abort()
+    def _server_abort(self, why: str) -> bool:
+        """Close now, as the server decides (the idle sweep, the shutdown timeout, Server.close):
+        with bytes the client has not received, a reset, so that it cannot take a truncated reply
+        for a whole one.  The app's own abort() never resets (asyncio's does not either).  Give-up
+        paths only: the ioctl this costs is never paid per event.  Returns whether it reset."""
+        if self._lost:
+            return False
+        undelivered = self._undelivered()
+        if undelivered:
+            self._reset_on_close(undelivered)
+        self._finish(None)
+        return undelivered > 0
+
+    def _reset_on_close(self, undelivered: int) -> None:
+        """SO_LINGER 0, so that the close() to come resets the connection."""
+        with contextlib.suppress(OSError):  # the peer reset it first, say: the close is what it is
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
 
 
 class TracedConnection(Connection):
@@ -593,10 +660,15 @@ class TracedConnection(Connection):
         self._why = self._why or why
         super()._server_close(why)
 
-    def _server_abort(self, why: str) -> None:
+    def _server_abort(self, why: str) -> bool:
         # A close already under way (the app's, a shutdown's) that the server now cuts short says both.
-        self._why = f"{self._why}, then aborted: {why}" if self._why else why
-        super().abort()
+        if not self._lost:
+            self._why = f"{self._why}, then aborted: {why}" if self._why else why
+        return super()._server_abort(why)
+
+    def _reset_on_close(self, undelivered: int) -> None:
+        self._why += f"; reset, {undelivered} bytes undelivered"
+        super()._reset_on_close(undelivered)
 
     def _finish(self, exc: Exception | None) -> None:
         if not self._lost:
@@ -636,7 +708,10 @@ class Server:
 
     Invariant: a closing connection is gone within the idle timeout (or, with none,
     ``flush_timeout``) plus two sweep intervals if its peer makes no progress: its
-    flush is held to the same rule, and its linger has a timer of its own.
+    flush is held to the same rule, its linger has a timer of its own, and what the
+    kernel still holds when the linger ends is held to the rule again
+    (Connection._check_delivery).  A connection the server gives up on with bytes
+    the client has not received is reset, never closed with a FIN.
     """
 
     def __init__(
@@ -695,6 +770,8 @@ class Server:
         self.connections_closed = 0
         self.connections_refused = 0
         self.connections_idle_closed = 0
+        #: of those, the ones reset because bytes were undelivered (Connection._server_abort)
+        self.connections_idle_reset = 0
         #: running byte totals, updated by the connections (bytes_in, bytes_out, write_buffer_bytes)
         self.traffic = Traffic()
         #: called (no arguments) when accept() fails for lack of fds: the fd-usage warning listens
@@ -899,11 +976,16 @@ class Server:
             self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        """Close what made no progress for the limit.  Only connections without a transfer for half
-        of it are looked at closer, one ioctl each per sweep: one whose kernel send queue shrank
-        since the last look is reading, and counts as active now.  So a connection is closed when
-        the server moved no byte for the limit and its client read nothing for the last half of
-        it at least.  Lingering connections have their own timer."""
+        """Close what made no progress for the limit.  Progress is a transfer either way (the hot
+        path stores the clock in _last_active) or, seen here, the kernel's send queue shrinking
+        between two looks (Connection._kernel_progress): only connections without a transfer for
+        half of the limit are looked at, one ioctl each per sweep, and the first look after a
+        transfer only takes a sample.  So a connection is kept while something moves within every
+        half of the limit, and closed once nothing has been seen to move for the limit.  A read
+        too small for the client's kernel to reopen its window moves nothing (README, "Idle
+        timeout").  Lingering connections have their own timer (Connection._linger_ended).  A
+        connection closed here with bytes undelivered is reset (Connection._close_idle), and
+        counted in connections_idle_reset too."""
         self._idle_timer = None
         now = self.loop.now
         limit = self._no_progress_limit()
@@ -927,11 +1009,16 @@ class Server:
             elif progress is not None and conn._last_active <= deadline:
                 idle.append(conn)
         for conn in idle:
-            self.connections_idle_closed += 1
             what = "flushing" if conn._closing else "idle"
-            conn._close_idle(f"{what}, no progress for {limit:g} s")
+            self._give_up(conn, f"{what}, no progress for {limit:g} s")
         if self.idle_timeout is not None or flushing:
             self._idle_timer = self.loop.call_later(interval, self._sweep_idle)
+
+    def _give_up(self, conn: Connection, why: str) -> None:
+        """Close a connection that made no progress for the limit, and count it."""
+        self.connections_idle_closed += 1
+        if conn._close_idle(why):
+            self.connections_idle_reset += 1
 
     # -- accounting --------------------------------------------------------------
 
@@ -1017,13 +1104,14 @@ class Server:
         self._drain_timer = self.loop.call_later(timeout, expired)
 
     def _abort_all(self) -> None:
+        count = len(self.connections)
+        resets = sum(conn._server_abort("shutdown timeout") for conn in list(self.connections))
         log.warning(
-            "%s: shutdown timeout: aborting %d connections still flushing or lingering",
+            "%s: shutdown timeout: aborting %d connections still flushing or lingering; %d reset, bytes undelivered",
             self.name,
-            len(self.connections),
+            count,
+            resets,
         )
-        for conn in list(self.connections):
-            conn._server_abort("shutdown timeout")
 
     def _drained(self) -> None:
         if self._drain_timer is not None:

@@ -57,6 +57,8 @@ class Snapshot:
     #: the connection limit (--max-connections or the fd budget); None when there is none
     connections_limit: int | None
     connections_idle_closed: int
+    #: of those, the ones reset because the client had not received every byte (README, idle timeout)
+    connections_idle_reset: int
     bytes_in: int
     bytes_out: int
     #: bytes waiting in write buffers, all connections together
@@ -217,6 +219,7 @@ class StatsCollector:
             connections_refused=server.connections_refused,
             connections_limit=server.max_connections,
             connections_idle_closed=server.connections_idle_closed,
+            connections_idle_reset=server.connections_idle_reset,
             bytes_in=server.bytes_in,
             bytes_out=server.bytes_out,
             write_buffer_bytes=server.write_buffer_bytes,
@@ -332,6 +335,12 @@ _METRICS: list[tuple[str, str, str, str]] = [
         "pollserve_connections_idle_closed_total",
         "counter",
         "Client connections closed by the idle timeout.",
+    ),
+    (
+        "connections_idle_reset",
+        "pollserve_connections_idle_reset_total",
+        "counter",
+        "Of the connections closed by the idle timeout, those reset with bytes the client had not received.",
     ),
     ("bytes_in", "pollserve_received_bytes_total", "counter", "Bytes received from clients."),
     ("bytes_out", "pollserve_sent_bytes_total", "counter", "Bytes sent to clients."),

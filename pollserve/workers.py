@@ -908,6 +908,7 @@ COUNTERS = (
     "connections_closed",
     "connections_refused",
     "connections_idle_closed",
+    "connections_idle_reset",
     "bytes_in",
     "bytes_out",
     "loop_iterations",

@@ -404,6 +404,7 @@ SNAPSHOT = {
     "connections_refused": 0,
     "connections_limit": 990,
     "connections_idle_closed": 0,
+    "connections_idle_reset": 0,
     "bytes_in": 100,
     "bytes_out": 400,
     "write_buffer_bytes": 0,

@@ -14,17 +14,22 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from clients import SlowClients, connect, flood_metrics, recv_exactly, recv_until_eof, request_rounds, reset
 from conftest import AVAILABLE
+from sample_apps import BIG_REPLY_SIZE
 from serverproc import run_pollserve
 from statsclient import get_stats, http_get, stats_address, wait_for
+from test_give_up import read_to_the_end
+from tlshelpers import small_buffer_client
 
 from pollserve.service import STATS_BURST, STATS_MAX_AGE, STATS_RATE
 
 POSIX = sys.platform != "win32"
 HELLO = b"Hello world\n"
+TESTS_DIR = str(Path(__file__).parent)
 #: `timeout check` in contrib/haproxy/haproxy.cfg: a /healthz answer later than this is a failed check
 HEALTH_CHECK_TIMEOUT = 2.0
 
@@ -251,6 +256,26 @@ class TestIdleTimeout:
         snap = get_stats(stats)
         assert snap["connections_idle_closed"] == 1
         server.wait_for_log(r"stopped|listening")  # the log is readable; no traceback
+        assert "Traceback" not in server.log
+
+    def test_a_client_with_a_reply_pending_is_reset_and_counted(self, start_server) -> None:
+        """It asks for an 8 MiB reply and reads none of it: the idle timeout gives up on it with
+        bytes undelivered, so it sees a reset, not a clean EOF after part of the reply; /stats and
+        /metrics count the reset apart from the idle closes."""
+        server = start_server(
+            "--app", "sample_apps:BigReply", "--idle-timeout", "0.5", "--stats-port", "0", env={"PYTHONPATH": TESTS_DIR}
+        )
+        stats = stats_address(server)
+        with small_buffer_client(server.address) as sock:
+            sock.sendall(b"go")
+            wait_for(lambda: get_stats(stats)["connections_idle_closed"] == 1, what="the idle close")
+            got, end = read_to_the_end(sock)
+            assert end == "reset", f"{got} of {BIG_REPLY_SIZE} bytes, then a clean EOF"
+        snap = get_stats(stats)
+        assert snap["connections_idle_reset"] == 1
+        status, _, body = http_get(stats, "/metrics")
+        assert status == 200
+        assert "\npollserve_connections_idle_reset_total 1\n" in body.decode()
         assert "Traceback" not in server.log
 
     def test_zero_disables_it(self, start_server) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import sys
 import threading
@@ -156,7 +157,8 @@ class FlushModel(RuleBasedStateMachine):
     """Random app writes and closes against a client that reads some, pauses, and stops, with small
     socket buffers on both sides so that the server buffers too.  Invariants: the client gets a prefix
     of what the app wrote, in order; once it stops reading, the connection is gone within the idle
-    timeout plus two sweeps (a linger, if the close got that far, within its own timer)."""
+    timeout plus two sweeps (a linger, if the close got that far, within its own timer), and the
+    client sees a clean EOF only after every byte the app wrote (else a reset)."""
 
     LIMIT = 0.4
 
@@ -188,9 +190,19 @@ class FlushModel(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed_by_app)
     @rule(size=st.integers(1, 200_000))
     def app_writes(self, size: int) -> None:
+        """A write counts only if the transport took it: once the idle timeout has closed the
+        connection (the client waited too long), write() ignores data, as documented."""
         start = self.written % 251
-        self.in_loop(lambda: self.app.transport.write(PATTERN[start : start + size]))
-        self.written += size
+        transport = self.app.transport
+
+        def write() -> bool:
+            if transport.is_closing():
+                return False
+            transport.write(PATTERN[start : start + size])
+            return True
+
+        if in_loop(self.server, write):
+            self.written += size
 
     @precondition(lambda self: not self.closed_by_app)
     @rule()
@@ -211,6 +223,13 @@ class FlushModel(RuleBasedStateMachine):
             return
         self.ended = not data
         self.received += data
+        if self.ended:
+            self.whole_at_eof()
+
+    def whole_at_eof(self) -> None:
+        """A clean EOF comes only after every byte the app wrote: a server that gives up with
+        bytes undelivered resets the connection instead."""
+        assert len(self.received) == self.written, f"EOF after {len(self.received)} of {self.written} bytes"
 
     @rule(seconds=st.sampled_from([0.0, 0.05, 0.15]))
     def client_waits(self, seconds: float) -> None:
@@ -221,6 +240,20 @@ class FlushModel(RuleBasedStateMachine):
         assert len(self.received) <= self.written
         assert self.received == PATTERN[: len(self.received)]
 
+    def read_what_is_left(self) -> None:
+        """The server has let go: what the client can still read is a prefix, then a reset or EOF."""
+        self.sock.settimeout(5)
+        while not self.ended and len(self.received) <= self.written:
+            try:
+                data = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                return
+            self.received += data
+            self.a_prefix_in_order()
+            if not data:
+                self.whole_at_eof()
+                return
+
     def teardown(self) -> None:
         try:
             # The client stops reading: the server must let go within the limit and two sweeps
@@ -228,6 +261,7 @@ class FlushModel(RuleBasedStateMachine):
             bound = self.LIMIT + 2 * self.server._sweep_interval() + 0.2 + 2.0
             wait_until(lambda: not self.server.connections, timeout=bound)
             assert self.server.write_buffer_bytes == 0
+            self.read_what_is_left()
         finally:
             self.stack.close()
 
@@ -240,7 +274,8 @@ def test_model_of_writes_closes_and_a_client_that_stops(backend_name: str) -> No
 
 
 def test_a_flush_cut_short_is_logged_with_both_reasons(backend_name: str, caplog: pytest.LogCaptureFixture) -> None:
-    """At --log-level debug the close line says the app closed and the server then aborted the flush."""
+    """At --log-level debug the close line says the app closed, the server then aborted the flush,
+    and reset the connection, with how many bytes the client had not received."""
     ReplyThenClose.buffered = []
     with (
         caplog.at_level(logging.DEBUG, logger="pollserve"),
@@ -250,7 +285,12 @@ def test_a_flush_cut_short_is_logged_with_both_reasons(backend_name: str, caplog
         sock.sendall(b"go")
         wait_until(lambda: server.connections_closed == 1, timeout=10)
     closes = [r.getMessage() for r in caplog.records if " closed 127.0.0.1:" in r.getMessage()]
-    assert len(closes) == 1 and closes[0].endswith("closed by the app, then aborted: flushing, no progress for 0.3 s")
+    assert len(closes) == 1
+    ending = re.search(
+        r"closed by the app, then aborted: flushing, no progress for 0\.3 s; reset, (\d+) bytes undelivered$", closes[0]
+    )
+    assert ending, closes[0]
+    assert int(ending[1]) > 0
 
 
 @needs_queue_size

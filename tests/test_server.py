@@ -821,6 +821,48 @@ def test_lowering_the_write_buffer_limits_pauses_at_once(backend_name: str) -> N
         wait_until(lambda: "resume" in factory.made[0].calls)
 
 
+class BufferedAtResume(Recorder):
+    """4 MiB / 1 MiB limits and a reply far above them; records what is buffered at each call."""
+
+    high, low = 4 << 20, 1 << 20
+    size = 24 << 20
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.at_pause: list[int] = []
+        self.at_resume: list[int] = []
+        # A fixed send buffer (no autotuning) makes each send() a few hundred KiB at most, so the
+        # buffer passes the marks in small steps.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
+        transport.set_write_buffer_limits(high=self.high, low=self.low)
+        transport.write(b"r" * self.size)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.at_pause.append(self.transport.get_write_buffer_size())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.at_resume.append(self.transport.get_write_buffer_size())
+
+
+def test_resume_writing_comes_at_or_below_the_low_water_mark(backend_name: str) -> None:
+    """Paused above the high-water mark, resumed only once the buffer has drained to the low one:
+    a client that stopped reading, then drains the whole reply."""
+    factory = Recorded(BufferedAtResume)
+    with serving(backend_name, factory) as server, connect(server.address) as sock:
+        wait_until(factory.connected)
+        protocol = factory.made[0]
+        time.sleep(0.1)  # the client reads nothing for a while
+        assert in_loop(server, lambda: protocol.at_pause) != [] and protocol.at_resume == []
+        assert protocol.at_pause[0] > BufferedAtResume.high
+        sock.settimeout(10)
+        assert recv_exactly(sock, BufferedAtResume.size) == b"r" * BufferedAtResume.size
+        assert protocol.calls.count("resume") == 1
+        (buffered,) = protocol.at_resume
+        assert 0 < buffered <= BufferedAtResume.low, f"resumed at {buffered} bytes buffered"
+
+
 def test_a_failing_factory_is_logged_once_per_episode(backend_name: str, caplog) -> None:
     def factory() -> Protocol:
         raise RuntimeError("no protocol today")

@@ -42,6 +42,7 @@ SNAPSHOT_KEYS = [
     "connections_refused",
     "connections_limit",
     "connections_idle_closed",
+    "connections_idle_reset",
     "bytes_in",
     "bytes_out",
     "write_buffer_bytes",
