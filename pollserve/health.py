@@ -46,6 +46,12 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 MAX_SLOW_KEPT = 1024
 
 
+def held_for(seconds: float) -> str:
+    """A slow callback's time for the log: milliseconds as three decimals, and below a millisecond
+    (a --slow-callback that small) the microseconds too, rather than "0.000 s"."""
+    return f"{seconds:.3f} s" if seconds >= 0.001 else f"{seconds:.6f} s"
+
+
 def percentile(ordered: list[float], share: float) -> float:
     """The nearest-rank percentile of sorted values (the smallest value with ``share`` at or below it)."""
     rank = max(1, math.ceil(share * len(ordered)))
@@ -161,12 +167,12 @@ class LoopHealth:
         """The loop's report of a slow callback: count it, keep it, log it in episodes."""
         self.slow_callbacks += 1
         self._slow.append((time.monotonic(), name, seconds))
-        self._slow_log.event(f"{name} took {seconds:.3f} s")
+        self._slow_log.event(f"{name} took {held_for(seconds)}")
 
     def slow_pass(self, what: str, seconds: float) -> None:
         """The loop's report of a slow pass of several handlers: count it, log it in episodes."""
         self.slow_passes += 1
-        self._slow_pass_log.event(f"{seconds:.3f} s over {what}")
+        self._slow_pass_log.event(f"{held_for(seconds)} over {what}")
 
     # -- figures ------------------------------------------------------------------
 

@@ -165,6 +165,9 @@ class TestSlowApp:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0, server.log
         assert "Traceback" not in server.log
+        # Each slow one is logged with the time it held the loop, however small, never as none.
+        took = re.findall(r"took ([\d.]+) s", server.log)
+        assert took and all(float(seconds) > 0 for seconds in took), server.log
 
     @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
     def test_bad_threshold_is_one_line(self, value: str) -> None:
