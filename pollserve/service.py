@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import psutil
@@ -277,6 +277,16 @@ def worker_listeners(options: ServeOptions) -> list[socket.socket]:
     return [adopt(socket.socket(fileno=fd)) for fd in options.worker.listen_fds]
 
 
+def summary_line(word: str, totals: Mapping[str, Any]) -> str:
+    """The one line a server says when it is done (``stopped:``, a worker's ``finished:``), from a
+    snapshot's counters: one server's, or the parent's sum over its workers."""
+    return (
+        f"{word}: {totals['connections_accepted']} connections accepted, {totals['connections_refused']} refused, "
+        f"{totals['connections_idle_closed']} closed idle ({totals['connections_idle_reset']} reset), "
+        f"{totals['bytes_in']} bytes in, {totals['bytes_out']} bytes out, {totals['loop_iterations']} loop iterations"
+    )
+
+
 @contextlib.contextmanager
 def signal_blocked(signum: int) -> Iterator[None]:
     """signum is held pending in the block (where the OS can block signals: POSIX)."""
@@ -461,16 +471,16 @@ class AppServer:
             )
         if self.tls_layer is not None:
             log.info("TLS: %d handshakes, %d failed", self.tls_layer.handshakes, self.tls_layer.handshake_failures)
-        log.info(
-            "%s: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, %d loop iterations",
-            self.summary,
-            server.connections_accepted,
-            server.connections_refused,
-            server.connections_idle_closed,
-            server.bytes_in,
-            server.bytes_out,
-            self.loop.iterations,
-        )
+        totals = {
+            "connections_accepted": server.connections_accepted,
+            "connections_refused": server.connections_refused,
+            "connections_idle_closed": server.connections_idle_closed,
+            "connections_idle_reset": server.connections_idle_reset,
+            "bytes_in": server.bytes_in,
+            "bytes_out": server.bytes_out,
+            "loop_iterations": self.loop.iterations,
+        }
+        log.info("%s", summary_line(self.summary, totals))
 
     # -- what the signals do (pollserve.roles) ------------------------------------------------
 
@@ -731,17 +741,7 @@ class SupervisingParent:
         finally:
             totals = self.view.snapshot()
             self.close()
-        log.info(
-            "stopped: %d connections accepted, %d refused, %d closed idle, %d bytes in, %d bytes out, "
-            "%d loop iterations (%d workers)",
-            totals["connections_accepted"],
-            totals["connections_refused"],
-            totals["connections_idle_closed"],
-            totals["bytes_in"],
-            totals["bytes_out"],
-            totals["loop_iterations"],
-            self.options.workers,
-        )
+        log.info("%s (%d workers)", summary_line("stopped", totals), self.options.workers)
         if self.supervisor.start_failure is not None:
             raise WorkerStartError(self.supervisor.start_failure)
 

@@ -276,6 +276,9 @@ class TestIdleTimeout:
         status, _, body = http_get(stats, "/metrics")
         assert status == 200
         assert "\npollserve_connections_idle_reset_total 1\n" in body.decode()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert re.search(r"stopped: .* 1 closed idle \(1 reset\)", server.log), server.log
         assert "Traceback" not in server.log
 
     def test_zero_disables_it(self, start_server) -> None:
