@@ -717,6 +717,9 @@ def test_close_and_write_eof_inside_resume_writing(backend_name: str) -> None:
     factory = Recorded(CloseFromResumeWriting)
     with serving(backend_name, factory, linger_timeout=30) as server:
         with connect(server.address) as sock:
+            # Not a byte read before the write paused: a client reading meanwhile can take all of
+            # it within one send(), and there is then no resume_writing to call back from.
+            wait_until(lambda: factory.made and "pause" in factory.made[0].calls)
             assert recv_until_eof(sock) == b"w" * CloseFromResumeWriting.size
             assert factory.made[0].calls[1:3] == ["pause", "resume"]
             assert in_loop(server, lambda: len(server.connections)) == 1  # lingering, once
