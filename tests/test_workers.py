@@ -29,6 +29,7 @@ from workerprocs import (
     healthz,
     kill_deaf,
     live_children,
+    wait_ended,
     worker_pids,
 )
 
@@ -547,6 +548,8 @@ def test_a_hung_worker_is_marked_stale_then_killed_and_replaced(start_server) ->
     finally:
         if psutil.pid_exists(old[1]):
             os.kill(old[1], signal.SIGCONT)
+    # The log line comes just before the kill: a continued worker may still report for a moment.
+    wait_ended(server.proc.pid, old[1])
     new = settled(server, stats, 2, generation=1)
     assert new[1] != old[1] and new[0] == old[0]
     _, _, body = http_get(stats, "/metrics")
@@ -583,6 +586,7 @@ def test_a_stopped_parent_blames_only_the_worker_that_hung_meanwhile(start_serve
             os.kill(pids[1], signal.SIGCONT)
     assert served > 10
     assert not any(f"(pid {pids[0]}) has not reported" in line for line in server.lines), server.log
+    wait_ended(server.proc.pid, pids[1])
     new = settled(server, stats, 2, generation=1)
     assert new[0] == pids[0] and new[1] != pids[1]
 

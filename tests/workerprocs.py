@@ -102,6 +102,15 @@ def live_children(parent: int) -> list[psutil.Process]:
     return alive
 
 
+def wait_ended(parent: int, pid: int, timeout: float = 10) -> None:
+    """Wait until pid is no longer a live child of parent: killed, or exited."""
+    wait_for(
+        lambda: pid not in {child.pid for child in live_children(parent)},
+        timeout=timeout,
+        what=f"worker pid {pid} ended",
+    )
+
+
 def healthz(stats: tuple[str, int]) -> tuple[int, str]:
     status, _, body = http_get(stats, "/healthz")
     return status, body.decode()
