@@ -177,7 +177,9 @@ class EventLoop:
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
-        self.add_reader(self._wakeup_recv.fileno(), self._on_wakeup)
+        # Not through add_reader(), which a subclass may override (the asyncio face does).
+        self._set_interest(self._wakeup_recv.fileno(), READ)
+        self._readers[self._wakeup_recv.fileno()] = self._on_wakeup
 
     # -- fd interest ------------------------------------------------------------
 
@@ -617,7 +619,8 @@ class EventLoop:
         self._closed = True
         for signum in list(self._signal_handlers):
             self.remove_signal_handler(signum)
-        self.remove_reader(self._wakeup_recv.fileno())
+        self._readers.pop(self._wakeup_recv.fileno(), None)
+        self._set_interest(self._wakeup_recv.fileno(), 0)
         self._wakeup_recv.close()
         self._wakeup_send.close()
         self._readers.clear()
