@@ -30,6 +30,7 @@ from typing import Any
 
 from ..backends import Backend, CapacityError
 from ..loop import DEFAULT_SLOW_CALLBACK, EventLoop
+from .counts import ConnectionCounts
 from .handles import Handle, TimerHandle
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
@@ -91,6 +92,8 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         self._coroutine_origin_tracking_saved: int | None = None
         #: fd -> the transport that owns it: add_reader() and the sock_*() calls refuse those fds
         self._transports: weakref.WeakValueDictionary[int, asyncio.BaseTransport] = weakref.WeakValueDictionary()
+        #: every transport's connections and bytes, for stats()
+        self.counts = ConnectionCounts()
         #: the slowest callback seen, for stats(): (seconds, name)
         self.slowest_callback: tuple[float, str] | None = None
         self._slow_callback_duration = DEFAULT_SLOW_CALLBACK
