@@ -31,6 +31,7 @@ from typing import Any
 from ..backends import Backend, CapacityError
 from ..loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from .counts import ConnectionCounts
+from .figures import LoopFigures
 from .handles import Handle, TimerHandle
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
@@ -94,10 +95,12 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         self._transports: weakref.WeakValueDictionary[int, asyncio.BaseTransport] = weakref.WeakValueDictionary()
         #: every transport's connections and bytes, for stats()
         self.counts = ConnectionCounts()
-        #: the slowest callback seen, for stats(): (seconds, name)
-        self.slowest_callback: tuple[float, str] | None = None
         self._slow_callback_duration = DEFAULT_SLOW_CALLBACK
+        self.slow_callback = DEFAULT_SLOW_CALLBACK
+        #: the lag probe, the stats collector, the stats endpoint (figures.py)
+        self._figures = LoopFigures(self)
         self.on_slow_callback = self._slow_callback_seen
+        self.on_slow_pass = self._slow_pass_seen
         self.set_debug(_debug_from_environment())
 
     def __repr__(self) -> str:
@@ -127,8 +130,10 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook, finalizer=self._asyncgen_finalizer_hook)
         asyncio.events._set_running_loop(self)
         try:
+            self._figures.running()
             super().run_forever()
         finally:
+            self._figures.stopped()
             self._thread_id = None
             asyncio.events._set_running_loop(None)
             self._set_coroutine_origin_tracking(False)
@@ -167,6 +172,7 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
             return
         if self._debug:
             logger.debug("Close %r", self)
+        self._figures.close()
         super().close()
         self._executor_shutdown_called = True
         executor, self._default_executor = self._default_executor, None
@@ -364,12 +370,31 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
     @slow_callback_duration.setter
     def slow_callback_duration(self, seconds: float) -> None:
         self._slow_callback_duration = self.slow_callback = float(seconds)
+        self._figures.health.slow_callback = float(seconds)
 
     def _slow_callback_seen(self, name: str, seconds: float) -> None:
-        if self.slowest_callback is None or seconds > self.slowest_callback[0]:
-            self.slowest_callback = (seconds, name)
+        self._figures.health.slow(name, seconds)
         if self._debug:
             logger.warning("Executing %s took %.3f seconds", name, seconds)
+
+    def _slow_pass_seen(self, what: str, seconds: float) -> None:
+        self._figures.health.slow_pass(what, seconds)
+        if self._debug:
+            logger.warning("Executing %s took %.3f seconds", what, seconds)
+
+    # -- pollserve's figures ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The snapshot the stats endpoint serves at ``/stats``: the backend, fds against the limit,
+        the connections and bytes of every transport on this loop, utilization, lag, the slowest
+        callback of the last ten seconds (a task by its name and coroutine)."""
+        return self._figures.snapshot()
+
+    def start_stats_server(self, host: str = "127.0.0.1", port: int = 0) -> Any:
+        """Serve ``/stats``, ``/metrics``, ``/healthz`` and the live dashboard on this loop, as
+        ``pollserve --stats-port`` does; the address it listens on.  It closes with the loop."""
+        self._check_closed()
+        return self._figures.start_endpoint(host, port)
 
     # -- executors and names ---------------------------------------------------------------------------
 
