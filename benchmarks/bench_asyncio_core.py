@@ -1,7 +1,7 @@
 """What the asyncio face's layering costs where no I/O is involved: callbacks, futures, tasks.
 
     python benchmarks/bench_asyncio_core.py                           # pure build (this checkout) only
-    python benchmarks/bench_asyncio_core.py --compiled-root DIR       # and a compiled build (pip install --target DIR .)
+    python benchmarks/bench_asyncio_core.py --compiled-root DIR   # and a compiled build (pip install --target DIR .)
 
 Each loop runs each workload in a subprocess of its own, three reps interleaved; the figure is the
 process's CPU time per operation (``time.process_time``), the median of the reps, and its ratio to

@@ -323,3 +323,24 @@ def test_the_wrong_thread_is_refused_in_debug_mode(aio_loop) -> None:
         assert errors == []
         aio_loop.stop()
         aio_loop.run_forever()  # the print scheduled from the thread runs (harmlessly)
+
+
+@pytest.mark.parametrize("clock", ["ahead", "half speed"])
+def test_timers_follow_a_loop_time_patched_on_the_loop(aio_loop, clock: str) -> None:
+    """As on the standard loop, timers go through loop.time(): a test that patches it moves them,
+    and a timer never runs before loop.time() reaches its when()."""
+    real, start = aio_loop.time, aio_loop.time()
+    if clock == "ahead":
+        aio_loop.time = lambda: real() + 1000.0
+    else:
+        aio_loop.time = lambda: start + (real() - start) / 2
+    fired = []
+    handle = aio_loop.call_later(0.05, lambda: (fired.append(aio_loop.time() >= handle.when()), aio_loop.stop()))
+    guard = threading.Timer(5, aio_loop.call_soon_threadsafe, args=(aio_loop.stop,))
+    guard.start()
+    try:
+        aio_loop.run_forever()
+    finally:
+        guard.cancel()
+    assert fired == [True]
+    del aio_loop.time
