@@ -35,6 +35,7 @@ from ..loop import Handle as CoreHandle
 from .counts import ConnectionCounts
 from .figures import LoopFigures
 from .handles import Handle, TimerHandle
+from .streams import StreamCalls
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
 
@@ -75,7 +76,7 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
+class AsyncioLoop(EventLoop, StreamCalls, asyncio.AbstractEventLoop):  # type: ignore[misc]
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 
