@@ -31,7 +31,9 @@ from typing import Any
 from ..backends import Backend, CapacityError
 from ..loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from .counts import ConnectionCounts
+from .datagram import DatagramEndpoints
 from .handles import Handle, TimerHandle
+from .sockets import SocketCalls, capacity_oserror
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
 
@@ -72,7 +74,7 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
+class AsyncioLoop(EventLoop, SocketCalls, DatagramEndpoints, asyncio.AbstractEventLoop):
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 
@@ -560,7 +562,7 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         try:
             core_add(self, fileno, handle._run_from_core)
         except CapacityError as exc:
-            raise OSError(errno.EMFILE, f"{exc}: a backend without that limit (poll, epoll, kqueue) has none") from None
+            raise capacity_oserror(exc) from None
         if replaced is not None:
             replaced.cancel()
 
