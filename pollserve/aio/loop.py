@@ -33,9 +33,12 @@ from ..backends import Backend, CapacityError
 from ..loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from ..loop import Handle as CoreHandle
 from .counts import ConnectionCounts
+from .datagram import DatagramEndpoints
 from .figures import LoopFigures
 from .handles import Handle, TimerHandle
+from .sockets import SocketCalls
 from .streams import StreamCalls
+from .transport import capacity_oserror
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
 
@@ -76,7 +79,7 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, StreamCalls, asyncio.AbstractEventLoop):  # type: ignore[misc]
+class AsyncioLoop(EventLoop, SocketCalls, StreamCalls, DatagramEndpoints, asyncio.AbstractEventLoop):  # type: ignore[misc]
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 
@@ -602,7 +605,7 @@ class AsyncioLoop(EventLoop, StreamCalls, asyncio.AbstractEventLoop):  # type: i
         try:
             core_add(self, fileno, handle._run_from_core)
         except CapacityError as exc:
-            raise OSError(errno.EMFILE, f"{exc}: a backend without that limit (poll, epoll, kqueue) has none") from None
+            raise capacity_oserror(exc) from None
         if replaced is not None:
             replaced.cancel()
 
