@@ -106,3 +106,31 @@ def test_the_stats_endpoint_serves_this_loops_figures(loop: AsyncioLoop, backend
     loop.close()
     with socket.socket() as probe:
         assert probe.connect_ex(address) != 0, "the endpoint closes with the loop"
+
+
+class SlowProtocol(asyncio.Protocol):
+    """Holds the loop in data_received, as a blocking call in a protocol would."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        time.sleep(0.15)
+        self.transport.write(data)
+
+
+def test_a_slow_protocol_is_named_by_its_class_and_peer_not_by_a_wrapper(loop: AsyncioLoop) -> None:
+    async def main() -> tuple[dict, tuple]:
+        server = await loop.create_server(SlowProtocol, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        writer.write("é".encode())
+        assert await reader.readexactly(2) == "é".encode()
+        peer = writer.get_extra_info("sockname")
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return loop.stats(), peer
+
+    stats, peer = loop.run_until_complete(main())
+    assert stats["slowest_callback"] == f"{__name__}:SlowProtocol.data_received on {peer}"
+    assert stats["slowest_callback_s"] >= 0.15

@@ -70,6 +70,16 @@ def set_nodelay(sock: socket.socket) -> None:
 class StreamTransport(asyncio.Transport):
     """One connected stream socket, its protocol and its write buffer."""
 
+    def _describe_handler(self, handler: object) -> str:
+        """How a slow callback is named (the core's describe_callback): the protocol, as its author
+        wrote it, and the peer, never the transport's own method."""
+        protocol = type(self._protocol)
+        name = f"{protocol.__module__}:{protocol.__qualname__}"
+        peer = self._extra.get("peername")
+        if getattr(handler, "__name__", "") == "_write_ready":
+            return f"sending {name}'s buffered data to {peer}"
+        return f"{name}.data_received on {peer}"
+
     max_size = 256 * 1024  # what one recv() asks for, as the standard loop
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
 
