@@ -231,8 +231,8 @@ class StatsCollector:
 
 def connection_fields(server: Server | ConnectionCounts) -> dict[str, Any]:
     """The snapshot's connection and byte keys: of a pollserve Server, or of every asyncio transport
-    on an AsyncioLoop (``connections_accepted`` then counts the connected ones too, and nothing
-    closes a connection for idleness: pollserve's limits do not apply there unless asked for)."""
+    on an AsyncioLoop (``connections_accepted`` then counts the connected ones too; the limit and the
+    idle closes are those of the servers given pollserve's options, aio/limits.py)."""
     from .aio.counts import ConnectionCounts  # here: the asyncio face's modules import this one
 
     if not isinstance(server, ConnectionCounts):
@@ -253,9 +253,9 @@ def connection_fields(server: Server | ConnectionCounts) -> dict[str, Any]:
         "connections_accepted": server.connections_accepted + server.connections_connected,
         "connections_closed": server.connections_closed,
         "connections_refused": server.connections_refused,
-        "connections_limit": None,
-        "connections_idle_closed": 0,
-        "connections_idle_reset": 0,
+        "connections_limit": server.connections_limit,
+        "connections_idle_closed": server.connections_idle_closed,
+        "connections_idle_reset": server.connections_idle_reset,
         "bytes_in": server.bytes_in,
         "bytes_out": server.bytes_out,
         "write_buffer_bytes": server.write_buffer_bytes,

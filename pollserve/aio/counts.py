@@ -3,10 +3,15 @@
 Slots, updated by every transport of the loop on its own path: a read adds to ``bytes_in``, a send
 to ``bytes_out``, a buffered write to ``write_buffer_bytes`` (and its flush takes it off).  A server's
 accepted connection and a client's connected one are both connections of the loop: the snapshot's
-``connections_open`` counts every one.
+``connections_open`` counts every one.  The counts of pollserve's own limits on asyncio servers
+(``limits.py``, when asked for) are here too, and ``serving`` holds the connection limit of each
+server that accepts connections, for ``connections_limit``.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import Any
 
 
 class ConnectionCounts:
@@ -21,6 +26,9 @@ class ConnectionCounts:
         "bytes_in",
         "bytes_out",
         "write_buffer_bytes",
+        "connections_idle_closed",
+        "connections_idle_reset",
+        "serving",
     )
 
     def __init__(self) -> None:
@@ -35,3 +43,17 @@ class ConnectionCounts:
         self.bytes_in = 0
         self.bytes_out = 0
         self.write_buffer_bytes = 0
+        #: closed by a server's idle timeout; of those, reset because bytes were undelivered
+        self.connections_idle_closed = 0
+        self.connections_idle_reset = 0
+        #: each server accepting connections on the loop -> its max_connections (None: no limit)
+        self.serving: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+
+    @property
+    def connections_limit(self) -> int | None:
+        """The most connections the loop's servers accept together: the sum of their limits when
+        every server accepting has one, else None (one without a limit makes the whole unbounded)."""
+        limits = list(self.serving.values())
+        if not limits or None in limits:
+            return None
+        return sum(limit for limit in limits if limit is not None)

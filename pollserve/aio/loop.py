@@ -36,6 +36,7 @@ from .counts import ConnectionCounts
 from .datagram import DatagramEndpoints
 from .figures import LoopFigures
 from .handles import Handle, TimerHandle
+from .limits import ServerLimits
 from .sockets import SocketCalls
 from .streams import StreamCalls
 from .transport import capacity_oserror
@@ -79,7 +80,7 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, SocketCalls, StreamCalls, DatagramEndpoints, asyncio.AbstractEventLoop):  # type: ignore[misc]
+class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEndpoints, asyncio.AbstractEventLoop):  # type: ignore[misc]
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 

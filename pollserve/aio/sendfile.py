@@ -156,6 +156,7 @@ class SendfileCalls:
                 offset += sent
                 total += sent
                 self.counts.bytes_out += sent
+                transport._last_active = self.now
         finally:
             if total > 0:
                 os.lseek(fileno, offset, os.SEEK_SET)

@@ -11,6 +11,9 @@ kin pause the listener for a second and tell the exception handler, as the stand
 connection the backend cannot watch (select's ``FD_SETSIZE``) is closed, counted in
 ``loop.counts.connections_refused`` and reported with an ``OSError`` naming the limit and the better
 backend, and the server goes on.
+
+pollserve's options (``idle_timeout``, ``max_connections``, ``linger_timeout``: ``limits.py``) apply
+to a server given them, and to no other.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 from ..backends import CapacityError
 from ..loop import EventLoop
+from .limits import ConnectionLimits, IdleSweep
 from .transport import StreamTransport, capacity_oserror
 
 logger = logging.getLogger("asyncio")
@@ -69,6 +73,9 @@ class Server(asyncio.AbstractServer):
         self._resting: dict[int, asyncio.TimerHandle] = {}
         #: UNIX listeners whose file close() removes (cleanup_socket): socket -> the file's inode
         self._unix_files: dict[socket.socket, int] = {}
+        #: pollserve's options, when given (limits.py), and the idle sweep of an idle_timeout
+        self._limits: ConnectionLimits | None = None
+        self._sweep: IdleSweep | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} sockets={self.sockets!r}>"
@@ -104,6 +111,11 @@ class Server(asyncio.AbstractServer):
             for transport in self._clients.copy():
                 transport.abort()
 
+    def _set_limits(self, limits: ConnectionLimits) -> None:
+        self._limits = limits
+        if limits.idle_timeout is not None:
+            self._sweep = IdleSweep(self, limits.idle_timeout)
+
     # -- serving -------------------------------------------------------------------------------------
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
@@ -126,6 +138,9 @@ class Server(asyncio.AbstractServer):
             sock.listen(self._backlog)
             self._watch(sock)
         self._serving = True
+        self._loop.counts.serving[self] = None if self._limits is None else self._limits.max_connections
+        if self._sweep is not None:
+            self._sweep.start()
 
     def _watch(self, sock: socket.socket) -> None:
         try:
@@ -167,6 +182,7 @@ class Server(asyncio.AbstractServer):
                 EventLoop.remove_reader(loop, sock.fileno())
             self._close_listener(sock)
         self._serving = False
+        loop.counts.serving.pop(self, None)
         if self._serving_forever_fut is not None and not self._serving_forever_fut.done():
             self._serving_forever_fut.cancel()
             self._serving_forever_fut = None
@@ -229,11 +245,18 @@ class Server(asyncio.AbstractServer):
 
     def _connection_made(self, conn: socket.socket, address: Any) -> None:
         loop = self._loop
+        limits = self._limits
+        if limits is not None and limits.max_connections is not None and self._active >= limits.max_connections:
+            conn.close()  # at once: a clean refusal, not a client left waiting in the backlog
+            loop.counts.connections_refused += 1
+            if loop.get_debug():
+                logger.debug("%r refused %r: %d connections open, its max_connections", self, address, self._active)
+            return
         context = self._context.copy() if self._context is not None else contextvars.copy_context()
         protocol = None
         try:
             protocol = context.run(self._protocol_factory)
-            StreamTransport(
+            transport = StreamTransport(
                 loop, conn, protocol, extra={"peername": address}, server=self, context=context, watch_now=True
             )
         except CapacityError as exc:
@@ -260,6 +283,8 @@ class Server(asyncio.AbstractServer):
                     context_info["protocol"] = protocol
                 loop.call_exception_handler(context_info)
             return
+        if limits is not None:
+            transport._linger_timeout = limits.linger_timeout
         loop.counts.connections_accepted += 1
 
     def _rest(self, sock: socket.socket, exc: OSError) -> None:

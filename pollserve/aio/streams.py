@@ -4,7 +4,7 @@ errors on the running Python (``happy_eyeballs_delay``/``interleave``, ``all_err
 ``keep_alive`` and ``cleanup_socket`` from 3.13).
 
 TLS is not offered yet: ``ssl=`` raises ``NotImplementedError`` (docs/asyncio.md says so).
-pollserve's idle timeout, linger and connection limits do not apply to these servers.
+pollserve's idle timeout, linger and connection limits apply only to a server given them (limits.py).
 """
 
 from __future__ import annotations

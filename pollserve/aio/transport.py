@@ -13,12 +13,18 @@ Contexts, as the standard loop has them: the read callbacks (``data_received``, 
 ``get_buffer``, ``buffer_updated``) run in one copy of the connection's context and
 ``connection_made`` in another, so a variable set in ``connection_made`` is not seen in
 ``data_received``; ``connection_lost`` runs in the context of whatever closed the transport.
+
+pollserve's options, on a server given them (``limits.py``): each transfer stores the loop's clock
+reading in ``_last_active`` for the idle sweep (one store, for every transport: the sweep is the
+server's); ``_linger_timeout`` makes ``close()`` linger after the flush; the sweep's ``_reset()``
+closes with a reset when bytes are undelivered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import errno
 import functools
@@ -26,6 +32,8 @@ import itertools
 import logging
 import os
 import socket
+import struct
+import sys
 import warnings
 from asyncio import constants, trsock
 from collections.abc import Callable, Iterable
@@ -48,6 +56,9 @@ DEFAULT_HIGH_WATER = 64 * 1024
 
 #: writes after the connection was lost are logged from this many on (asyncio's constant)
 LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+
+#: SO_LINGER on with a zero timeout: close() then resets (pollserve/server.py says why)
+RESET_ON_CLOSE = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
 
 
 def capacity_oserror(exc: CapacityError) -> OSError:
@@ -84,6 +95,10 @@ class StreamTransport(asyncio.Transport):
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
 
     _sock: socket.socket | None = None  # set before anything can fail: __del__ reads it
+    #: seconds close() lingers after the flush (linger_timeout); None: it closes as asyncio's does
+    _linger_timeout: float | None = None
+    #: the linger's timer while lingering
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def __init__(
         self,
@@ -138,6 +153,7 @@ class StreamTransport(asyncio.Transport):
         self._high_water = DEFAULT_HIGH_WATER
         self._low_water = DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False
+        self._last_active = loop.now  # the loop's clock at the last transfer (the idle sweep's)
         self._counts = loop.counts
         self._counts.connections_open += 1
         if server is not None:
@@ -236,6 +252,7 @@ class StreamTransport(asyncio.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal read error on socket transport")
             return
+        self._last_active = self._loop.now
         if not data:
             self._read_eof()
             return
@@ -269,6 +286,7 @@ class StreamTransport(asyncio.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal read error on socket transport")
             return
+        self._last_active = self._loop.now
         if not nbytes:
             self._read_eof()
             return
@@ -322,6 +340,7 @@ class StreamTransport(asyncio.Transport):
                 self._fatal_error(exc, "Fatal write error on socket transport")
                 return
             self._counts.bytes_out += sent
+            self._last_active = self._loop.now
             if type(data) is bytes and sent == len(data):
                 return
             view = memoryview(data).cast("B")  # bytes, whatever the item size and shape given
@@ -389,6 +408,7 @@ class StreamTransport(asyncio.Transport):
                 self._empty_waiter.set_exception(exc)
             return
         self._counts.bytes_out += sent
+        self._last_active = self._loop.now
         self._consume(sent)
         self._maybe_resume_protocol()  # may write more
         if not self._buffer:
@@ -396,7 +416,11 @@ class StreamTransport(asyncio.Transport):
             if self._empty_waiter is not None:
                 self._empty_waiter.set_result(None)
             if self._closing:
-                self._call_connection_lost(None)
+                if self._linger_timeout is None:
+                    self._call_connection_lost(None)
+                else:
+                    self._conn_lost += 1
+                    self._linger()
             elif self._eof:
                 self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
 
@@ -474,17 +498,71 @@ class StreamTransport(asyncio.Transport):
     # -- closing ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop reading now; connection_lost once the buffer is flushed (soon, if it is empty)."""
+        """Stop reading now; connection_lost once the buffer is flushed (soon, if it is empty), or
+        with a linger_timeout, once the linger after the flush is over."""
         if self._closing:
             return
         self._closing = True
         self._stop_reading()
         if not self._buffer:
             self._conn_lost += 1
-            self._loop.call_soon(self._call_connection_lost, None)
+            if self._linger_timeout is None:
+                self._loop.call_soon(self._call_connection_lost, None)
+            else:
+                self._linger()
+
+    def _linger(self) -> None:
+        """The lingering close: shut the write side, then read and drop until the client's EOF or
+        the linger_timeout.  Closing with bytes unread, or receiving some after the close, makes
+        the kernel reset the connection, and the reset can destroy the reply the client has not
+        read yet.  A client whose EOF was read has nothing in flight: close now."""
+        loop = self._loop
+        if self._eof_received:
+            loop.call_soon(self._call_connection_lost, None)
+            return
+        context = contextvars.copy_context()  # connection_lost's, as if it came now
+        try:
+            self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+            EventLoop.add_reader(loop, self._sock_fd, functools.partial(context.run, self._linger_read))
+        except (OSError, CapacityError):  # the client is gone already; or (select) it cannot be watched
+            loop.call_soon(self._call_connection_lost, None)
+            return
+        self._linger_timer = loop.call_later(self._linger_timeout, self._end_linger, None, context=context)
+
+    def _linger_read(self) -> None:
+        try:
+            data = self._sock.recv(self.max_size)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._end_linger(exc)
+            return
+        if data:
+            self._counts.bytes_in += len(data)  # received, though no longer for the protocol
+        else:
+            self._end_linger(None)
+
+    def _end_linger(self, exc: BaseException | None) -> None:
+        """The client's EOF, its reset, the timeout or abort(): the real close, soon."""
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is None:
+            return
+        timer.cancel()
+        EventLoop.remove_reader(self._loop, self._sock_fd)
+        self._loop.call_soon(self._call_connection_lost, exc)
 
     def abort(self) -> None:
-        """Close now, dropping the buffer."""
+        """Close now, dropping the buffer (and ending a linger)."""
+        if self._linger_timer is not None:
+            self._end_linger(None)
+            return
+        self._force_close(None)
+
+    def _reset(self) -> None:
+        """Close now with a reset (SO_LINGER 0): the idle sweep's end for a connection with bytes
+        undelivered, so that the client cannot take a truncated reply for a whole one."""
+        with contextlib.suppress(OSError):  # the client reset it first, say: the close is what it is
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)  # type: ignore[union-attr]
         self._force_close(None)
 
     def _fatal_error(self, exc: BaseException, message: str = "Fatal error on transport") -> None:
