@@ -98,7 +98,7 @@ def test_start_server_passes_the_options_through_and_asyncios_loop_refuses_them(
             with pytest.raises(TypeError, match="idle_timeout"):
                 await asyncio.start_server(handler, "127.0.0.1", 0, idle_timeout=0.2)
             return
-        server = await asyncio.start_server(handler, "127.0.0.1", 0, idle_timeout=0.2)
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, idle_timeout=0.3)
         reader, writer = await asyncio.open_connection(*address_of(server))
         writer.write(b"hello")
         assert await reader.readexactly(5) == b"hello"
@@ -211,9 +211,9 @@ def test_idle_timeout_closes_a_quiet_connection_with_a_clean_eof(aio_loop) -> No
 @pollserve_only
 def test_a_connection_moving_bytes_is_not_idle(aio_loop) -> None:
     async def main():
-        server = await aio_loop.create_server(Served, "127.0.0.1", 0, idle_timeout=0.2)
+        server = await aio_loop.create_server(Served, "127.0.0.1", 0, idle_timeout=0.3)
         reader, writer = await asyncio.open_connection(*address_of(server))
-        for _ in range(8):  # 0.4 s of traffic, two timeouts
+        for _ in range(12):  # 0.6 s of traffic, two timeouts
             writer.write(b"tick")
             assert await reader.readexactly(4) == b"tick"
             await asyncio.sleep(0.05)
