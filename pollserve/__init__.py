@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .aio import AsyncioLoop
     from .apps import Echo, Hello, Protocol, Transport, load_app
     from .backends import (
         READ,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
         get_backend,
     )
     from .loop import EventLoop
+    from .loops import new_event_loop, run
     from .server import Connection, Server
 
 __version__ = "0.1.0"
@@ -33,7 +35,9 @@ _MODULES = {
     "apps": "Echo Hello Protocol Transport load_app",
     "backends": "READ WRITE Backend BackendError BackendUnavailableError CapacityError available_backends "
     "create_backend get_backend",
+    "aio": "AsyncioLoop",
     "loop": "EventLoop",
+    "loops": "new_event_loop run",
     "server": "Connection Server",
 }
 _SOURCES = {name: module for module, names in _MODULES.items() for name in names.split()}
@@ -53,6 +57,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AsyncioLoop",
     "READ",
     "WRITE",
     "Backend",
@@ -70,5 +75,7 @@ __all__ = [
     "create_backend",
     "get_backend",
     "load_app",
+    "new_event_loop",
+    "run",
     "__version__",
 ]

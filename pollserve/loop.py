@@ -143,6 +143,9 @@ class EventLoop:
         self._stopping = False
         self._running = False
         self._closed = False
+        #: run what the last pass scheduled once stop() took effect (the callback API's promise);
+        #: asyncio's loops leave it for the next run, and the asyncio face says so (aio.loop)
+        self.run_ready_after_stop = True
         #: how many times the loop has returned from poll(), and the (fd, events) pairs it got in all
         self.iterations = 0
         self.events_total = 0
@@ -174,7 +177,9 @@ class EventLoop:
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
-        self.add_reader(self._wakeup_recv.fileno(), self._on_wakeup)
+        # Not through add_reader(), which a subclass may override (the asyncio face does).
+        self._set_interest(self._wakeup_recv.fileno(), READ)
+        self._readers[self._wakeup_recv.fileno()] = self._on_wakeup
 
     # -- fd interest ------------------------------------------------------------
 
@@ -351,20 +356,31 @@ class EventLoop:
         self._running = True
         self.now = time.monotonic()
         try:
-            # Handlers timed since a slow pass of several go on being timed across runs.
-            if self.now < self._time_handlers_until:
-                self._run_timed()
-            while not self._stopping and self._run():
-                self._run_timed()
+            # At least one pass, as asyncio's loops do: a stop() before the run polls once, without
+            # waiting, and runs what is ready.  Handlers timed since a slow pass of several go on
+            # being timed across runs.
+            timed = self.now < self._time_handlers_until
+            while True:
+                if timed:
+                    self._run_timed()
+                    timed = False
+                elif not self._run():
+                    break
+                else:
+                    timed = True
+                if self._stopping:
+                    break
             # What the last iteration scheduled (connection_lost calls, say) still runs.
-            self._run_ready()
+            if self.run_ready_after_stop:
+                self._run_ready()
         finally:
             self._stopping = False
             self._running = False
 
     def _run(self) -> bool:
-        """The hot path: one pass per wakeup of the backend, until stop(); True instead when a
-        slow pass ran several handlers, for run_forever() to time each for a while (_run_timed).
+        """The hot path: one pass per wakeup of the backend, until stop() (one pass at least);
+        True instead when a slow pass ran several handlers, for run_forever() to time each for a
+        while (_run_timed).
 
         Everything a pass uses is a local variable, and a pass calls no Python
         function of its own unless there is work for it (a due timer, a ready
@@ -391,8 +407,8 @@ class EventLoop:
         # A local, published to busy_time when timers run (the health probe's tick reads it there)
         # and on the way out: a store per pass cost ~200 instructions (callgrind).
         busy_total = self.busy_time
-        while not self._stopping:
-            if ready:
+        while True:
+            if ready or self._stopping:
                 timeout: float | None = 0
             elif timers:
                 # Comparisons, not min()/max(): the builtins cost ~1,500 instructions here.
@@ -431,6 +447,8 @@ class EventLoop:
                 self._collect_due_timers()
             if ready:
                 self._run_ready()
+            if self._stopping:
+                break
         busy = monotonic() - now
         self.busy_time = busy_total + busy
         if busy > slow:  # the last pass, before stop() took effect
@@ -439,10 +457,10 @@ class EventLoop:
 
     def _run_timed(self) -> None:
         """The loop as _run, but with each handler timed, until ``time_handlers_for`` has passed
-        since the last slow pass that ran several (or stop()): the slow one is named.  Rare, so
-        plain rather than fast."""
-        while not self._stopping and self.now < self._time_handlers_until:
-            if self._ready:
+        since the last slow pass that ran several (or stop()), one pass at least: the slow one is
+        named.  Rare, so plain rather than fast."""
+        while True:
+            if self._ready or self._stopping:
                 timeout: float | None = 0.0
             elif self._timers:
                 timeout = min(max(self._timers[0][0] - self.now, 0.0), self.max_poll_timeout)
@@ -462,6 +480,8 @@ class EventLoop:
                 self._collect_due_timers()
             if self._ready:
                 self._run_ready()
+            if self._stopping or self.now >= self._time_handlers_until:
+                break
         waited = time.monotonic()
         self.busy_time += waited - self.now
         self.now = waited  # _run counts its passes from here
@@ -599,7 +619,8 @@ class EventLoop:
         self._closed = True
         for signum in list(self._signal_handlers):
             self.remove_signal_handler(signum)
-        self.remove_reader(self._wakeup_recv.fileno())
+        self._readers.pop(self._wakeup_recv.fileno(), None)
+        self._set_interest(self._wakeup_recv.fileno(), 0)
         self._wakeup_recv.close()
         self._wakeup_send.close()
         self._readers.clear()

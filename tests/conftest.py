@@ -125,3 +125,62 @@ def start_server() -> Iterator:
     yield start
     for server in started:
         server.kill()
+
+
+# -- asyncio loops: every test of the asyncio face runs on asyncio's own loop and on pollserve's ---------
+
+
+def aio_loop_params() -> list:
+    """asyncio's own loop (the reference), then pollserve's on every backend; each in debug mode and not."""
+    kinds = [pytest.param("asyncio", id="asyncio")]
+    for param in backend_params():
+        kinds.append(pytest.param(param.values[0], id=f"pollserve-{param.id}", marks=param.marks))
+    return [
+        pytest.param((kind.values[0], debug), id=f"{kind.id}{'-debug' if debug else ''}", marks=kind.marks)
+        for kind in kinds
+        for debug in (False, True)
+    ]
+
+
+class RecordingHandler:
+    """The loop's exception handler in tests: every call is kept, and one the test did not take
+    (``expect()``) fails it at teardown."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, loop, context: dict) -> None:
+        self.calls.append(context)
+
+    def expect(self, count: int = 1) -> list[dict]:
+        taken, self.calls = self.calls[:count], self.calls[count:]
+        assert len(taken) == count, f"expected {count} exception-handler calls, got {taken}"
+        return taken
+
+
+@pytest.fixture(params=aio_loop_params())
+def aio_loop(request: pytest.FixtureRequest):
+    """A new asyncio loop: asyncio's own (epoll/selectors' best) or pollserve's on one backend."""
+    import asyncio
+
+    kind, debug = request.param
+    if kind == "asyncio":
+        loop = asyncio.new_event_loop()
+    else:
+        if kind not in AVAILABLE:
+            pytest.fail(f"{kind} is not available here")
+        from pollserve.aio import AsyncioLoop
+
+        loop = AsyncioLoop(kind)
+    loop.set_debug(debug)
+    handler = RecordingHandler()
+    loop.set_exception_handler(handler)
+    loop.handler = handler  # type: ignore[attr-defined]
+    try:
+        yield loop
+    finally:
+        if not loop.is_closed():
+            if loop.is_running():
+                loop.stop()
+            loop.close()
+    assert not handler.calls, f"unexpected exception-handler calls: {handler.calls}"

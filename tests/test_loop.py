@@ -122,6 +122,31 @@ def test_callbacks_scheduled_by_the_last_iteration_still_run(loop: EventLoop) ->
     assert ran == ["late"]
 
 
+def test_a_stop_before_the_run_makes_one_pass_without_waiting(loop: EventLoop, pair) -> None:
+    """As asyncio's loops do: what is readable is read, what is ready runs, and the run returns."""
+    a, b = pair
+    got, ran = [], []
+    b.send(b"x")
+    loop.add_reader(a.fileno(), lambda: got.append(a.recv(10)))
+    loop.call_soon(ran.append, "soon")
+    loop.stop()
+    loop.run_forever()
+    assert got == [b"x"] and ran == ["soon"]
+    assert not loop.is_running()
+
+
+def test_without_the_run_after_stop_what_the_last_pass_scheduled_waits_for_the_next_run(loop: EventLoop) -> None:
+    """asyncio's stop(): the batch under way finishes, what it scheduled runs at the next run_forever()."""
+    loop.run_ready_after_stop = False
+    ran = []
+    loop.call_soon(lambda: (loop.stop(), loop.call_soon(ran.append, "late")))
+    loop.run_forever()
+    assert ran == []
+    loop.stop()
+    loop.run_forever()
+    assert ran == ["late"]
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this OS")
 def test_signal_handler_runs_in_the_loop(loop: EventLoop) -> None:
     received = []

@@ -1,0 +1,70 @@
+"""The handles asyncio code gets from the loop: asyncio's own classes, scheduled on pollserve's core.
+
+The core (``pollserve.loop``) queues and times its own small handles; each of these rides on one,
+whose callback is the asyncio handle's ``_run_from_core``.  So asyncio code sees the standard
+``asyncio.Handle`` and ``asyncio.TimerHandle`` (``cancelled()``, ``when()``, the context captured
+when it was scheduled, errors to the loop's exception handler), and the core keeps its one queue and
+one heap, its timing of callbacks and its health figures.
+
+A slow callback is named by what a person recognises (``_describe_handler``, read by the core's
+``describe_callback``): a task by its name and its coroutine, a protocol method by its class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..loop import Handle as CoreHandle
+from ..loop import describe_callback
+
+
+def describe_asyncio_callback(callback: Any) -> str:
+    """``task Task-3 (main.<locals>.handler)`` for a task's step or wakeup; else the callback's own
+    name (``module:Class.method``)."""
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        what = getattr(coro, "__qualname__", None) or type(coro).__name__
+        return f"task {owner.get_name()} ({what})"
+    return describe_callback(callback)
+
+
+class Handle(asyncio.Handle):
+    """``asyncio.Handle`` that the core runs: skipped once cancelled, as asyncio's loop skips it."""
+
+    __slots__ = ()
+
+    def _run_from_core(self) -> None:
+        if not self._cancelled:
+            self._run()
+
+    def _describe_handler(self, callback: object) -> str:
+        return describe_asyncio_callback(self._callback) if self._callback is not None else repr(self)
+
+
+class TimerHandle(asyncio.TimerHandle):
+    """``asyncio.TimerHandle`` over an entry of the core's heap: cancel() takes the entry out of the
+    heap's reckoning (its rebuild, the poll timeout), so 10,000 cancelled timers cost nothing."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, when: float, callback: Any, args: tuple[Any, ...], loop: Any, context: Any = None) -> None:
+        super().__init__(when, callback, args, loop, context)
+        self._core: CoreHandle | None = None
+
+    def _run_from_core(self) -> None:
+        self._scheduled = False
+        self._core = None  # the core let go of its entry; no cycle left between the two
+        if not self._cancelled:
+            self._run()
+
+    def _forget_core(self) -> None:
+        """Cancelled: the core's entry goes too (TimerHandle.cancel calls the loop, which calls this)."""
+        core, self._core = self._core, None
+        self._scheduled = False
+        if core is not None:
+            core.cancel()
+
+    def _describe_handler(self, callback: object) -> str:
+        return describe_asyncio_callback(self._callback) if self._callback is not None else repr(self)
