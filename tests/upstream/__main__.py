@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.suggest and run.differences:
                 print(driver.suggested_entries(run))
             print()
+    if len(runs) > 1:
+        print(driver.summary(runs))
     if args.json:
         driver.write_json(runs, args.json)
     if any(run.missing for run in runs):

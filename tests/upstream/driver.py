@@ -249,6 +249,20 @@ def report(run: Run, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def summary(runs: list[Run]) -> str:
+    """One line per Python and loop: the totals and the verdict."""
+    lines = [f"{'python':<8}  {'loop':<28}  " + "  ".join(f"{c:>10}" for c in COLUMNS) + "  comparison"]
+    for run in runs:
+        if run.missing:
+            lines.append(f"{run.python:<8}  {run.loop:<28}  not run: {run.missing}")
+            continue
+        total = Counter(result.outcome for result in run.results)
+        verdict = "holds" if not run.differences else f"{len(run.differences)} differences"
+        cells = "  ".join(f"{total[c]:>10}" for c in COLUMNS)
+        lines.append(f"{run.version:<8}  {run.loop:<28}  {cells}  {verdict}")
+    return "\n".join(lines)
+
+
 def suggested_entries(run: Run) -> str:
     """Expectation lines for this run's differences, for a person to check and give a reason."""
     lines = []
@@ -290,7 +304,7 @@ def resolve_python(name: str) -> str:
         name = f"python{name}"
     found = shutil.which(name)
     if found:
-        return found
+        return os.path.abspath(found)  # the worker runs in another folder; a venv's link stays as it is
     raise HarnessError(f"no Python {name!r}: give a path, a command on PATH or a version (3.12)")
 
 

@@ -10,7 +10,8 @@ One entry a line, fields separated by spaces, ``#`` starts a comment line::
 - OUTCOME: ``failed``, ``timeout``, ``skipped`` or ``other-loop``, or alternatives joined by ``|``
   for a test that ends either way;
 - KIND: ``internals`` (the test reaches into the standard loop's internals), ``later`` (TLS, pipes or
-  subprocesses, which a later part brings), ``bug`` (ours, to fix) or ``platform``.
+  subprocesses, which a later part brings), ``todo`` (a method the loop does not have yet), ``bug``
+  (ours, to fix) or ``platform`` (the OS or a test emulation).
 
 A test no entry matches must pass or be skipped by CPython itself.  The comparison is strict: an
 entry whose test passes, or names a test the run does not have, is a difference too.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OUTCOMES = ("passed", "failed", "skipped", "timeout", "other-loop")
-KINDS = ("internals", "later", "bug", "platform")
+KINDS = ("internals", "later", "todo", "bug", "platform")
 #: what a test no entry names may do
 FINE = ("passed", "skipped")
 

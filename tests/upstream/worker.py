@@ -24,6 +24,8 @@ import traceback
 import unittest
 from typing import NoReturn
 
+import binding  # beside this file, first on the path
+
 #: how much of a test's output and traceback a result carries
 DETAIL_CHARS = 3000
 
@@ -67,8 +69,6 @@ class Outcome(unittest.TestResult):
 
 def run_here(test) -> dict:
     """Run one test in this process; return its outcome and the loops it ran on."""
-    import binding
-
     binding.seen.clear()
     result = Outcome()
     unittest.TestSuite([test.cls(test.method)]).run(result)
@@ -76,8 +76,8 @@ def run_here(test) -> dict:
     loops = dict(binding.seen)
     if outcome != "skipped" and (not loops or not all(loops.values())):
         ran_on = ", ".join(name for name, made in loops.items() if not made) or "no loop"
-        detail = f"ran on {ran_on}, not the factory's loop\n{detail}"
-        outcome = "other-loop"
+        detail = f"the test {outcome} on {ran_on}, not on the factory's loop"
+        return {"outcome": "other-loop", "detail": detail, "loops": sorted(loops)}
     return {"outcome": outcome, "detail": detail[-DETAIL_CHARS:], "loops": sorted(loops)}
 
 
@@ -100,14 +100,13 @@ def run_forked(test, timeout: float) -> dict:
         with contextlib.suppress(ProcessLookupError):  # what the test started and left, in the child's group
             os.killpg(pid, signal.SIGKILL)
         output.seek(0)
-        text = output.read().decode(errors="replace")
+        text = output.read().decode(errors="replace")[-DETAIL_CHARS:]
     if timed_out:
         message = {"outcome": "timeout", "detail": f"killed after {timeout:g} s\n{text}", "loops": []}
     elif data.endswith(b"\n"):
         message = json.loads(data)
     else:
         message = {"outcome": "failed", "detail": f"the test process died (status {status:#x})\n{text}", "loops": []}
-    message["detail"] = message["detail"][-DETAIL_CHARS:]
     message["seconds"] = round(time.monotonic() - started, 3)
     return message
 
@@ -152,13 +151,14 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds one test may take")
     args = parser.parse_args()
 
+    # SIGINT as a Python started at a terminal has it: one started in the background by a shell
+    # without job control inherits it ignored, and test_add_signal_handler expects the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import test.test_asyncio  # noqa: F401
     except ImportError as exc:
         send({"missing": f"this Python has no test.test_asyncio ({exc})"})
         return 0
-    import binding
-
     try:
         binding.watch_running_loops()
         make_loop = binding.wrap_factory(load_factory(args.loop))
