@@ -59,6 +59,19 @@ def install(build: str, folder: Path) -> Path:
     return folder
 
 
+def build_roots(args: argparse.Namespace, scratch: Path) -> dict[str, Path]:
+    """Each build's folder: ``--compiled-root``/``--pure-root`` when given (checked), else installed in scratch."""
+    roots: dict[str, Path] = {}
+    for build in BUILDS:
+        given = getattr(args, f"{build}_root")
+        if given is not None:
+            check(build, given)
+            roots[build] = given
+        else:
+            roots[build] = install(build, scratch / build)
+    return roots
+
+
 def check(build: str, root: Path) -> None:
     version = subprocess.run([*command(str(root)), "--version"], capture_output=True, text=True, check=True).stdout
     if f"({BUILDS[build]})" not in version:
@@ -102,14 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_fd_limit(20_000)
     scratch = Path(tempfile.mkdtemp(prefix="pollserve-builds-"))
-    roots: dict[str, Path] = {}
-    for build in BUILDS:
-        given = getattr(args, f"{build}_root")
-        if given is not None:
-            check(build, given)
-            roots[build] = given
-        else:
-            roots[build] = install(build, scratch / build)
+    roots = build_roots(args, scratch)
     fixtures = compile_fixtures(scratch)
     targets: list[Target] = []
     root_of: dict[str, Path | None] = {}

@@ -64,7 +64,7 @@ class LoopHealth:
     def __init__(
         self,
         loop: EventLoop,
-        log: logging.Logger,
+        log: logging.Logger | None,
         slow_callback: float,
         window: float = WINDOW,
         period: float = PROBE_PERIOD,
@@ -76,11 +76,16 @@ class LoopHealth:
         loop.slow_callback = slow_callback
         loop.on_slow_callback = self.slow
         loop.on_slow_pass = self.slow_pass
-        self._slow_log = EpisodeLog(
-            log, loop, f"loop held by a slow callback (over {slow_callback:g} s, --slow-callback)"
+        # No log: the figures only (the asyncio face logs slow callbacks in debug mode, as asyncio does).
+        self._slow_log = (
+            EpisodeLog(log, loop, f"loop held by a slow callback (over {slow_callback:g} s, --slow-callback)")
+            if log is not None
+            else None
         )
-        self._slow_pass_log = EpisodeLog(
-            log, loop, f"loop held by a slow pass (over {slow_callback:g} s, --slow-callback)"
+        self._slow_pass_log = (
+            EpisodeLog(log, loop, f"loop held by a slow pass (over {slow_callback:g} s, --slow-callback)")
+            if log is not None
+            else None
         )
         #: slow callbacks since start, and slow passes of handlers not timed one by one
         self.slow_callbacks = 0
@@ -106,8 +111,10 @@ class LoopHealth:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._slow_log.close()
-        self._slow_pass_log.close()
+        if self._slow_log is not None:
+            self._slow_log.close()
+        if self._slow_pass_log is not None:
+            self._slow_pass_log.close()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -167,12 +174,14 @@ class LoopHealth:
         """The loop's report of a slow callback: count it, keep it, log it in episodes."""
         self.slow_callbacks += 1
         self._slow.append((time.monotonic(), name, seconds))
-        self._slow_log.event(f"{name} took {held_for(seconds)}")
+        if self._slow_log is not None:
+            self._slow_log.event(f"{name} took {held_for(seconds)}")
 
     def slow_pass(self, what: str, seconds: float) -> None:
         """The loop's report of a slow pass of several handlers: count it, log it in episodes."""
         self.slow_passes += 1
-        self._slow_pass_log.event(f"{held_for(seconds)} over {what}")
+        if self._slow_pass_log is not None:
+            self._slow_pass_log.event(f"{held_for(seconds)} over {what}")
 
     # -- figures ------------------------------------------------------------------
 

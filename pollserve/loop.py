@@ -32,6 +32,7 @@ with its own time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import heapq
 import logging
@@ -59,7 +60,12 @@ def describe_callback(callback: object) -> str:
     to says of it through a ``_describe_handler(callback)`` method (a connection names its app's
     protocol and peer).  Underscored: it is the loop's business, not part of the Transport."""
     while isinstance(callback, functools.partial):
-        callback = callback.func
+        func = callback.func
+        # partial(context.run, fn): run in a context (the asyncio face's transports); fn is the callback.
+        if isinstance(getattr(func, "__self__", None), contextvars.Context) and callback.args:
+            callback = callback.args[0]
+        else:
+            callback = func
     owner = getattr(callback, "__self__", None)
     describe = getattr(owner, "_describe_handler", None)
     if callable(describe):

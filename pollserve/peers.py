@@ -1,12 +1,18 @@
 """The servers pollserve is measured against, with the same apps and the same start-up line.
 
-    python -m pollserve.peers asyncio|uvloop|selectors [--app hello|echo] [--host H] [--port P]
+    python -m pollserve.peers asyncio|uvloop|pollserve-asyncio|selectors [--app hello|echo] [--streams]
+                              [--host H] [--port P]
 
 - ``asyncio``: the standard library's event loop with an ``asyncio.Protocol``, the usual way to
   write such a server in Python.
 - ``uvloop``: the same protocol on uvloop's libuv-based loop (``pip install uvloop``), the fastest
   Python event loop there is.
+- ``pollserve-asyncio``: the same protocol on pollserve's own loop as an asyncio loop (pollserve.aio),
+  on ``$POLLSERVE_BACKEND`` or the best backend: what the asyncio face's layering costs.
 - ``selectors``: a plain loop over ``selectors.DefaultSelector``, what people hand-roll.
+
+``--streams`` serves the app with asyncio streams (``asyncio.start_server``, a coroutine per client that
+reads, writes and drains) instead of a Protocol, on the asyncio-family peers.
 
 Each logs ``listening on HOST:PORT (backend NAME, app APP)`` on stderr like pollserve, so the same
 benchmark code starts any of them, and exits 0 on SIGTERM or SIGINT.  The hello and echo apps behave as
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import selectors
 import signal
 import socket
@@ -25,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 from .apps import HELLO_REPLY
 
-PEERS = ("asyncio", "uvloop", "selectors")
+PEERS = ("asyncio", "uvloop", "pollserve-asyncio", "selectors")
 
 
 def listening(address: tuple, name: str, app: str) -> None:
@@ -48,10 +55,25 @@ class AsyncioEcho(AsyncioHello):
         self.transport.write(data)
 
 
-async def serve_asyncio(name: str, app: str, host: str, port: int) -> None:
+async def stream_client(app: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One client, as streams code is written: read, write, drain, until EOF."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(HELLO_REPLY if app == "hello" else data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_asyncio(name: str, app: str, host: str, port: int, streams: bool = False) -> None:
     loop = asyncio.get_running_loop()
-    protocol = AsyncioHello if app == "hello" else AsyncioEcho
-    server = await loop.create_server(protocol, host, port, backlog=1024)
+    if streams:
+        server = await asyncio.start_server(functools.partial(stream_client, app), host, port, backlog=1024)
+    else:
+        protocol = AsyncioHello if app == "hello" else AsyncioEcho
+        server = await loop.create_server(protocol, host, port, backlog=1024)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -61,16 +83,25 @@ async def serve_asyncio(name: str, app: str, host: str, port: int) -> None:
     await server.wait_closed()
 
 
-def run_asyncio(app: str, host: str, port: int) -> None:
-    asyncio.run(serve_asyncio("asyncio", app, host, port))
+def run_asyncio(app: str, host: str, port: int, streams: bool = False) -> None:
+    asyncio.run(serve_asyncio("asyncio", app, host, port, streams))
 
 
-def run_uvloop(app: str, host: str, port: int) -> None:
+def run_uvloop(app: str, host: str, port: int, streams: bool = False) -> None:
     try:
         import uvloop
     except ImportError:
         sys.exit("pollserve.peers: uvloop is not installed (pip install uvloop)")
-    uvloop.run(serve_asyncio("uvloop", app, host, port))
+    uvloop.run(serve_asyncio("uvloop", app, host, port, streams))
+
+
+def run_pollserve_asyncio(app: str, host: str, port: int, streams: bool = False) -> None:
+    from .loops import new_event_loop, run
+
+    backend = new_event_loop()
+    name = f"pollserve-asyncio/{backend.backend.name}"
+    backend.close()
+    run(serve_asyncio(name, app, host, port, streams))
 
 
 # -- a plain selectors loop ------------------------------------------------------------------------------
@@ -129,10 +160,10 @@ def run_selectors(app: str, host: str, port: int) -> None:
                 selector.modify(sock, selectors.EVENT_READ, sock)
 
 
-RUNNERS: dict[str, Callable[[str, str, int], None]] = {
+RUNNERS: dict[str, Callable[..., None]] = {
     "asyncio": run_asyncio,
     "uvloop": run_uvloop,
-    "selectors": run_selectors,
+    "pollserve-asyncio": run_pollserve_asyncio,
 }
 
 
@@ -142,8 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", choices=["hello", "echo"], default="hello")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--streams", action="store_true", help="asyncio streams instead of a Protocol")
     args = parser.parse_args(argv)
-    RUNNERS[args.peer](args.app, args.host, args.port)
+    if args.peer == "selectors":
+        if args.streams:
+            parser.error("--streams is for the asyncio loops")
+        run_selectors(args.app, args.host, args.port)
+    else:
+        RUNNERS[args.peer](args.app, args.host, args.port, args.streams)
     return 0
 
 

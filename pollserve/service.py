@@ -201,7 +201,7 @@ def stats_routes(
 
 
 def stats_endpoint(
-    loop: EventLoop, collector: StatsCollector | SupervisorStats, health: Health, options: ServeOptions
+    loop: EventLoop, collector: StatsCollector | SupervisorStats, health: Health, host: str, port: int | None
 ) -> Server:
     """The stats endpoint's server (not started), with the bounds that keep it from hurting the app."""
     budget = RateLimit(STATS_RATE, STATS_BURST)
@@ -217,8 +217,8 @@ def stats_endpoint(
     return Server(
         loop,
         endpoint,
-        options.stats_host,
-        options.stats_port or 0,
+        host,
+        port or 0,
         name="stats",
         # the held connections and the newcomer that makes room; never reached while Slots makes room
         max_connections=STATS_MAX_CONNECTIONS + 1,
@@ -360,7 +360,7 @@ class AppServer:
         self.collector = StatsCollector(loop, self.server, self.tls_layer, self.loop_health)
         self.health = Health()
         # The endpoint's own connections are kept out of the app's counters: a Server of its own.
-        self.stats_server = stats_endpoint(loop, self.collector, self.health, options)
+        self.stats_server = stats_endpoint(loop, self.collector, self.health, options.stats_host, options.stats_port)
         self.reporter = StatsReporter(self.collector, log, options.stats_interval)
         self.server.on_fd_exhausted = self.stats_server.on_fd_exhausted = self.reporter.fds_exhausted
         #: --unix: the socket file made, removed once on the way out
@@ -686,7 +686,7 @@ class SupervisingParent:
         )
         self.view = SupervisorStats(self.loop, self.supervisor)
         self.health = Health(lambda: (self.supervisor.serving, self.supervisor.count))
-        self.stats_server = stats_endpoint(self.loop, self.view, self.health, options)
+        self.stats_server = stats_endpoint(self.loop, self.view, self.health, options.stats_host, options.stats_port)
         try:
             self.listen_stats()
         except BaseException:

@@ -24,6 +24,7 @@ import psutil
 from .health import LAG_BUCKETS, WINDOW, LoopHealth
 
 if TYPE_CHECKING:
+    from .aio.counts import ConnectionCounts
     from .loop import EventLoop
     from .server import Server
     from .tls import TLSLayerFactory
@@ -147,7 +148,11 @@ class StatsCollector:
     fd_count_budget = 0.01
 
     def __init__(
-        self, loop: EventLoop, server: Server, tls: TLSLayerFactory | None = None, health: LoopHealth | None = None
+        self,
+        loop: EventLoop,
+        server: Server | ConnectionCounts,
+        tls: TLSLayerFactory | None = None,
+        health: LoopHealth | None = None,
     ) -> None:
         self.loop = loop
         self.server = server
@@ -213,16 +218,7 @@ class StatsCollector:
             fd_soft_limit=soft,
             fd_hard_limit=hard,
             fd_usage=usage(fds, soft),
-            connections_open=len(server.connections),
-            connections_accepted=server.connections_accepted,
-            connections_closed=server.connections_closed,
-            connections_refused=server.connections_refused,
-            connections_limit=server.max_connections,
-            connections_idle_closed=server.connections_idle_closed,
-            connections_idle_reset=server.connections_idle_reset,
-            bytes_in=server.bytes_in,
-            bytes_out=server.bytes_out,
-            write_buffer_bytes=server.write_buffer_bytes,
+            **connection_fields(server),
             loop_iterations=self.loop.iterations,
             events_total=self.loop.events_total,
             uptime_s=round(time.monotonic() - self.started, 3),
@@ -231,6 +227,39 @@ class StatsCollector:
             draining=self.draining,
             **health_fields(self.health),
         )
+
+
+def connection_fields(server: Server | ConnectionCounts) -> dict[str, Any]:
+    """The snapshot's connection and byte keys: of a pollserve Server, or of every asyncio transport
+    on an AsyncioLoop (``connections_accepted`` then counts the connected ones too, and nothing
+    closes a connection for idleness: pollserve's limits do not apply there unless asked for)."""
+    from .aio.counts import ConnectionCounts  # here: the asyncio face's modules import this one
+
+    if not isinstance(server, ConnectionCounts):
+        return {
+            "connections_open": len(server.connections),
+            "connections_accepted": server.connections_accepted,
+            "connections_closed": server.connections_closed,
+            "connections_refused": server.connections_refused,
+            "connections_limit": server.max_connections,
+            "connections_idle_closed": server.connections_idle_closed,
+            "connections_idle_reset": server.connections_idle_reset,
+            "bytes_in": server.bytes_in,
+            "bytes_out": server.bytes_out,
+            "write_buffer_bytes": server.write_buffer_bytes,
+        }
+    return {
+        "connections_open": server.connections_open,
+        "connections_accepted": server.connections_accepted + server.connections_connected,
+        "connections_closed": server.connections_closed,
+        "connections_refused": server.connections_refused,
+        "connections_limit": None,
+        "connections_idle_closed": 0,
+        "connections_idle_reset": 0,
+        "bytes_in": server.bytes_in,
+        "bytes_out": server.bytes_out,
+        "write_buffer_bytes": server.write_buffer_bytes,
+    }
 
 
 def health_fields(health: LoopHealth | None) -> dict[str, Any]:

@@ -323,3 +323,126 @@ def test_the_wrong_thread_is_refused_in_debug_mode(aio_loop) -> None:
         assert errors == []
         aio_loop.stop()
         aio_loop.run_forever()  # the print scheduled from the thread runs (harmlessly)
+
+
+@pytest.mark.parametrize("clock", ["ahead", "half speed"])
+def test_timers_follow_a_loop_time_patched_on_the_loop(aio_loop, clock: str) -> None:
+    """As on the standard loop, timers go through loop.time(): a test that patches it moves them,
+    and a timer never runs before loop.time() reaches its when()."""
+    real, start = aio_loop.time, aio_loop.time()
+    if clock == "ahead":
+        aio_loop.time = lambda: real() + 1000.0
+    else:
+        aio_loop.time = lambda: start + (real() - start) / 2
+    fired = []
+    handle = aio_loop.call_later(0.05, lambda: (fired.append(aio_loop.time() >= handle.when()), aio_loop.stop()))
+    guard = threading.Timer(5, aio_loop.call_soon_threadsafe, args=(aio_loop.stop,))
+    guard.start()
+    try:
+        aio_loop.run_forever()
+    finally:
+        guard.cancel()
+    assert fired == [True]
+    del aio_loop.time
+
+
+def test_call_at_runs_at_loop_time_and_in_its_context(aio_loop) -> None:
+    seen = []
+    variable.set("at call_at")
+    when = aio_loop.time() + 0.02
+    handle = aio_loop.call_at(when, lambda: (seen.append((aio_loop.time() >= when, variable.get())), aio_loop.stop()))
+    assert isinstance(handle, asyncio.TimerHandle) and handle.when() == when
+    variable.set("after")
+    aio_loop.call_later(10, aio_loop.stop)
+    aio_loop.run_forever()
+    assert seen == [(True, "at call_at")]
+    with pytest.raises(TypeError):
+        aio_loop.call_at(None, print)
+
+
+def test_the_exception_handler_methods(aio_loop, caplog) -> None:
+    """get/set, the default handler's log on the asyncio logger, and a failing handler reported by
+    the default one."""
+    recording = aio_loop.get_exception_handler()
+    assert recording is aio_loop.handler
+    with pytest.raises(TypeError):
+        aio_loop.set_exception_handler("not callable")
+    aio_loop.set_exception_handler(None)
+    assert aio_loop.get_exception_handler() is None
+    with caplog.at_level("ERROR", logger="asyncio"):
+        aio_loop.call_exception_handler({"message": "something broke", "exception": ValueError("bad"), "extra": 42})
+        aio_loop.default_exception_handler({"message": "said directly"})
+    logged = [record for record in caplog.records if record.name == "asyncio"]
+    assert "something broke" in logged[0].getMessage() and "extra: 42" in logged[0].getMessage()
+    assert logged[0].exc_info[0] is ValueError
+    assert "said directly" in logged[1].getMessage()
+    caplog.clear()
+
+    def failing(loop, context) -> None:
+        raise RuntimeError("the handler itself failed")
+
+    aio_loop.set_exception_handler(failing)
+    with caplog.at_level("ERROR", logger="asyncio"):
+        aio_loop.call_exception_handler({"message": "original"})
+    logged = [record.getMessage() for record in caplog.records if record.name == "asyncio"]
+    assert any("Unhandled error in exception handler" in line for line in logged), logged
+    aio_loop.set_exception_handler(recording)
+
+
+def test_set_default_executor_is_used_by_run_in_executor(aio_loop) -> None:
+    import concurrent.futures
+
+    names = []
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chosen")
+    aio_loop.set_default_executor(executor)
+
+    async def main() -> None:
+        await aio_loop.run_in_executor(None, lambda: names.append(threading.current_thread().name))
+        await aio_loop.shutdown_default_executor()
+
+    aio_loop.run_until_complete(main())
+    assert names and names[0].startswith("chosen")
+    if sys.version_info >= (3, 11):
+        with pytest.raises(TypeError):
+            aio_loop.set_default_executor(concurrent.futures.ProcessPoolExecutor())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda loop: loop.subprocess_exec(asyncio.SubprocessProtocol, "true"),
+        lambda loop: loop.subprocess_shell(asyncio.SubprocessProtocol, "true"),
+        lambda loop: loop.connect_read_pipe(asyncio.Protocol, sys.stdin),
+        lambda loop: loop.connect_write_pipe(asyncio.Protocol, sys.stdout),
+    ],
+    ids=["subprocess_exec", "subprocess_shell", "connect_read_pipe", "connect_write_pipe"],
+)
+def test_pipes_and_subprocesses_are_not_there_yet(call, backend_name: str) -> None:
+    """docs/asyncio.md, "Not yet": NotImplementedError, not a hang or a wrong answer."""
+    from pollserve.aio import AsyncioLoop
+
+    loop = AsyncioLoop(backend_name)
+    try:
+        with pytest.raises(NotImplementedError):
+            loop.run_until_complete(call(loop))
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    "how", [{"PYTHONASYNCIODEBUG": "1"}, {"-X": "dev"}, {}], ids=["PYTHONASYNCIODEBUG", "-X dev", "neither"]
+)
+def test_debug_mode_from_the_environment_as_asyncio_reads_it(how: dict) -> None:
+    import subprocess
+
+    from serverproc import pollserve_env
+
+    env = pollserve_env({key: value for key, value in how.items() if key != "-X"})
+    env.pop("PYTHONASYNCIODEBUG", None) if not how.get("PYTHONASYNCIODEBUG") else None
+    flags = ["-X", "dev"] if "-X" in how else []
+    code = (
+        "import pollserve, asyncio; print(pollserve.new_event_loop().get_debug(), asyncio.new_event_loop().get_debug())"
+    )
+    done = subprocess.run([sys.executable, *flags, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    expected = "True True" if how else "False False"
+    assert done.stdout.strip() == expected, done.stderr

@@ -54,10 +54,16 @@ class TimerHandle(asyncio.TimerHandle):
         self._core: CoreHandle | None = None
 
     def _run_from_core(self) -> None:
-        self._scheduled = False
         self._core = None  # the core let go of its entry; no cycle left between the two
-        if not self._cancelled:
-            self._run()
+        if self._cancelled:
+            return
+        loop = self._loop
+        if loop._clock_followed() and loop.time() < self._when:
+            # A loop.time() of its own (a test's, a subclass's) says it is not time yet: never early.
+            self._core = loop._arm(self._when, self._run_from_core)
+            return
+        self._scheduled = False
+        self._run()
 
     def _forget_core(self) -> None:
         """Cancelled: the core's entry goes too (TimerHandle.cancel calls the loop, which calls this)."""

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -30,8 +31,14 @@ from typing import Any
 
 from ..backends import Backend, CapacityError
 from ..loop import DEFAULT_SLOW_CALLBACK, EventLoop
+from ..loop import Handle as CoreHandle
 from .counts import ConnectionCounts
+from .datagram import DatagramEndpoints
+from .figures import LoopFigures
 from .handles import Handle, TimerHandle
+from .sockets import SocketCalls
+from .streams import StreamCalls
+from .transport import capacity_oserror
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
 
@@ -72,7 +79,7 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
+class AsyncioLoop(EventLoop, SocketCalls, StreamCalls, DatagramEndpoints, asyncio.AbstractEventLoop):  # type: ignore[misc]
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 
@@ -94,10 +101,12 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         self._transports: weakref.WeakValueDictionary[int, asyncio.BaseTransport] = weakref.WeakValueDictionary()
         #: every transport's connections and bytes, for stats()
         self.counts = ConnectionCounts()
-        #: the slowest callback seen, for stats(): (seconds, name)
-        self.slowest_callback: tuple[float, str] | None = None
         self._slow_callback_duration = DEFAULT_SLOW_CALLBACK
+        self.slow_callback = DEFAULT_SLOW_CALLBACK
+        #: the lag probe, the stats collector, the stats endpoint (figures.py)
+        self._figures = LoopFigures(self)
         self.on_slow_callback = self._slow_callback_seen
+        self.on_slow_pass = self._slow_pass_seen
         self.set_debug(_debug_from_environment())
 
     def __repr__(self) -> str:
@@ -127,8 +136,10 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook, finalizer=self._asyncgen_finalizer_hook)
         asyncio.events._set_running_loop(self)
         try:
+            self._figures.running()
             super().run_forever()
         finally:
+            self._figures.stopped()
             self._thread_id = None
             asyncio.events._set_running_loop(None)
             self._set_coroutine_origin_tracking(False)
@@ -167,6 +178,7 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
             return
         if self._debug:
             logger.debug("Close %r", self)
+        self._figures.close()
         super().close()
         self._executor_shutdown_called = True
         executor, self._default_executor = self._default_executor, None
@@ -195,14 +207,17 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
             raise TypeError(f"a callable object was expected by {method}(), got {callback!r}")
 
     def call_soon(self, callback: Callable[..., Any], *args: Any, context: Any = None) -> Handle:
-        self._check_closed()
+        # The C Task and Future call this for every step and wakeup: checks inlined, the core's
+        # queue appended to directly.
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = Handle(callback, args, self, context)
         if self._debug:
             self._check_thread()
             self._check_callback(callback, "call_soon")
-        handle = Handle(callback, args, self, context)
-        if handle._source_traceback:
-            del handle._source_traceback[-1]
-        EventLoop.call_soon(self, handle._run_from_core)
+            if handle._source_traceback:
+                del handle._source_traceback[-1]
+        self._ready.append(CoreHandle(handle._run_from_core, ()))
         return handle
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any, context: Any = None) -> Handle:
@@ -234,9 +249,20 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         timer = TimerHandle(when, callback, args, self, context)
         if timer._source_traceback:
             del timer._source_traceback[-1]
-        timer._core = EventLoop.call_at(self, when, timer._run_from_core)
+        timer._core = self._arm(when, timer._run_from_core)
         timer._scheduled = True
         return timer
+
+    def _clock_followed(self) -> bool:
+        """Whether time() is not the core's clock: patched on the loop (as tests do) or overridden."""
+        return "time" in self.__dict__ or type(self).time is not AsyncioLoop.time
+
+    def _arm(self, when: float, callback: Callable[[], Any]) -> CoreHandle:
+        """An entry in the core's heap, which runs on time.monotonic(), for loop time ``when``: the
+        same instant unless time() is another clock, whose distance to ``when`` is then kept."""
+        if self._clock_followed():
+            when = time.monotonic() + (when - self.time())
+        return EventLoop.call_at(self, when, callback)
 
     def _timer_handle_cancelled(self, handle: TimerHandle) -> None:
         """asyncio.TimerHandle.cancel() calls it: the core's entry is cancelled too."""
@@ -364,12 +390,31 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
     @slow_callback_duration.setter
     def slow_callback_duration(self, seconds: float) -> None:
         self._slow_callback_duration = self.slow_callback = float(seconds)
+        self._figures.health.slow_callback = float(seconds)
 
     def _slow_callback_seen(self, name: str, seconds: float) -> None:
-        if self.slowest_callback is None or seconds > self.slowest_callback[0]:
-            self.slowest_callback = (seconds, name)
+        self._figures.health.slow(name, seconds)
         if self._debug:
             logger.warning("Executing %s took %.3f seconds", name, seconds)
+
+    def _slow_pass_seen(self, what: str, seconds: float) -> None:
+        self._figures.health.slow_pass(what, seconds)
+        if self._debug:
+            logger.warning("Executing %s took %.3f seconds", what, seconds)
+
+    # -- pollserve's figures ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The snapshot the stats endpoint serves at ``/stats``: the backend, fds against the limit,
+        the connections and bytes of every transport on this loop, utilization, lag, the slowest
+        callback of the last ten seconds (a task by its name and coroutine)."""
+        return self._figures.snapshot()
+
+    def start_stats_server(self, host: str = "127.0.0.1", port: int = 0) -> Any:
+        """Serve ``/stats``, ``/metrics``, ``/healthz`` and the live dashboard on this loop, as
+        ``pollserve --stats-port`` does; the address it listens on.  It closes with the loop."""
+        self._check_closed()
+        return self._figures.start_endpoint(host, port)
 
     # -- executors and names ---------------------------------------------------------------------------
 
@@ -560,7 +605,7 @@ class AsyncioLoop(EventLoop, asyncio.AbstractEventLoop):
         try:
             core_add(self, fileno, handle._run_from_core)
         except CapacityError as exc:
-            raise OSError(errno.EMFILE, f"{exc}: a backend without that limit (poll, epoll, kqueue) has none") from None
+            raise capacity_oserror(exc) from None
         if replaced is not None:
             replaced.cancel()
 

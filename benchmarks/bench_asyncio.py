@@ -1,0 +1,83 @@
+"""The asyncio face on the peers' hello: what layering asyncio over pollserve's core costs per request.
+
+    python benchmarks/bench_asyncio.py                                       # both builds built here
+    python benchmarks/bench_asyncio.py --compiled-root DIR --pure-root DIR   # builds made earlier
+    python benchmarks/bench_asyncio.py --scenarios paced,hello --reps 5
+
+The same ``asyncio.Protocol`` class (pollserve.peers:AsyncioHello), and the same streams handler (a
+coroutine per client: read, write, drain), served by asyncio's own loop, by uvloop and by pollserve's
+loop as an asyncio loop (pollserve.aio) on the compiled and the pure build; and, for reference, the
+Protocol class served by pollserve's own callback server (``pollserve --app
+pollserve.peers:AsyncioHello``).  bench_peers.py's scenarios and load generator, reps interleaved; the
+figure that ranks servers is the paced one, server CPU us per request at a fixed 30,000 req/s, and
+the ratios are paired per rep against uvloop's Protocol server.  Timings never fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_builds import build_roots, pollserve_target
+from bench_peers import SCENARIOS, Target, compile_fixtures, report, run_interleaved
+
+from pollserve.bench import uvloop_installed
+from pollserve.load import raise_fd_limit
+
+
+def peers_argv(root: Path | None, peer: str, app: str, streams: bool) -> list[str]:
+    """``python -m pollserve.peers PEER`` from ``root`` (None: this interpreter's own pollserve)."""
+    tail = [peer, "--app", app, "--port", "0", *(["--streams"] if streams else [])]
+    if root is None:
+        return [sys.executable, "-m", "pollserve.peers", *tail]
+    bootstrap = (
+        "import runpy, sys; "
+        f"sys.path[:] = [{str(root)!r}, *(p for p in sys.path if p not in ('', '.'))]; "
+        "runpy.run_module('pollserve.peers', run_name='__main__')"
+    )
+    return [sys.executable, "-c", bootstrap, *tail]
+
+
+def peer_target(name: str, peer: str, streams: bool, root: Path | None = None) -> Target:
+    return Target(name, lambda app: peers_argv(root, peer, app, streams))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default: 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per run (default: 1)")
+    parser.add_argument("--connections", type=int, default=100, help="active connections (default: 100)")
+    parser.add_argument("--scenarios", default="paced", help="bench_peers.py's scenarios (default: paced)")
+    parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
+    parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
+    parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
+    args = parser.parse_args()
+    raise_fd_limit(20_000)
+    scratch = Path(tempfile.mkdtemp(prefix="pollserve-asyncio-bench-"))
+    roots = build_roots(args, scratch)
+    targets = [peer_target("asyncio, Protocol", "asyncio", False), peer_target("asyncio, streams", "asyncio", True)]
+    if uvloop_installed():
+        targets += [peer_target("uvloop", "uvloop", False), peer_target("uvloop, streams", "uvloop", True)]
+    targets += [
+        peer_target("pollserve asyncio (compiled), Protocol", "pollserve-asyncio", False, roots["compiled"]),
+        peer_target("pollserve asyncio (compiled), streams", "pollserve-asyncio", True, roots["compiled"]),
+        peer_target("pollserve asyncio (pure), Protocol", "pollserve-asyncio", False, roots["pure"]),
+        pollserve_target("pollserve callback server (compiled), Protocol", roots["compiled"], "epoll", True),
+    ]
+    fixtures = compile_fixtures(scratch)
+    wanted = [scenario for scenario in SCENARIOS if scenario.key in args.scenarios.split(",")]
+    runs = run_interleaved(targets, wanted, fixtures, args, "bench_asyncio")
+    text = report(wanted, targets, runs, {}, args, fixtures).replace(
+        "# pollserve against its peers", "# The asyncio face against its peers", 1
+    )
+    print(text)
+    if args.write:
+        Path(args.write).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""The stream transport asyncio code gets from pollserve's loop: TCP and UNIX sockets.
+
+An ``asyncio.Transport`` with what the standard loop's socket transport does on the running Python
+(write buffer and its limits, flow control both ways, write_eof, close after the flush, abort,
+``BufferedProtocol``, errors to the exception handler), over the core's fast path: its fd is watched
+with ``EventLoop.add_reader(loop, fd, callback)``, no asyncio handle per event.  The callback is
+``context.run`` bound to the read method, so the protocol's read callbacks run in the context
+captured for the connection and a read costs one ``recv`` and one call into the protocol.
+
+Interpreted on purpose: compiled, ``BaseTransport._extra`` lands on mypyc's vtable slot.
+
+Contexts, as the standard loop has them: the read callbacks (``data_received``, ``eof_received``,
+``get_buffer``, ``buffer_updated``) run in one copy of the connection's context and
+``connection_made`` in another, so a variable set in ``connection_made`` is not seen in
+``data_received``; ``connection_lost`` runs in the context of whatever closed the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import errno
+import functools
+import itertools
+import logging
+import os
+import socket
+import warnings
+from asyncio import constants, trsock
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..backends import CapacityError
+from ..loop import EventLoop
+
+logger = logging.getLogger("asyncio")
+
+#: how many buffers one sendmsg() takes (the standard loop's SC_IOV_MAX)
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (AttributeError, OSError, ValueError):
+    IOV_MAX = 16
+HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
+
+#: the write-buffer limits the standard loop starts with
+DEFAULT_HIGH_WATER = 64 * 1024
+
+#: writes after the connection was lost are logged from this many on (asyncio's constant)
+LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+
+
+def capacity_oserror(exc: CapacityError) -> OSError:
+    """A backend at its capacity, as asyncio code gets it: an ``OSError`` naming the limit and the
+    better backend (the backend's own message says both)."""
+    return OSError(errno.EMFILE, f"{exc}: a backend without that limit (poll, epoll, kqueue) has none")
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """TCP_NODELAY on a TCP socket, as the standard loop sets it (its own test of the socket)."""
+    if (
+        hasattr(socket, "TCP_NODELAY")
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+        and sock.type == socket.SOCK_STREAM
+        and sock.proto == socket.IPPROTO_TCP
+    ):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class StreamTransport(asyncio.Transport):
+    """One connected stream socket, its protocol and its write buffer."""
+
+    def _describe_handler(self, handler: object) -> str:
+        """How a slow callback is named (the core's describe_callback): the protocol, as its author
+        wrote it, and the peer, never the transport's own method."""
+        protocol = type(self._protocol)
+        name = f"{protocol.__module__}:{protocol.__qualname__}"
+        peer = self._extra.get("peername")
+        if getattr(handler, "__name__", "") == "_write_ready":
+            return f"sending {name}'s buffered data to {peer}"
+        return f"{name}.data_received on {peer}"
+
+    max_size = 256 * 1024  # what one recv() asks for, as the standard loop
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
+
+    _sock: socket.socket | None = None  # set before anything can fail: __del__ reads it
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        server: Any = None,
+        context: contextvars.Context | None = None,
+        watch_now: bool = False,
+    ) -> None:
+        """``watch_now``: register the fd for reading at once, so that a backend at its capacity
+        raises ``CapacityError`` here (the accept path: connection_made is queued before the next
+        poll, so no read can come first); else reading starts after connection_made."""
+        super().__init__(extra)
+        set_nodelay(sock)
+        self._loop = loop
+        self._sock_fd = sock.fileno()
+        base = context if context is not None else contextvars.copy_context()
+        #: the read callbacks' context, and the callbacks the core calls for this fd
+        self._context = base.copy()
+        self._reader: Callable[[], Any] | None = None
+        self._reading = False  # the core watches the fd for reading
+        self._protocol: Any = None
+        self._protocol_connected = False
+        self.set_protocol(protocol)
+        if watch_now:
+            EventLoop.add_reader(loop, self._sock_fd, self._reader)  # type: ignore[arg-type]
+            self._reading = True
+        self._extra["socket"] = trsock.TransportSocket(sock)
+        try:
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            self._extra["sockname"] = None
+        if "peername" not in self._extra:
+            try:
+                self._extra["peername"] = sock.getpeername()
+            except OSError:
+                self._extra["peername"] = None
+        self._sock = sock
+        self._writer: Callable[[], Any] | None = functools.partial(self._context.run, self._write_ready)
+        self._server = server
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._buffer_size = 0
+        self._conn_lost = 0  # set once connection_lost is scheduled, then counts writes after it
+        self._closing = False
+        self._paused = False  # pause_reading()
+        self._eof = False  # write_eof()
+        self._eof_received = False
+        self._empty_waiter: asyncio.Future[Any] | None = None
+        self._high_water = DEFAULT_HIGH_WATER
+        self._low_water = DEFAULT_HIGH_WATER // 4
+        self._protocol_paused = False
+        self._counts = loop.counts
+        self._counts.connections_open += 1
+        if server is not None:
+            server._attach(self)
+        loop._transports[self._sock_fd] = self
+        loop.call_soon(self._protocol.connection_made, self, context=base.copy())
+        if not watch_now:
+            # Reading starts once connection_made has run, as the standard loop has it.
+            EventLoop.call_soon(loop, self._start_reading)
+        if waiter is not None:
+            EventLoop.call_soon(loop, asyncio.futures._set_result_unless_cancelled, waiter, None)
+
+    def __repr__(self) -> str:
+        info = [type(self).__name__]
+        if self._sock is None:
+            info.append("closed")
+        elif self._closing:
+            info.append("closing")
+        info.append(f"fd={self._sock_fd}")
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            info.append("read=polling" if loop._readers.get(self._sock_fd) is not None else "read=idle")
+            state = "polling" if loop._writers.get(self._sock_fd) is not None else "idle"
+            info.append(f"write=<{state}, bufsize={self._buffer_size}>")
+        return f"<{' '.join(info)}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if self._sock is not None:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            self._sock.close()
+
+    # -- the protocol --------------------------------------------------------------------------------
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """A ``BufferedProtocol`` is read into its own buffer; any other gets ``data_received``."""
+        read = self._read_into_buffer if isinstance(protocol, asyncio.BufferedProtocol) else self._read_data
+        self._protocol = protocol
+        self._protocol_connected = True
+        self._reader = functools.partial(self._context.run, read)
+        if self._reading:
+            EventLoop.add_reader(self._loop, self._sock_fd, self._reader)
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._closing and not self._paused
+
+    def pause_reading(self) -> None:
+        if not self.is_reading():
+            return
+        self._paused = True
+        self._stop_reading()
+        if self._loop.get_debug():
+            logger.debug("%r pauses reading", self)
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._start_reading()
+        if self._loop.get_debug():
+            logger.debug("%r resumes reading", self)
+
+    def _start_reading(self) -> None:
+        """Watch the fd, unless paused, closing or past EOF (a resume after EOF reads nothing more)."""
+        if self._reading or self._paused or self._closing or self._eof_received or self._conn_lost:
+            return
+        try:
+            EventLoop.add_reader(self._loop, self._sock_fd, self._reader)  # type: ignore[arg-type]
+        except CapacityError as exc:
+            self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
+            return
+        self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            EventLoop.remove_reader(self._loop, self._sock_fd)
+
+    def _read_data(self) -> None:
+        """The fd is readable: one recv(), then data_received (the per-read path: keep it short)."""
+        if self._conn_lost:
+            return
+        try:
+            data = self._sock.recv(self.max_size)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on socket transport")
+            return
+        if not data:
+            self._read_eof()
+            return
+        self._counts.bytes_in += len(data)
+        try:
+            self._protocol.data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _read_into_buffer(self) -> None:
+        """The fd is readable, for a ``BufferedProtocol``: recv_into the buffer it gives."""
+        if self._conn_lost:
+            return
+        try:
+            buf = self._protocol.get_buffer(-1)
+            if not len(buf):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+            return
+        try:
+            nbytes = self._sock.recv_into(buf)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on socket transport")
+            return
+        if not nbytes:
+            self._read_eof()
+            return
+        self._counts.bytes_in += nbytes
+        try:
+            self._protocol.buffer_updated(nbytes)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+
+    def _read_eof(self) -> None:
+        if self._loop.get_debug():
+            logger.debug("%r received EOF", self)
+        self._eof_received = True
+        self._stop_reading()
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._empty_waiter is not None:
+            raise RuntimeError("unable to write; sendfile is in progress")
+        if not data:
+            return
+        if self._conn_lost:
+            if self._conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal write error on socket transport")
+                return
+            self._counts.bytes_out += sent
+            if type(data) is bytes and sent == len(data):
+                return
+            view = memoryview(data).cast("B")  # bytes, whatever the item size and shape given
+            if sent == view.nbytes:
+                return
+            try:
+                EventLoop.add_writer(self._loop, self._sock_fd, self._writer)  # type: ignore[arg-type]
+            except CapacityError as exc:
+                self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
+                return
+            self._buffer_append(view[sent:], data)
+        else:
+            self._buffer_append(memoryview(data).cast("B"), data)
+        self._maybe_pause_protocol()
+
+    def _buffer_append(self, view: memoryview, data: Any) -> None:
+        """Keep what is left to send: bytes by reference, a mutable buffer as a copy of it now."""
+        chunk = view if type(data) is bytes else view.tobytes()
+        self._buffer.append(chunk)
+        self._buffer_size += len(chunk)
+        self._counts.write_buffer_bytes += len(chunk)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Every chunk into the buffer, then one sendmsg() for them all when it was empty."""
+        if self._eof:
+            raise RuntimeError("Cannot call writelines() after write_eof()")
+        if self._empty_waiter is not None:
+            raise RuntimeError("unable to writelines; sendfile is in progress")
+        if self._conn_lost:
+            for data in list_of_data:
+                self.write(data)
+            return
+        was_empty = not self._buffer
+        for data in list_of_data:
+            view = memoryview(data).cast("B")
+            if view:
+                self._buffer_append(view, data)
+        if was_empty and self._buffer:
+            self._write_ready()
+            if self._buffer:
+                try:
+                    EventLoop.add_writer(self._loop, self._sock_fd, self._writer)  # type: ignore[arg-type]
+                except CapacityError as exc:
+                    self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
+                    return
+        self._maybe_pause_protocol()
+
+    def _write_ready(self) -> None:
+        """The fd is writable: send what the buffer holds, several chunks per sendmsg()."""
+        if self._conn_lost or not self._buffer:
+            return
+        try:
+            if HAS_SENDMSG and len(self._buffer) > 1:
+                sent = self._sock.sendmsg(itertools.islice(self._buffer, IOV_MAX))  # type: ignore[union-attr]
+            else:
+                sent = self._sock.send(self._buffer[0])  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._stop_writing()
+            self._fatal_error(exc, "Fatal write error on socket transport")
+            if self._empty_waiter is not None:
+                self._empty_waiter.set_exception(exc)
+            return
+        self._counts.bytes_out += sent
+        self._consume(sent)
+        self._maybe_resume_protocol()  # may write more
+        if not self._buffer:
+            EventLoop.remove_writer(self._loop, self._sock_fd)
+            if self._empty_waiter is not None:
+                self._empty_waiter.set_result(None)
+            if self._closing:
+                self._call_connection_lost(None)
+            elif self._eof:
+                self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+
+    def _consume(self, sent: int) -> None:
+        """Take ``sent`` bytes off the front of the buffer."""
+        buffer = self._buffer
+        self._buffer_size -= sent
+        self._counts.write_buffer_bytes -= sent
+        while sent:
+            chunk = buffer.popleft()
+            if len(chunk) > sent:
+                buffer.appendleft(memoryview(chunk)[sent:])
+                break
+            sent -= len(chunk)
+
+    def _stop_writing(self) -> None:
+        """Drop what the buffer holds and stop watching for writability."""
+        if self._buffer:
+            self._buffer.clear()
+            self._counts.write_buffer_bytes -= self._buffer_size
+            self._buffer_size = 0
+            EventLoop.remove_writer(self._loop, self._sock_fd)
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof:
+            return
+        self._eof = True
+        if not self._buffer:
+            self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    # -- write flow control ----------------------------------------------------------------------------
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffer_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water = high
+        self._low_water = low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._buffer_size > self._high_water and not self._protocol_paused:
+            self._protocol_paused = True
+            self._tell_protocol("pause_writing")
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and self._buffer_size <= self._low_water:
+            self._protocol_paused = False
+            self._tell_protocol("resume_writing")
+
+    def _tell_protocol(self, method: str) -> None:
+        """Flow control's call of the protocol; its error goes to the exception handler."""
+        try:
+            getattr(self._protocol, method)()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            message = f"protocol.{method}() failed"
+            self._loop.call_exception_handler(
+                {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+            )
+
+    # -- closing ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop reading now; connection_lost once the buffer is flushed (soon, if it is empty)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._buffer:
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        """Close now, dropping the buffer."""
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on transport") -> None:
+        """An OSError is the connection's fate (logged in debug mode); anything else is a bug the
+        exception handler hears of.  Either way the transport closes at once."""
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler(
+                {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+            )
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        self._stop_writing()
+        if not self._closing:
+            self._closing = True
+            self._stop_reading()
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        if self._sock is None:
+            return  # already done (a flush and a forced close can both get here)
+        try:
+            if self._protocol_connected:
+                self._protocol.connection_lost(exc)
+        finally:
+            self._conn_lost = max(self._conn_lost, 1)  # later writes are dropped, not sent
+            loop = self._loop
+            other_writer = None
+            if not loop.is_closed():
+                self._stop_reading()
+                other_writer = loop._writers.get(self._sock_fd)
+                EventLoop.remove_writer(loop, self._sock_fd)
+            self._sock.close()
+            if other_writer is not None and other_writer is not self._writer:
+                EventLoop.call_soon(loop, other_writer)  # sendfile's wait ends, and meets the close
+            self._sock = None
+            self._protocol = None
+            self._reader = self._writer = None
+            self._counts.connections_open -= 1
+            self._counts.connections_closed += 1
+            if self._empty_waiter is not None and not self._empty_waiter.done():
+                self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
+            server, self._server = self._server, None
+            if server is not None:
+                server._detach(self)
+
+    # -- sendfile's hooks --------------------------------------------------------------------------------
+
+    def _make_empty_waiter(self) -> asyncio.Future[Any]:
+        """A future done once the buffer is empty; write() is refused until it is reset."""
+        if self._empty_waiter is not None:
+            raise RuntimeError("Empty waiter is already set")
+        self._empty_waiter = self._loop.create_future()
+        if not self._buffer:
+            self._empty_waiter.set_result(None)
+        return self._empty_waiter
+
+    def _reset_empty_waiter(self) -> None:
+        self._empty_waiter = None
