@@ -152,6 +152,10 @@ class EventLoop:
         #: run what the last pass scheduled once stop() took effect (the callback API's promise);
         #: asyncio's loops leave it for the next run, and the asyncio face says so (aio.loop)
         self.run_ready_after_stop = True
+        #: order each pass as asyncio's loops do: the callbacks queued before the poll run before its
+        #: I/O handlers, and the timers it found due after them (read when run_forever() starts);
+        #: the callback API runs the I/O handlers first, the asyncio face asks for this (aio.loop)
+        self.asyncio_order = False
         #: how many times the loop has returned from poll(), and the (fd, events) pairs it got in all
         self.iterations = 0
         self.events_total = 0
@@ -413,6 +417,7 @@ class EventLoop:
         # A local, published to busy_time when timers run (the health probe's tick reads it there)
         # and on the way out: a store per pass cost ~200 instructions (callgrind).
         busy_total = self.busy_time
+        asyncio_order = self.asyncio_order
         while True:
             if ready or self._stopping:
                 timeout: float | None = 0
@@ -436,6 +441,13 @@ class EventLoop:
             self.now = now = monotonic()
             self.iterations += 1
             self.events_total += len(events)
+            if asyncio_order:
+                if timers and timers[0][0] <= now:
+                    self.busy_time = busy_total
+                self._pass_in_asyncio_order(events, False)
+                if self._stopping:
+                    break
+                continue
             for fd, mask in events:
                 try:
                     if mask & read_bits:
@@ -481,16 +493,54 @@ class EventLoop:
             self.now = time.monotonic()
             self.iterations += 1
             self.events_total += len(events)
-            self._dispatch_timed(events)
-            if self._timers and self._timers[0][0] <= self.now:
-                self._collect_due_timers()
-            if self._ready:
-                self._run_ready()
+            if self.asyncio_order:
+                self._pass_in_asyncio_order(events, True)
+            else:
+                self._dispatch_timed(events)
+                if self._timers and self._timers[0][0] <= self.now:
+                    self._collect_due_timers()
+                if self._ready:
+                    self._run_ready()
             if self._stopping or self.now >= self._time_handlers_until:
                 break
         waited = time.monotonic()
         self.busy_time += waited - self.now
         self.now = waited  # _run counts its passes from here
+
+    def _pass_in_asyncio_order(self, events: list[tuple[int, int]], timed: bool) -> None:
+        """A pass after the poll, ordered as asyncio's ``_run_once``: the callbacks queued before it,
+        the I/O handlers, then the timers due; what those schedule runs at the next pass.  (A task's
+        first step runs before the I/O already waiting for it: code counts on that.)"""
+        ready = self._ready
+        queued = len(ready)
+        if self._timers and self._timers[0][0] <= self.now:
+            self._collect_due_timers()  # behind the queued ones, ahead of what they schedule
+        due = len(ready) - queued
+        if queued:
+            self._run_ready(queued)
+        if timed:
+            self._dispatch_timed(events)
+        else:
+            self._dispatch(events)
+        if due:
+            self._run_ready(due)
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        """A pass's I/O handlers, outside the hot loop of _run."""
+        read_bits = self.backend.read_bits
+        write_bits = self.backend.write_bits
+        for fd, mask in events:
+            try:
+                if mask & read_bits:
+                    callback = self._readers.get(fd)
+                    if callback is not None:
+                        callback()
+                if mask & write_bits:
+                    callback = self._writers.get(fd)
+                    if callback is not None:
+                        callback()
+            except Exception:
+                log.exception("unhandled error in the handler of fd %d", fd)
 
     def _wait_batch(self) -> int:
         """The bound to pass as the backend's wait's second argument; 0 to call it with one."""
@@ -591,14 +641,15 @@ class EventLoop:
                 handle._loop = None  # out of the heap: a late cancel() has nothing to count
                 self._ready.append(handle)
 
-    def _run_ready(self) -> None:
+    def _run_ready(self, count: int = -1) -> None:
+        """Run the first ``count`` queued callbacks (all that are queued now, by default)."""
         ready = self._ready
         slow = self.slow_callback
         timed = slow > 0
         started = first = time.monotonic() if timed else 0.0
         # Only what is queued now: callbacks queued by these callbacks wait a turn,
         # so I/O cannot starve.
-        for _ in range(len(ready)):
+        for _ in range(len(ready) if count < 0 else count):
             handle = ready.popleft()
             callback = handle.callback
             if callback is None:  # cancelled
@@ -613,8 +664,12 @@ class EventLoop:
                     self._report_slow(callback, ended - started)
                 started = ended
         if timed:
-            self._ready_pass = self.iterations
-            self._ready_seconds = started - first
+            # Twice in a pass in asyncio's order: the pass's callbacks took both times.
+            if self._ready_pass == self.iterations:
+                self._ready_seconds += started - first
+            else:
+                self._ready_pass = self.iterations
+                self._ready_seconds = started - first
 
     def close(self) -> None:
         """Restore signal handlers, close the wakeup socketpair and the backend."""

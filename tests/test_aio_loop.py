@@ -446,3 +446,27 @@ def test_debug_mode_from_the_environment_as_asyncio_reads_it(how: dict) -> None:
     done = subprocess.run([sys.executable, *flags, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     expected = "True True" if how else "False False"
     assert done.stdout.strip() == expected, done.stderr
+
+
+def test_a_pass_runs_the_queued_callbacks_then_the_io_handlers_then_the_timers_due(aio_loop, pair) -> None:
+    """asyncio's order in an iteration, which code counts on: a task's first step runs before the
+    I/O already waiting for it (CPython's test_datagram_send_to_non_listening_address meets it)."""
+    a, b = pair
+    b.send(b"x")  # readable before the loop runs
+    order = []
+
+    def readable() -> None:
+        order.append("io")
+        a.recv(1)
+        aio_loop.remove_reader(a)
+        aio_loop.call_soon(order.append, "scheduled by io")
+
+    aio_loop.add_reader(a, readable)
+    aio_loop.call_soon(lambda: (order.append("queued"), aio_loop.call_soon(order.append, "scheduled by queued")))
+    aio_loop.call_later(0, order.append, "timer")
+    aio_loop.call_soon(aio_loop.stop)
+    aio_loop.run_forever()
+    assert order == ["queued", "io", "timer"]
+    aio_loop.stop()
+    aio_loop.run_forever()
+    assert order[3:] == ["scheduled by queued", "scheduled by io"]

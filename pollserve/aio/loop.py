@@ -88,6 +88,8 @@ class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEnd
         super().__init__(backend)
         # asyncio's stop(): the batch under way finishes; what it scheduled runs at the next run.
         self.run_ready_after_stop = False
+        # asyncio's order in a pass: queued callbacks, I/O handlers, due timers.
+        self.asyncio_order = True
         self._thread_id: int | None = None
         self._debug = False
         self._exception_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
