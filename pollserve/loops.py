@@ -68,6 +68,9 @@ def run(main: Coroutine[Any, Any, T], *, backend: str | None = None, debug: bool
     current event loop (as ``asyncio.run`` with a ``loop_factory``); on 3.11 and later it is
     ``asyncio.Runner``, Ctrl-C cancelling ``main`` included; 3.10 has no Runner, and the same steps
     are taken here."""
+    if asyncio.events._get_running_loop() is not None:
+        # Before the Runner: its close() would meet the running loop too, and hide this error.
+        raise RuntimeError("pollserve.run() cannot be called from a running event loop")
     if sys.version_info >= (3, 11):
         with asyncio.Runner(debug=debug, loop_factory=lambda: new_event_loop(backend)) as runner:
             return runner.run(main)
@@ -75,8 +78,6 @@ def run(main: Coroutine[Any, Any, T], *, backend: str | None = None, debug: bool
 
 
 def _run_without_runner(main: Coroutine[Any, Any, T], backend: str | None, debug: bool | None) -> T:
-    if asyncio.events._get_running_loop() is not None:
-        raise RuntimeError("asyncio.run() cannot be called from a running event loop")
     if not asyncio.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
     loop = new_event_loop(backend)

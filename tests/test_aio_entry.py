@@ -1,0 +1,172 @@
+"""The ways in: pollserve.run, new_event_loop and the per-backend factories, plugged into what takes a
+loop factory today (asyncio.Runner, asyncio.run, IsolatedAsyncioTestCase, anyio, uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import unittest
+
+import pytest
+from serverproc import pollserve_env
+
+import pollserve
+import pollserve.loops
+from pollserve.aio import AsyncioLoop
+from pollserve.backends import BackendUnavailableError
+
+
+async def where() -> tuple[str, str]:
+    """The running loop's class and backend, as the code on it sees them."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0)
+    return type(loop).__name__, loop.backend.name
+
+
+def test_run_on_each_backend_and_the_default(backend_name: str, monkeypatch) -> None:
+    assert pollserve.run(where(), backend=backend_name) == ("AsyncioLoop", backend_name)
+    monkeypatch.setenv("POLLSERVE_BACKEND", backend_name)
+    assert pollserve.run(where()) == ("AsyncioLoop", backend_name)
+    factory = getattr(pollserve.loops, backend_name)
+    loop = factory()
+    try:
+        assert loop.run_until_complete(where()) == ("AsyncioLoop", backend_name)
+    finally:
+        loop.close()
+
+
+def test_run_as_asyncio_run_does_it(backend_name: str) -> None:
+    """The result or the exception of main; the tasks it left cancelled; debug as asked; refused
+    inside a running loop; not the current event loop afterwards."""
+    left: list[asyncio.Task] = []
+
+    async def main() -> bool:
+        left.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))
+        return asyncio.get_running_loop().get_debug()
+
+    assert pollserve.run(main(), backend=backend_name, debug=True) is True
+    assert left[0].cancelled()
+
+    async def fails() -> None:
+        raise LookupError("from main")
+
+    with pytest.raises(LookupError, match="from main"):
+        pollserve.run(fails(), backend=backend_name)
+
+    async def nested() -> None:
+        coro = where()
+        try:
+            pollserve.run(coro, backend=backend_name)
+        finally:
+            coro.close()
+
+    with pytest.raises(RuntimeError, match=r"pollserve.run\(\) cannot be called from a running event loop"):
+        pollserve.run(nested(), backend=backend_name)
+
+
+def test_an_unknown_backend_is_refused_with_the_names_there_are() -> None:
+    with pytest.raises(BackendUnavailableError, match=r"unknown backend 'nope'.*epoll"):
+        pollserve.new_event_loop("nope")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.Runner is 3.11+")
+def test_asyncio_runner_takes_the_factory() -> None:
+    with asyncio.Runner(loop_factory=pollserve.new_event_loop) as runner:
+        assert runner.run(where())[0] == "AsyncioLoop"
+        assert isinstance(runner.get_loop(), AsyncioLoop)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.run(loop_factory=) is 3.12+")
+def test_asyncio_run_takes_a_backend_factory() -> None:
+    assert asyncio.run(where(), loop_factory=pollserve.loops.poll) == ("AsyncioLoop", "poll")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="IsolatedAsyncioTestCase.loop_factory is 3.13+")
+def test_isolated_asyncio_test_case_takes_the_factory() -> None:
+    seen = []
+
+    class OnPollserve(unittest.IsolatedAsyncioTestCase):
+        loop_factory = pollserve.loops.select
+
+        async def test_it(self) -> None:
+            seen.append(await where())
+
+    result = unittest.TextTestRunner(verbosity=0).run(unittest.defaultTestLoader.loadTestsFromTestCase(OnPollserve))
+    assert result.wasSuccessful()
+    assert seen == [("AsyncioLoop", "select")]
+
+
+def test_anyio_runs_on_the_factory_and_its_sockets_work() -> None:
+    anyio = pytest.importorskip("anyio")
+
+    async def main() -> tuple[str, bytes]:
+        async def serve(stream) -> None:
+            async with stream:
+                await stream.send(b"anyio: " + await stream.receive())
+
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.serve, serve)
+            async with await anyio.connect_tcp("127.0.0.1", port) as client:
+                await client.send("é".encode())
+                answer = await client.receive()
+            group.cancel_scope.cancel()
+        return type(asyncio.get_running_loop()).__name__, answer
+
+    got = anyio.run(main, backend="asyncio", backend_options={"loop_factory": pollserve.new_event_loop})
+    assert got == ("AsyncioLoop", "anyio: é".encode())
+
+
+def test_uvicorn_serves_an_asgi_app_on_the_loop(tmp_path) -> None:
+    pytest.importorskip("uvicorn")
+    (tmp_path / "asgi_app.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    while True:
+                        message = await receive()
+                        if message["type"] == "lifespan.startup":
+                            await send({"type": "lifespan.startup.complete"})
+                        elif message["type"] == "lifespan.shutdown":
+                            await send({"type": "lifespan.shutdown.complete"})
+                            return
+                loop = asyncio.get_running_loop()
+                body = f"{type(loop).__name__} {loop.backend.name}".encode()
+                length = [(b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": length})
+                await send({"type": "http.response.body", "body": body})
+            """
+        )
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = pollserve_env({"PYTHONPATH": str(tmp_path), "POLLSERVE_BACKEND": "poll"})
+    argv = [sys.executable, "-m", "uvicorn", "--loop", "pollserve:new_event_loop", "--port", str(port), "asgi_app:app"]
+    server = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                break
+            except ConnectionRefusedError:
+                assert server.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        assert (response.status, response.read()) == (200, b"AsyncioLoop poll")
+        connection.close()
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert "Uvicorn running on" in output and "Application shutdown complete" in output, output
