@@ -30,36 +30,40 @@ ENV_BACKEND = "POLLSERVE_BACKEND"
 T = TypeVar("T")
 
 
-def new_event_loop(backend: str | None = None) -> AsyncioLoop:
+class LoopFactory:
+    """A loop factory: called with no argument, a new ``AsyncioLoop`` on its backend.
+
+    An object rather than a function, so that it stays a factory as a class attribute:
+    ``IsolatedAsyncioTestCase.loop_factory = pollserve.loops.epoll`` would otherwise become a method
+    and be called with the test case."""
+
+    def __init__(self, name: str, backend: str | None, doc: str) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = __name__
+        self.__doc__ = doc
+        self.backend = backend
+
+    def __call__(self, backend: str | None = None) -> AsyncioLoop:
+        if backend is not None and self.backend is not None:
+            raise TypeError(f"{self!r} takes no argument: its backend is {self.backend}")
+        return AsyncioLoop(backend or self.backend or os.environ.get(ENV_BACKEND) or "auto")
+
+    def __repr__(self) -> str:
+        return f"<loop factory {__name__}.{self.__name__}>"
+
+
+new_event_loop = LoopFactory(
+    "new_event_loop",
+    None,
     """A new asyncio loop on ``backend``: a name (``epoll``, a plugin's, ``MODULE:CLASS``) or, by
     default, ``$POLLSERVE_BACKEND``, else the best backend this OS has.  An unknown or unavailable
-    one raises ``pollserve.BackendUnavailableError`` (a ``RuntimeError``), saying what is available."""
-    return AsyncioLoop(backend or os.environ.get(ENV_BACKEND) or "auto")
-
-
-def select() -> AsyncioLoop:
-    """A loop on select(2): every OS; fds below FD_SETSIZE only."""
-    return AsyncioLoop("select")
-
-
-def poll() -> AsyncioLoop:
-    """A loop on poll(2)."""
-    return AsyncioLoop("poll")
-
-
-def epoll() -> AsyncioLoop:
-    """A loop on Linux's epoll(7)."""
-    return AsyncioLoop("epoll")
-
-
-def kqueue() -> AsyncioLoop:
-    """A loop on the BSDs' and macOS's kqueue(2)."""
-    return AsyncioLoop("kqueue")
-
-
-def devpoll() -> AsyncioLoop:
-    """A loop on Solaris's /dev/poll."""
-    return AsyncioLoop("devpoll")
+    one raises ``pollserve.BackendUnavailableError``, saying what is available.""",
+)
+select = LoopFactory("select", "select", "A loop on select(2): every OS; fds below FD_SETSIZE only.")
+poll = LoopFactory("poll", "poll", "A loop on poll(2).")
+epoll = LoopFactory("epoll", "epoll", "A loop on Linux's epoll(7).")
+kqueue = LoopFactory("kqueue", "kqueue", "A loop on the BSDs' and macOS's kqueue(2).")
+devpoll = LoopFactory("devpoll", "devpoll", "A loop on Solaris's /dev/poll.")
 
 
 def run(main: Coroutine[Any, Any, T], *, backend: str | None = None, debug: bool | None = None) -> T:

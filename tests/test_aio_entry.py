@@ -69,6 +69,29 @@ def test_run_as_asyncio_run_does_it(backend_name: str) -> None:
         pollserve.run(nested(), backend=backend_name)
 
 
+def test_a_backend_factory_takes_no_backend_of_its_own() -> None:
+    with pytest.raises(TypeError, match="takes no argument"):
+        pollserve.loops.select("poll")
+    assert repr(pollserve.loops.select) == "<loop factory pollserve.loops.select>"
+
+
+class FactoryAsAttribute:
+    """What IsolatedAsyncioTestCase does with loop_factory: a class attribute, read on the instance."""
+
+    loop_factory = pollserve.loops.poll
+    default_factory = pollserve.new_event_loop
+
+
+def test_the_factories_stay_factories_as_class_attributes() -> None:
+    holder = FactoryAsAttribute()
+    for factory in (holder.loop_factory, holder.default_factory):
+        loop = factory()
+        try:
+            assert isinstance(loop, AsyncioLoop)
+        finally:
+            loop.close()
+
+
 def test_an_unknown_backend_is_refused_with_the_names_there_are() -> None:
     with pytest.raises(BackendUnavailableError, match=r"unknown backend 'nope'.*epoll"):
         pollserve.new_event_loop("nope")
