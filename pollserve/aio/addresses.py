@@ -73,3 +73,15 @@ def interleave(infos: list[AddrInfo], first_family_count: int = 1) -> list[AddrI
         del groups[0][: first_family_count - 1]
     ordered.extend(info for info in itertools.chain.from_iterable(itertools.zip_longest(*groups)) if info is not None)
     return ordered
+
+
+def set_reuse_port(sock: socket.socket) -> None:
+    """SO_REUSEPORT, with the standard loop's ValueError where the OS lacks it or refuses it."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("reuse_port not supported by socket module")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError:
+        raise ValueError(
+            "reuse_port not supported by socket module, SO_REUSEPORT defined but not implemented."
+        ) from None

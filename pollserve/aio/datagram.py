@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from ..backends import CapacityError
 from ..loop import EventLoop
+from .addresses import set_reuse_port
 from .transport import capacity_oserror
 
 logger = logging.getLogger("asyncio")
@@ -329,17 +330,6 @@ class DatagramTransport(asyncio.Transport, asyncio.DatagramTransport):
             self._loop = None
 
 
-def _set_reuse_port(sock: socket.socket) -> None:
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ValueError("reuse_port not supported by socket module")
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    except OSError:
-        raise ValueError(
-            "reuse_port not supported by socket module, SO_REUSEPORT defined but not implemented."
-        ) from None
-
-
 def _remove_stale_unix_socket(path: Any) -> None:
     """A socket file left by an endpoint before: bound again, it would fail (the standard rule)."""
     try:
@@ -406,7 +396,7 @@ class DatagramEndpoints:
         sock = socket.socket(family=family, type=socket.SOCK_DGRAM, proto=proto)
         try:
             if reuse_port:
-                _set_reuse_port(sock)
+                set_reuse_port(sock)
             if allow_broadcast:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             sock.setblocking(False)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..backends import CapacityError
 from ..loop import EventLoop
+from .sockets import copy_file
 from .transport import StreamTransport, capacity_oserror
 
 SendfileNotAvailableError = asyncio.SendfileNotAvailableError
@@ -180,26 +181,13 @@ class SendfileCalls:
                 EventLoop.remove_writer(self, fd)  # type: ignore[arg-type]
 
     async def _sendfile_fallback(self, transport: Any, file: Any, offset: int, count: int | None) -> int:
-        if offset:
-            file.seek(offset)
-        blocksize = min(count, FALLBACK_CHUNK) if count else FALLBACK_CHUNK
-        buf = bytearray(blocksize)
-        total = 0
         drain = FallbackDrain(transport)
+
+        async def send(view: memoryview) -> None:
+            await drain.drain()
+            transport.write(view)
+
         try:
-            while True:
-                if count:
-                    blocksize = min(count - total, blocksize)
-                    if blocksize <= 0:
-                        return total
-                view = memoryview(buf)[:blocksize]
-                read = await self.run_in_executor(None, file.readinto, view)
-                if not read:
-                    return total
-                await drain.drain()
-                transport.write(view[:read])
-                total += read
+            return await copy_file(self, file, offset, count, FALLBACK_CHUNK, send)
         finally:
-            if total > 0 and hasattr(file, "seek"):
-                file.seek(offset + total)
             drain.restore()

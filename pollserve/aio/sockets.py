@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..backends import CapacityError
@@ -30,6 +31,34 @@ except ImportError:  # an interpreter built without OpenSSL
 
 #: what the fallback of sock_sendfile reads at once (asyncio's constant)
 SENDFILE_FALLBACK_READBUFFER_SIZE = 256 * 1024
+
+
+async def copy_file(
+    loop: Any, file: Any, offset: int, count: int | None, chunk: int, send: Callable[[memoryview], Awaitable[Any]]
+) -> int:
+    """The sendfile fallbacks' copy: read ``chunk`` bytes at a time in the default executor, await
+    ``send`` with each, stop at ``count`` (None or 0: the end of the file); the file is left at the
+    end of what was sent, as the standard loop leaves it.  How many bytes were sent."""
+    if offset:
+        file.seek(offset)
+    blocksize = min(count, chunk) if count else chunk
+    buf = bytearray(blocksize)
+    total = 0
+    try:
+        while True:
+            if count:
+                blocksize = min(count - total, blocksize)
+                if blocksize <= 0:
+                    return total
+            view = memoryview(buf)[:blocksize]
+            read = await loop.run_in_executor(None, file.readinto, view)
+            if not read:
+                return total
+            await send(view[:read])
+            total += read
+    finally:
+        if total and hasattr(file, "seek"):
+            file.seek(offset + total)
 
 
 def check_not_ssl(sock: Any) -> None:
@@ -198,23 +227,6 @@ class SocketCalls:
                 os.lseek(fileno, offset + total, os.SEEK_SET)
 
     async def _sock_sendfile_fallback(self, sock: Any, file: Any, offset: int, count: int | None) -> int:
-        if offset:
-            file.seek(offset)
-        blocksize = min(count, SENDFILE_FALLBACK_READBUFFER_SIZE) if count else SENDFILE_FALLBACK_READBUFFER_SIZE
-        buf = bytearray(blocksize)
-        total = 0
-        try:
-            while True:
-                if count:
-                    blocksize = min(count - total, blocksize)
-                    if blocksize <= 0:
-                        return total
-                view = memoryview(buf)[:blocksize]
-                read = await self.run_in_executor(None, file.readinto, view)
-                if not read:
-                    return total
-                await self.sock_sendall(sock, view[:read])
-                total += read
-        finally:
-            if total and hasattr(file, "seek"):
-                file.seek(offset + total)
+        return await copy_file(
+            self, file, offset, count, SENDFILE_FALLBACK_READBUFFER_SIZE, functools.partial(self.sock_sendall, sock)
+        )

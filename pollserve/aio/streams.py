@@ -21,7 +21,7 @@ import stat
 import sys
 from typing import Any
 
-from .addresses import HAS_IPV6, AddrInfo, interleave, resolve
+from .addresses import HAS_IPV6, AddrInfo, interleave, resolve, set_reuse_port
 from .connect import ConnectCalls, check_not_ssl
 from .sendfile import SendfileCalls
 from .server import Server
@@ -364,7 +364,7 @@ class StreamCalls(ConnectCalls, SendfileCalls):
                 if reuse_address:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)
                 if reuse_port:
-                    _set_reuse_port(sock)
+                    set_reuse_port(sock)
                 if keep_alive:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
                 if HAS_IPV6 and af == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
@@ -431,17 +431,6 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             server._start_serving()
             await asyncio.sleep(0)
         return server
-
-
-def _set_reuse_port(sock: socket.socket) -> None:
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ValueError("reuse_port not supported by socket module")
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    except OSError:
-        raise ValueError(
-            "reuse_port not supported by socket module, SO_REUSEPORT defined but not implemented."
-        ) from None
 
 
 def _bind_unix(path: Any) -> socket.socket:
