@@ -50,6 +50,13 @@ GROUPS = [
     # CPython binds it with UnixEventLoopTestsMixin, whose setUp only attaches a child watcher for
     # SubprocessTestsMixin, which is not part of this group.
     Group("test_events.EventLoopTestsMixin", "test_events", "EventLoopTestsMixin", "create_event_loop", "test_utils"),
+    # CPython binds it beside UnixEventLoopTestsMixin, whose child watcher the loop under test does
+    # not need: pollserve's loop notices its children itself, and asyncio's default watcher serves
+    # the reference loop.
+    Group("test_events.SubprocessTestsMixin", "test_events", "SubprocessTestsMixin", "create_event_loop",
+          "test_utils"),
+    # A concrete class: its setUp calls asyncio.new_event_loop(), patched.
+    Group("test_ssl.TestSSL", "test_ssl", "TestSSL", since=(3, 11)),
     Group("test_timeouts", "test_timeouts", since=(3, 11)),
     Group("test_taskgroups", "test_taskgroups", since=(3, 11)),
     Group("test_waitfor", "test_waitfor"),
@@ -129,6 +136,11 @@ def patch_new_event_loop(make_loop: Callable[[], asyncio.AbstractEventLoop]) -> 
 def _noting_setup(cls: type[unittest.TestCase]) -> Callable[[unittest.TestCase], None]:
     def setUp(self: unittest.TestCase) -> None:
         super(cls, self).setUp()  # type: ignore[misc]
+        if getattr(self, "loop", None) is None:
+            # A mixin CPython binds beside one whose setUp makes the loop (SubprocessTestsMixin
+            # beside EventLoopTestsMixin): make it as that setUp does.
+            self.loop = self.create_event_loop()  # type: ignore[attr-defined]
+            self.set_event_loop(self.loop)  # type: ignore[attr-defined]
         note(self.loop)  # type: ignore[attr-defined]
 
     return setUp
