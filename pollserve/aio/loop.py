@@ -40,6 +40,7 @@ from .limits import ServerLimits
 from .sockets import SocketCalls
 from .streams import StreamCalls
 from .transport import capacity_oserror
+from .unsupported import refuse_on_windows
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
 
@@ -536,6 +537,7 @@ class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEnd
         """As the standard loop: main thread only (RuntimeError), a coroutine is refused (TypeError),
         an uncatchable signal is a RuntimeError.  The core records the signal and runs the handle in
         the loop, in the context of this call."""
+        refuse_on_windows("signal handlers")
         if _is_coroutine_callable(callback):
             raise TypeError("coroutines cannot be used with add_signal_handler()")
         self._check_signal(sig)
@@ -557,6 +559,7 @@ class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEnd
                 owner.cancel()
 
     def remove_signal_handler(self, sig: int) -> bool:
+        refuse_on_windows("signal handlers")
         self._check_signal(sig)
         handle = self._signal_handlers.get(sig)
         if handle is not None:
