@@ -125,6 +125,18 @@ class _PipeTransport:
             return False
         return True
 
+    def _orphaned(self) -> bool:
+        """Whether the loop closed under the transport: its pipe is closed at once then, as no
+        callback can run any more (a subprocess transport collected after its loop closes it)."""
+        loop = self._loop
+        if loop is None or not loop.is_closed():
+            return False
+        self._closing = True
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+        return True
+
     def _report(self, exc: BaseException, message: str) -> None:
         self._loop.call_exception_handler(
             {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
@@ -224,7 +236,7 @@ class ReadPipeTransport(_PipeTransport, asyncio.ReadTransport):
             self._report(exc, "Exception in protocol.data_received() of a pipe transport")
 
     def close(self) -> None:
-        if not self._closing:
+        if not self._orphaned() and not self._closing:
             self._close(None)
 
     def _fatal_error(self, exc: BaseException, message: str = "Fatal error on pipe transport") -> None:
@@ -366,11 +378,12 @@ class WritePipeTransport(_PipeTransport, transports._FlowControlMixin):
             self._loop.call_soon(self._call_connection_lost, None)
 
     def close(self) -> None:
-        if self._pipe is not None and not self._closing:
+        if not self._orphaned() and self._pipe is not None and not self._closing:
             self.write_eof()
 
     def abort(self) -> None:
-        self._close(None)
+        if not self._orphaned():
+            self._close(None)
 
     # -- the end -----------------------------------------------------------------------------------------
 
