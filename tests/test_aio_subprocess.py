@@ -472,12 +472,13 @@ class CatLifecycle(RuleBasedStateMachine):
             assert len(self.child.out[1]) == held
         self.paused = not self.paused
 
-    @precondition(lambda self: self.signalled is None and not self.child.exited.done())
+    @precondition(lambda self: self.signalled is None)
     @rule(sig=st.sampled_from([signal.SIGTERM, signal.SIGKILL]))
     def signal(self, sig: int) -> None:
-        self.transport.send_signal(sig)
         self.signalled = sig
-        self.may_have_ended = not self.stdin_open  # cat may have exited before the signal
+        self.may_have_ended = not self.stdin_open  # cat may have ended before the signal
+        if not self.child.exited.done():  # else ended already: there is nothing to signal
+            self.transport.send_signal(sig)
         self.spin()
 
     @precondition(lambda self: not self.stdin_open or self.signalled is not None)
@@ -510,10 +511,10 @@ class CatLifecycle(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            if self.paused:
+                self.transport.get_pipe_transport(1).resume_reading()  # else its EOF is never read
             if not self.child.exited.done():
                 self.transport.kill()
-                if self.paused:
-                    self.transport.get_pipe_transport(1).resume_reading()
                 self.run(self.child.exited)
             self.run(self.child.lost)
             self.transport.close()
