@@ -51,6 +51,13 @@ def open_fds() -> int:
     return psutil.Process().num_fds()
 
 
+def reading(loop: asyncio.AbstractEventLoop, transport: asyncio.ReadTransport) -> bool | None:
+    """``transport.is_reading()``; None on asyncio's loop before 3.11, whose pipe transport lacks it."""
+    if sys.version_info < (3, 11) and not is_pollserve(loop):
+        return None
+    return transport.is_reading()
+
+
 class Child(asyncio.SubprocessProtocol):
     """Keeps what the child says and when; ``exited`` holds the return code, ``lost`` the end."""
 
@@ -296,7 +303,7 @@ def test_large_output_with_reading_paused_then_resumed(aio_loop) -> None:
         child.on_data = lambda fd, data: stdout.pause_reading()  # at the first read
         await child.read_until(1, 1)
         child.on_data = None
-        assert not stdout.is_reading()
+        assert reading(aio_loop, stdout) in (False, None)
         held = len(child.out[1])
         for _ in range(50):
             await asyncio.sleep(0.001)
