@@ -32,6 +32,7 @@ from typing import Any
 
 from ..backends import CapacityError
 from ..loop import EventLoop
+from .reading import PausableReading
 from .transport import LOG_THRESHOLD_FOR_CONNLOST_WRITES, capacity_oserror
 
 logger = logging.getLogger("asyncio")
@@ -156,7 +157,7 @@ class _PipeTransport:
             self._loop = None
 
 
-class ReadPipeTransport(_PipeTransport, asyncio.ReadTransport):
+class ReadPipeTransport(_PipeTransport, PausableReading, asyncio.ReadTransport):
     """The read end of a pipe (or a socket, or a pty's master) and its protocol."""
 
     _direction = "Read"
@@ -181,25 +182,6 @@ class ReadPipeTransport(_PipeTransport, asyncio.ReadTransport):
 
     def _watched(self) -> bool:
         return self._reading
-
-    def is_reading(self) -> bool:
-        return not self._paused and not self._closing
-
-    def pause_reading(self) -> None:
-        if not self.is_reading():
-            return
-        self._paused = True
-        self._stop_reading()
-        if self._loop.get_debug():
-            logger.debug("%r pauses reading", self)
-
-    def resume_reading(self) -> None:
-        if self._closing or not self._paused:
-            return
-        self._paused = False
-        self._start_reading()
-        if self._loop.get_debug():
-            logger.debug("%r resumes reading", self)
 
     def _start_reading(self) -> None:
         if not self._reading and self.is_reading():
