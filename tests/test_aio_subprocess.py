@@ -485,14 +485,15 @@ class CatLifecycle(RuleBasedStateMachine):
         stdout = self.transport.get_pipe_transport(1)
         if stdout is None:
             return
-        if self.paused:
-            stdout.resume_reading()
-        else:
-            held = len(self.child.out[1])
-            stdout.pause_reading()
-            self.spin()
-            assert len(self.child.out[1]) == held
         self.paused = not self.paused
+        if not self.paused:
+            stdout.resume_reading()
+            return
+        stdout.pause_reading()
+        self.spin()  # what was read before the pause reaches the protocol (asyncio's call_soon)
+        held = len(self.child.out[1])
+        self.spin()
+        assert len(self.child.out[1]) == held
 
     @precondition(lambda self: self.signalled is None)
     @rule(sig=st.sampled_from([signal.SIGTERM, signal.SIGKILL]))
