@@ -304,6 +304,7 @@ def test_large_output_with_reading_paused_then_resumed(aio_loop) -> None:
         await child.read_until(1, 1)
         child.on_data = None
         assert reading(aio_loop, stdout) in (False, None)
+        await asyncio.sleep(0.01)  # what was read before the pause reaches the protocol (call_soon)
         held = len(child.out[1])
         for _ in range(50):
             await asyncio.sleep(0.001)
