@@ -394,6 +394,20 @@ def test_a_loop_closing_with_a_live_child_kills_nothing_and_leaks_no_fd(backend_
     assert open_fds() == before
 
 
+def test_a_child_its_transport_closed_after_it_ended_keeps_its_status(wait_loop) -> None:
+    """close() polls the Popen, which reaps a child that has ended: the loop reports the status
+    the Popen read, and waits for no other child by that pid."""
+
+    async def main() -> None:
+        transport, child = await wait_loop.subprocess_exec(Child, "/bin/sh", "-c", "exit 4")
+        wait_until_exited(transport.get_pid())  # the loop has not noticed yet
+        transport.close()
+        assert await child.exited == 4
+        await child.lost
+
+    run(wait_loop, main())
+
+
 def test_the_environment_chooses_the_method(monkeypatch) -> None:
     monkeypatch.setenv("POLLSERVE_ASYNCIO_CHILD_WAIT", "thread")
     loop = AsyncioLoop("poll")

@@ -238,14 +238,19 @@ class SubprocessCalls:
         child = self._children.get(pid) if self._children else None
         if child is None:
             return
-        try:
-            reaped, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            code = None  # reaped already, by its Popen's poll()
-        else:
-            if reaped == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
+        proc = child.transport._proc
+        code: int | None = None  # None: the status is its Popen's
+        if proc is None or proc.returncode is None:
+            # (Once its Popen's poll() has reaped it, as the transport's close() asks, the pid may
+            # be another child's: it is not waited for then.)
+            try:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass  # reaped by its Popen meanwhile
+            else:
+                if reaped == 0:
+                    return
+                code = os.waitstatus_to_exitcode(status)
         self._close_pidfd(child)
         self.call_soon(self._child_exited, pid, code)
 
