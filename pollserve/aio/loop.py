@@ -37,8 +37,10 @@ from .datagram import DatagramEndpoints
 from .figures import LoopFigures
 from .handles import Handle, TimerHandle
 from .limits import ServerLimits
+from .pipes import PipeCalls
 from .sockets import SocketCalls
 from .streams import StreamCalls
+from .subprocess import SubprocessCalls
 from .transport import capacity_oserror
 from .unsupported import refuse_on_windows
 
@@ -81,7 +83,16 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEndpoints, asyncio.AbstractEventLoop):  # type: ignore[misc]
+class AsyncioLoop(  # type: ignore[misc]
+    EventLoop,
+    SocketCalls,
+    ServerLimits,
+    StreamCalls,
+    DatagramEndpoints,
+    PipeCalls,
+    SubprocessCalls,
+    asyncio.AbstractEventLoop,
+):
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 
@@ -184,6 +195,7 @@ class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEnd
             logger.debug("Close %r", self)
         self._figures.close()
         super().close()
+        self._forget_children()  # their pidfds; the children run on
         self._executor_shutdown_called = True
         executor, self._default_executor = self._default_executor, None
         if executor is not None:

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..backends import CapacityError
 from ..loop import EventLoop
+from .reading import PausableReading
 
 logger = logging.getLogger("asyncio")
 
@@ -78,7 +79,7 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class StreamTransport(asyncio.Transport):
+class StreamTransport(PausableReading, asyncio.Transport):
     """One connected stream socket, its protocol and its write buffer."""
 
     def _describe_handler(self, handler: object) -> str:
@@ -203,25 +204,6 @@ class StreamTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self._closing
-
-    def is_reading(self) -> bool:
-        return not self._closing and not self._paused
-
-    def pause_reading(self) -> None:
-        if not self.is_reading():
-            return
-        self._paused = True
-        self._stop_reading()
-        if self._loop.get_debug():
-            logger.debug("%r pauses reading", self)
-
-    def resume_reading(self) -> None:
-        if self._closing or not self._paused:
-            return
-        self._paused = False
-        self._start_reading()
-        if self._loop.get_debug():
-            logger.debug("%r resumes reading", self)
 
     def _start_reading(self) -> None:
         """Watch the fd, unless paused, closing or past EOF (a resume after EOF reads nothing more)."""

@@ -55,6 +55,11 @@ GROUPS = [
     # the reference loop.
     Group("test_events.SubprocessTestsMixin", "test_events", "SubprocessTestsMixin", "create_event_loop",
           "test_utils"),
+    # CPython binds it with a child watcher's class (SubprocessWatcherMixin) whose setUp makes the loop
+    # from the policy: here the loop is the factory's, made as that setUp makes it, and no watcher is
+    # attached: pollserve's loop notices its children itself, and asyncio's loop makes its default one.
+    Group("test_subprocess.SubprocessMixin", "test_subprocess", "SubprocessMixin", "create_event_loop",
+          "test_utils"),
     # A concrete class: its setUp calls asyncio.new_event_loop(), patched.
     Group("test_ssl.TestSSL", "test_ssl", "TestSSL", since=(3, 11)),
     Group("test_timeouts", "test_timeouts", since=(3, 11)),
