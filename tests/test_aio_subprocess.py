@@ -424,28 +424,6 @@ def test_the_environment_chooses_the_method(monkeypatch) -> None:
         loop.close()
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda loop: loop.subprocess_exec(Child, "/bin/true"),
-        lambda loop: loop.subprocess_shell(Child, "true"),
-        lambda loop: loop.connect_read_pipe(asyncio.Protocol, sys.stdin),
-        lambda loop: loop.connect_write_pipe(asyncio.Protocol, sys.stdout),
-    ],
-    ids=["subprocess_exec", "subprocess_shell", "connect_read_pipe", "connect_write_pipe"],
-)
-def test_on_windows_pipes_and_subprocesses_are_refused_saying_why(call, monkeypatch) -> None:
-    """The Windows branch, taken with sys.platform said to be "win32" for the call."""
-    loop = AsyncioLoop("select")
-    try:
-        monkeypatch.setattr(sys, "platform", "win32")
-        with pytest.raises(NotImplementedError, match="no pipes or subprocesses on Windows"):
-            loop.run_until_complete(call(loop))
-    finally:
-        monkeypatch.undo()
-        loop.close()
-
-
 # -- a state machine over one child ----------------------------------------------------------------------
 
 

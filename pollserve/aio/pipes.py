@@ -34,13 +34,9 @@ from ..backends import CapacityError
 from ..loop import EventLoop
 from .reading import PausableReading
 from .transport import LOG_THRESHOLD_FOR_CONNLOST_WRITES, capacity_oserror
+from .unsupported import refuse_on_windows
 
 logger = logging.getLogger("asyncio")
-
-NO_PIPES_ON_WINDOWS = (
-    "pollserve's loop has no pipes or subprocesses on Windows: only select exists there, which "
-    "watches sockets only; asyncio's ProactorEventLoop has them"
-)
 
 
 def _pipe_kind(fd: int) -> tuple[bool, bool, bool]:
@@ -405,8 +401,7 @@ class PipeCalls:
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         pipe: Any,
     ) -> tuple[Any, asyncio.BaseProtocol]:
-        if sys.platform == "win32":
-            raise NotImplementedError(NO_PIPES_ON_WINDOWS)
+        refuse_on_windows("pipes")
         self._check_closed()
         protocol = protocol_factory()
         waiter = self.create_future()

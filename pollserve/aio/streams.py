@@ -26,6 +26,7 @@ from .connect import ConnectCalls, check_not_ssl
 from .sendfile import SendfileCalls
 from .server import Server
 from .transport import StreamTransport
+from .unsupported import refuse_on_windows
 
 logger = logging.getLogger("asyncio")
 
@@ -230,6 +231,7 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        refuse_on_windows("UNIX sockets")
         _newer_than_this_python("ssl_shutdown_timeout", (3, 11), ssl_shutdown_timeout)
         if ssl:
             if server_hostname is None:
@@ -408,6 +410,7 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         start_serving: bool = True,
         cleanup_socket: bool = True,
     ) -> Server:
+        refuse_on_windows("UNIX sockets")
         _newer_than_this_python("ssl_shutdown_timeout", (3, 11), ssl_shutdown_timeout)
         _newer_than_this_python("cleanup_socket", (3, 13), cleanup_socket, True)
         if isinstance(ssl, bool):

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import sys
 import threading
 from asyncio import base_subprocess
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from typing import Any
 
 from ..backends import CapacityError
 from ..loop import EventLoop
-from .pipes import NO_PIPES_ON_WINDOWS
+from .unsupported import refuse_on_windows
 
 logger = logging.getLogger("asyncio")
 
@@ -286,8 +285,7 @@ def _check_popen_arguments(
     errors: str | None,
 ) -> None:
     """asyncio's checks, in its order: bytes only, unbuffered, and the call's own shell."""
-    if sys.platform == "win32":
-        raise NotImplementedError(NO_PIPES_ON_WINDOWS)
+    refuse_on_windows("subprocesses")
     if universal_newlines:
         raise ValueError("universal_newlines must be False")
     if shell != shell_wanted:
