@@ -51,6 +51,14 @@ except (AttributeError, OSError, ValueError):
     IOV_MAX = 16
 HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
 
+#: the first size one read asks for, and the least it comes back to: a bytes object of up to 512
+#: bytes (33 of them its header) comes from the interpreter's own allocator (server.py's MIN_READ)
+MIN_READ = 512 - 33
+
+# On POSIX a socket is a file descriptor, and os.read/os.write reach the same recv()/send() (flags 0)
+# for fewer instructions than the socket methods (server.py says how many); Windows sockets are not.
+FD_IO = sys.platform != "win32"
+
 #: the write-buffer limits the standard loop starts with
 DEFAULT_HIGH_WATER = 64 * 1024
 
@@ -91,7 +99,7 @@ class StreamTransport(asyncio.Transport):
             return f"sending {name}'s buffered data to {peer}"
         return f"{name}.data_received on {peer}"
 
-    max_size = 256 * 1024  # what one recv() asks for, as the standard loop
+    max_size = 256 * 1024  # the most one read asks for, as the standard loop
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
 
     _sock: socket.socket | None = None  # set before anything can fail: __del__ reads it
@@ -123,6 +131,7 @@ class StreamTransport(asyncio.Transport):
         self._context = base.copy()
         self._reader: Callable[[], Any] | None = None
         self._reading = False  # the core watches the fd for reading
+        self._read_size = min(MIN_READ, self.max_size)  # what the next read asks for (_read_data)
         self._protocol: Any = None
         self._protocol_connected = False
         self.set_protocol(protocol)
@@ -240,11 +249,17 @@ class StreamTransport(asyncio.Transport):
             EventLoop.remove_reader(self._loop, self._sock_fd)
 
     def _read_data(self) -> None:
-        """The fd is readable: one recv(), then data_received (the per-read path: keep it short)."""
+        """The fd is readable: one read, then data_received (the per-read path: keep it short).
+
+        The size asked adapts, as the core's connection does: a read allocates the whole size
+        asked and shrinks it to what arrived, and at the standard loop's 256 KiB that is an mmap,
+        an mremap and an munmap per read.  A read that filled the size asks 8x more next time, up
+        to ``max_size``; one that used an eighth of it, 8x less."""
         if self._conn_lost:
             return
+        size = self._read_size
         try:
-            data = self._sock.recv(self.max_size)  # type: ignore[union-attr]
+            data = os.read(self._sock_fd, size) if FD_IO else self._sock.recv(size)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -253,10 +268,16 @@ class StreamTransport(asyncio.Transport):
             self._fatal_error(exc, "Fatal read error on socket transport")
             return
         self._last_active = self._loop.now
-        if not data:
+        got = len(data)
+        if not got:
             self._read_eof()
             return
-        self._counts.bytes_in += len(data)
+        if got == size:
+            if size < self.max_size:
+                self._read_size = min(size * 8, self.max_size)
+        elif got <= size >> 3 and size > MIN_READ:
+            self._read_size = max(size >> 3, MIN_READ)
+        self._counts.bytes_in += got
         try:
             self._protocol.data_received(data)
         except (SystemExit, KeyboardInterrupt):
@@ -331,7 +352,7 @@ class StreamTransport(asyncio.Transport):
             return
         if not self._buffer:
             try:
-                sent = self._sock.send(data)  # type: ignore[union-attr]
+                sent = os.write(self._sock_fd, data) if FD_IO else self._sock.send(data)  # type: ignore[union-attr]
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except (SystemExit, KeyboardInterrupt):
