@@ -41,6 +41,7 @@ from typing import Any
 
 from ..backends import CapacityError
 from ..loop import EventLoop
+from .streamcore import FD_IO, StreamCore
 
 logger = logging.getLogger("asyncio")
 
@@ -50,14 +51,6 @@ try:
 except (AttributeError, OSError, ValueError):
     IOV_MAX = 16
 HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
-
-#: the first size one read asks for, and the least it comes back to: a bytes object of up to 512
-#: bytes (33 of them its header) comes from the interpreter's own allocator (server.py's MIN_READ)
-MIN_READ = 512 - 33
-
-# On POSIX a socket is a file descriptor, and os.read/os.write reach the same recv()/send() (flags 0)
-# for fewer instructions than the socket methods (server.py says how many); Windows sockets are not.
-FD_IO = sys.platform != "win32"
 
 #: the write-buffer limits the standard loop starts with
 DEFAULT_HIGH_WATER = 64 * 1024
@@ -86,8 +79,27 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def on_core(name: str) -> Any:
+    """An attribute kept on the transport's compiled ``StreamCore`` (``streamcore.py``)."""
+
+    def get(self: StreamTransport) -> Any:
+        return getattr(self._core, name)
+
+    def set(self: StreamTransport, value: Any) -> None:
+        setattr(self._core, name, value)
+
+    return property(get, set, doc=f"the core's {name}")
+
+
 class StreamTransport(asyncio.Transport):
-    """One connected stream socket, its protocol and its write buffer."""
+    """One connected stream socket, its protocol and its write buffer; the per-request paths are
+    its ``StreamCore``'s (``streamcore.py``)."""
+
+    _protocol = on_core("protocol")
+    _conn_lost = on_core("conn_lost")  # set once connection_lost is scheduled, then counts writes after it
+    _eof = on_core("eof")  # write_eof()
+    _empty_waiter = on_core("empty_waiter")
+    _last_active = on_core("last_active")  # the loop's clock at the last transfer (the idle sweep's)
 
     def _describe_handler(self, handler: object) -> str:
         """How a slow callback is named (the core's describe_callback): the protocol, as its author
@@ -131,8 +143,12 @@ class StreamTransport(asyncio.Transport):
         self._context = base.copy()
         self._reader: Callable[[], Any] | None = None
         self._reading = False  # the core watches the fd for reading
-        self._read_size = min(MIN_READ, self.max_size)  # what the next read asks for (_read_data)
-        self._protocol: Any = None
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._counts = loop.counts
+        self._core = StreamCore(self, loop, sock, self._counts, self._buffer, self.max_size)
+        if type(self).write is StreamTransport.write:
+            # The protocol's write() calls the compiled path straight, without a frame of ours.
+            self.write = self._core.write  # type: ignore[method-assign]
         self._protocol_connected = False
         self.set_protocol(protocol)
         if watch_now:
@@ -151,19 +167,13 @@ class StreamTransport(asyncio.Transport):
         self._sock = sock
         self._writer: Callable[[], Any] | None = functools.partial(self._context.run, self._write_ready)
         self._server = server
-        self._buffer: collections.deque[Any] = collections.deque()
         self._buffer_size = 0
-        self._conn_lost = 0  # set once connection_lost is scheduled, then counts writes after it
         self._closing = False
         self._paused = False  # pause_reading()
-        self._eof = False  # write_eof()
         self._eof_received = False
-        self._empty_waiter: asyncio.Future[Any] | None = None
         self._high_water = DEFAULT_HIGH_WATER
         self._low_water = DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False
-        self._last_active = loop.now  # the loop's clock at the last transfer (the idle sweep's)
-        self._counts = loop.counts
         self._counts.connections_open += 1
         if server is not None:
             server._attach(self)
@@ -198,7 +208,7 @@ class StreamTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         """A ``BufferedProtocol`` is read into its own buffer; any other gets ``data_received``."""
-        read = self._read_into_buffer if isinstance(protocol, asyncio.BufferedProtocol) else self._read_data
+        read = self._read_into_buffer if isinstance(protocol, asyncio.BufferedProtocol) else self._core.read_data
         self._protocol = protocol
         self._protocol_connected = True
         self._reader = functools.partial(self._context.run, read)
@@ -247,43 +257,6 @@ class StreamTransport(asyncio.Transport):
         if self._reading:
             self._reading = False
             EventLoop.remove_reader(self._loop, self._sock_fd)
-
-    def _read_data(self) -> None:
-        """The fd is readable: one read, then data_received (the per-read path: keep it short).
-
-        The size asked adapts, as the core's connection does: a read allocates the whole size
-        asked and shrinks it to what arrived, and at the standard loop's 256 KiB that is an mmap,
-        an mremap and an munmap per read.  A read that filled the size asks 8x more next time, up
-        to ``max_size``; one that used an eighth of it, 8x less."""
-        if self._conn_lost:
-            return
-        size = self._read_size
-        try:
-            data = os.read(self._sock_fd, size) if FD_IO else self._sock.recv(size)  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
-            return
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal read error on socket transport")
-            return
-        self._last_active = self._loop.now
-        got = len(data)
-        if not got:
-            self._read_eof()
-            return
-        if got == size:
-            if size < self.max_size:
-                self._read_size = min(size * 8, self.max_size)
-        elif got <= size >> 3 and size > MIN_READ:
-            self._read_size = max(size >> 3, MIN_READ)
-        self._counts.bytes_in += got
-        try:
-            self._protocol.data_received(data)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _read_into_buffer(self) -> None:
         """The fd is readable, for a ``BufferedProtocol``: recv_into the buffer it gives."""
@@ -337,6 +310,8 @@ class StreamTransport(asyncio.Transport):
     # -- writing ---------------------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send what the kernel takes now, buffer the rest (its send once writable).  An instance's
+        write is its core's, which comes here for anything but bytes with nothing buffered."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
         if self._eof:
@@ -364,17 +339,25 @@ class StreamTransport(asyncio.Transport):
             self._last_active = self._loop.now
             if type(data) is bytes and sent == len(data):
                 return
-            view = memoryview(data).cast("B")  # bytes, whatever the item size and shape given
-            if sent == view.nbytes:
-                return
-            try:
-                EventLoop.add_writer(self._loop, self._sock_fd, self._writer)  # type: ignore[arg-type]
-            except CapacityError as exc:
-                self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
-                return
-            self._buffer_append(view[sent:], data)
+            self._buffer_rest(data, sent)
         else:
             self._buffer_append(memoryview(data).cast("B"), data)
+            self._maybe_pause_protocol()
+
+    #: the class's own write, for the core's write to come back to (an instance's write is the core's)
+    _write_any = write
+
+    def _buffer_rest(self, data: bytes | bytearray | memoryview, sent: int) -> None:
+        """What a send from an empty buffer left: buffered, and the fd watched for writability."""
+        view = memoryview(data).cast("B")  # bytes, whatever the item size and shape given
+        if sent == view.nbytes:
+            return
+        try:
+            EventLoop.add_writer(self._loop, self._sock_fd, self._writer)  # type: ignore[arg-type]
+        except CapacityError as exc:
+            self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
+            return
+        self._buffer_append(view[sent:], data)
         self._maybe_pause_protocol()
 
     def _buffer_append(self, view: memoryview, data: Any) -> None:
@@ -628,6 +611,9 @@ class StreamTransport(asyncio.Transport):
             self._sock = None
             self._protocol = None
             self._reader = self._writer = None
+            # No cycle left through the core: write() is the class's again, which drops the bytes.
+            vars(self).pop("write", None)
+            self._core.transport = None
             self._counts.connections_open -= 1
             self._counts.connections_closed += 1
             if self._empty_waiter is not None and not self._empty_waiter.done():
