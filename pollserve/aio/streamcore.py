@@ -17,6 +17,7 @@ import sys
 from typing import Any, Final
 
 from ..loop import EventLoop
+from .counts import ConnectionCounts
 
 # On POSIX a socket is a file descriptor, and os.read/os.write reach the same recv()/send() (flags 0)
 # for fewer instructions than the socket methods (server.py says how many); Windows sockets are not.
@@ -32,7 +33,9 @@ MIN_READ: Final = 512 - 33
 class StreamCore:
     """One stream transport's per-request state and paths."""
 
-    def __init__(self, transport: Any, loop: EventLoop, sock: Any, counts: Any, buffer: Any, max_size: int) -> None:
+    def __init__(
+        self, transport: Any, loop: EventLoop, sock: Any, counts: ConnectionCounts, buffer: Any, max_size: int
+    ) -> None:
         self.transport = transport
         self.loop = loop
         self.fd: int = sock.fileno()
