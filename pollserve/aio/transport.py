@@ -5,9 +5,13 @@ An ``asyncio.Transport`` with what the standard loop's socket transport does on 
 ``BufferedProtocol``, errors to the exception handler), over the core's fast path: its fd is watched
 with ``EventLoop.add_reader(loop, fd, callback)``, no asyncio handle per event.  The callback is
 ``context.run`` bound to the read method, so the protocol's read callbacks run in the context
-captured for the connection and a read costs one ``recv`` and one call into the protocol.
+captured for the connection and a read costs one read and one call into the protocol.
 
-Interpreted on purpose: compiled, ``BaseTransport._extra`` lands on mypyc's vtable slot.
+Interpreted on purpose: compiled, ``BaseTransport._extra`` lands on mypyc's vtable slot, and no
+compiled class can share a layout with it.  So the per-request paths, the read into
+``data_received`` and a write with nothing buffered, are those of a compiled ``StreamCore``
+(``streamcore.py``) that each transport keeps, and the transport's attributes they share are
+properties over the core's.
 
 Contexts, as the standard loop has them: the read callbacks (``data_received``, ``eof_received``,
 ``get_buffer``, ``buffer_updated``) run in one copy of the connection's context and
