@@ -4,8 +4,8 @@
     python benchmarks/bench_asyncio_core.py --compiled-root DIR   # and a compiled build (pip install --target DIR .)
 
 Each loop runs each workload in a subprocess of its own, three reps interleaved; the figure is the
-process's CPU time per operation (``time.process_time``), the median of the reps, and its ratio to
-asyncio's own loop measured in the same run.  The workloads:
+process's CPU time per operation (``time.process_time``), the median of the reps, and its ratios to
+asyncio's own loop and to uvloop measured in the same run.  The workloads:
 
 - ``call_soon``: 200,000 ``call_soon`` callbacks, then the run that runs them;
 - ``future``: 100,000 round trips between two tasks through futures (``await fut``; the other side's
@@ -146,15 +146,16 @@ def main() -> int:
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs")
     print(f"- python: {platform.python_implementation()} {platform.python_version()}")
-    print(f"- CPU us per operation, median of {args.reps} reps; ratio to asyncio's loop\n")
+    against = "asyncio's loop" + (" and to uvloop" if "uvloop" in kinds else "")
+    print(f"- CPU us per operation, median of {args.reps} reps; (ratio to {against})\n")
     print("| loop | " + " | ".join(WORKLOADS) + " |")
     print("|---|" + "---|" * len(WORKLOADS))
     for name in kinds:
         cells = []
         for workload in WORKLOADS:
             mine = statistics.median(results[(name, workload)])
-            base = statistics.median(results[("asyncio", workload)])
-            cells.append(f"{mine:.2f} ({mine / base:.2f})")
+            bases = [statistics.median(results[(peer, workload)]) for peer in ("asyncio", "uvloop") if peer in kinds]
+            cells.append(f"{mine:.2f} ({', '.join(f'{mine / base:.2f}' for base in bases)})")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 

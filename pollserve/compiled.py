@@ -13,8 +13,9 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
-#: the modules every request runs through: the loop's pass, the connection's read and write
-MODULES = ("pollserve.loop", "pollserve.server")
+#: the modules every request runs through: the loop's pass, the connection's read and write, and the
+#: asyncio stream transport's and the counts it keeps
+MODULES = ("pollserve.loop", "pollserve.server", "pollserve.aio.counts", "pollserve.aio.streamcore")
 
 
 def let_signal_handlers_run() -> None:

@@ -382,7 +382,7 @@ class EventLoop:
                     break
             # What the last iteration scheduled (connection_lost calls, say) still runs.
             if self.run_ready_after_stop:
-                self._run_ready()
+                _run_ready(self)
         finally:
             self._stopping = False
             self._running = False
@@ -392,9 +392,9 @@ class EventLoop:
         True instead when a slow pass ran several handlers, for run_forever() to time each for a
         while (_run_timed).
 
-        Everything a pass uses is a local variable, and a pass calls no Python
-        function of its own unless there is work for it (a due timer, a ready
-        callback, a slow pass): at a steady load a wakeup often brings a single
+        Everything a pass uses is a local variable, and a pass calls no function
+        of its own but the dispatch unless there is work for it (a due timer, a
+        ready callback, a slow pass), and no method: at a steady load a wakeup often brings a single
         event, so what a pass costs is paid per request.  Two clock readings per
         pass, one on each side of poll(): the one after is the loop's ``now``, the
         one before ends the pass for ``busy_time``.  The timeout is reckoned from
@@ -444,27 +444,16 @@ class EventLoop:
             if asyncio_order:
                 if timers and timers[0][0] <= now:
                     self.busy_time = busy_total
-                self._pass_in_asyncio_order(events, False)
+                _pass_in_asyncio_order(self, events, False)
                 if self._stopping:
                     break
                 continue
-            for fd, mask in events:
-                try:
-                    if mask & read_bits:
-                        callback = readers.get(fd)
-                        if callback is not None:
-                            callback()
-                    if mask & write_bits:
-                        callback = writers.get(fd)
-                        if callback is not None:
-                            callback()
-                except Exception:
-                    log.exception("unhandled error in the handler of fd %d", fd)
+            _dispatch(events, readers, writers, read_bits, write_bits)
             if timers and timers[0][0] <= now:
                 self.busy_time = busy_total
-                self._collect_due_timers()
+                _collect_due_timers(self)
             if ready:
-                self._run_ready()
+                _run_ready(self)
             if self._stopping:
                 break
         busy = monotonic() - now
@@ -494,53 +483,18 @@ class EventLoop:
             self.iterations += 1
             self.events_total += len(events)
             if self.asyncio_order:
-                self._pass_in_asyncio_order(events, True)
+                _pass_in_asyncio_order(self, events, True)
             else:
                 self._dispatch_timed(events)
                 if self._timers and self._timers[0][0] <= self.now:
-                    self._collect_due_timers()
+                    _collect_due_timers(self)
                 if self._ready:
-                    self._run_ready()
+                    _run_ready(self)
             if self._stopping or self.now >= self._time_handlers_until:
                 break
         waited = time.monotonic()
         self.busy_time += waited - self.now
         self.now = waited  # _run counts its passes from here
-
-    def _pass_in_asyncio_order(self, events: list[tuple[int, int]], timed: bool) -> None:
-        """A pass after the poll, ordered as asyncio's ``_run_once``: the callbacks queued before it,
-        the I/O handlers, then the timers due; what those schedule runs at the next pass.  (A task's
-        first step runs before the I/O already waiting for it: code counts on that.)"""
-        ready = self._ready
-        queued = len(ready)
-        if self._timers and self._timers[0][0] <= self.now:
-            self._collect_due_timers()  # behind the queued ones, ahead of what they schedule
-        due = len(ready) - queued
-        if queued:
-            self._run_ready(queued)
-        if timed:
-            self._dispatch_timed(events)
-        else:
-            self._dispatch(events)
-        if due:
-            self._run_ready(due)
-
-    def _dispatch(self, events: list[tuple[int, int]]) -> None:
-        """A pass's I/O handlers, outside the hot loop of _run."""
-        read_bits = self.backend.read_bits
-        write_bits = self.backend.write_bits
-        for fd, mask in events:
-            try:
-                if mask & read_bits:
-                    callback = self._readers.get(fd)
-                    if callback is not None:
-                        callback()
-                if mask & write_bits:
-                    callback = self._writers.get(fd)
-                    if callback is not None:
-                        callback()
-            except Exception:
-                log.exception("unhandled error in the handler of fd %d", fd)
 
     def _wait_batch(self) -> int:
         """The bound to pass as the backend's wait's second argument; 0 to call it with one."""
@@ -630,47 +584,6 @@ class EventLoop:
         except Exception:
             log.exception("unhandled error reporting the slow callback %s", name)
 
-    def _collect_due_timers(self) -> None:
-        timers = self._timers
-        now = self.now
-        while timers and timers[0][0] <= now:
-            handle = heapq.heappop(timers)[2]
-            if handle.cancelled:
-                self._cancelled_timers -= 1
-            else:
-                handle._loop = None  # out of the heap: a late cancel() has nothing to count
-                self._ready.append(handle)
-
-    def _run_ready(self, count: int = -1) -> None:
-        """Run the first ``count`` queued callbacks (all that are queued now, by default)."""
-        ready = self._ready
-        slow = self.slow_callback
-        timed = slow > 0
-        started = first = time.monotonic() if timed else 0.0
-        # Only what is queued now: callbacks queued by these callbacks wait a turn,
-        # so I/O cannot starve.
-        for _ in range(len(ready) if count < 0 else count):
-            handle = ready.popleft()
-            callback = handle.callback
-            if callback is None:  # cancelled
-                continue
-            try:
-                callback(*handle.args)
-            except Exception:
-                log.exception("unhandled error in callback %r", handle)
-            if timed:
-                ended = time.monotonic()
-                if ended - started > slow:
-                    self._report_slow(callback, ended - started)
-                started = ended
-        if timed:
-            # Twice in a pass in asyncio's order: the pass's callbacks took both times.
-            if self._ready_pass == self.iterations:
-                self._ready_seconds += started - first
-            else:
-                self._ready_pass = self.iterations
-                self._ready_seconds = started - first
-
     def close(self) -> None:
         """Restore signal handlers, close the wakeup socketpair and the backend."""
         if self._running:
@@ -697,3 +610,94 @@ class EventLoop:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# The pass's steps below are functions of the loop rather than its methods: compiled, a method
+# that an interpreted subclass (the asyncio face) may override is called through a Python-level
+# lookup and call, ~450 instructions each (callgrind), where a function is one C call.
+
+
+def _pass_in_asyncio_order(loop: EventLoop, events: list[tuple[int, int]], timed: bool) -> None:
+    """A pass after the poll, ordered as asyncio's ``_run_once``: the callbacks queued before it,
+    the I/O handlers, then the timers due; what those schedule runs at the next pass.  (A task's
+    first step runs before the I/O already waiting for it: code counts on that.)"""
+    ready = loop._ready
+    queued = len(ready)
+    if loop._timers and loop._timers[0][0] <= loop.now:
+        _collect_due_timers(loop)  # behind the queued ones, ahead of what they schedule
+    due = len(ready) - queued
+    if queued:
+        _run_ready(loop, queued)
+    if timed:
+        loop._dispatch_timed(events)
+    else:
+        backend = loop.backend
+        _dispatch(events, loop._readers, loop._writers, backend.read_bits, backend.write_bits)
+    if due:
+        _run_ready(loop, due)
+
+
+def _dispatch(
+    events: list[tuple[int, int]],
+    readers: dict[int, Callable[[], Any]],
+    writers: dict[int, Callable[[], Any]],
+    read_bits: int,
+    write_bits: int,
+) -> None:
+    """A pass's I/O handlers: one dict lookup and one call per event."""
+    for fd, mask in events:
+        try:
+            if mask & read_bits:
+                callback = readers.get(fd)
+                if callback is not None:
+                    callback()
+            if mask & write_bits:
+                callback = writers.get(fd)
+                if callback is not None:
+                    callback()
+        except Exception:
+            log.exception("unhandled error in the handler of fd %d", fd)
+
+
+def _collect_due_timers(loop: EventLoop) -> None:
+    """The timers due at the pass's ``now``, to the ready queue."""
+    timers = loop._timers
+    now = loop.now
+    while timers and timers[0][0] <= now:
+        handle = heapq.heappop(timers)[2]
+        if handle.cancelled:
+            loop._cancelled_timers -= 1
+        else:
+            handle._loop = None  # out of the heap: a late cancel() has nothing to count
+            loop._ready.append(handle)
+
+
+def _run_ready(loop: EventLoop, count: int = -1) -> None:
+    """Run the first ``count`` queued callbacks (all that are queued now, by default)."""
+    ready = loop._ready
+    slow = loop.slow_callback
+    timed = slow > 0
+    started = first = time.monotonic() if timed else 0.0
+    # Only what is queued now: callbacks queued by these callbacks wait a turn,
+    # so I/O cannot starve.
+    for _ in range(len(ready) if count < 0 else count):
+        handle = ready.popleft()
+        callback = handle.callback
+        if callback is None:  # cancelled
+            continue
+        try:
+            callback(*handle.args)
+        except Exception:
+            log.exception("unhandled error in callback %r", handle)
+        if timed:
+            ended = time.monotonic()
+            if ended - started > slow:
+                loop._report_slow(callback, ended - started)
+            started = ended
+    if timed:
+        # Twice in a pass in asyncio's order: the pass's callbacks took both times.
+        if loop._ready_pass == loop.iterations:
+            loop._ready_seconds += started - first
+        else:
+            loop._ready_pass = loop.iterations
+            loop._ready_seconds = started - first

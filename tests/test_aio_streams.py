@@ -9,10 +9,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextvars
+import gc
 import os
 import socket
 import sys
 import tempfile
+import weakref
 
 import pytest
 
@@ -281,6 +283,56 @@ def test_write_refuses_what_is_not_bytes(aio_loop) -> None:
         await finish(server, transport)
 
     run(aio_loop, main())
+
+
+def test_a_megabyte_arrives_whole_and_in_order_and_reads_grow_past_the_first_small_one(aio_loop) -> None:
+    payload = os.urandom(1 << 20)
+
+    class Chunks(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def data_received(self, data: bytes) -> None:
+            self.sizes.append(len(data))
+            super().data_received(data)
+
+    async def main():
+        server, accepted, transport, _client = await tcp_pair(aio_loop, server_protocol=Chunks)
+        transport.write(payload)
+        assert await accepted.received(len(payload)) == payload
+        # Reads start small and grow while they come back full: far fewer reads than 479-byte ones.
+        assert max(accepted.sizes) > 4096 and len(accepted.sizes) < len(payload) // 4096, accepted.sizes[:20]
+        accepted.transport.write(b"small")
+        await finish(server, transport, accepted.transport)
+
+    run(aio_loop, main())
+
+
+def test_a_closed_transport_is_freed_without_the_garbage_collector(aio_loop) -> None:
+    """pollserve's transport and its compiled core refer to each other until the close: no cycle
+    may be left after it, or every closed connection would wait for a collection to be freed."""
+    if not is_pollserve(aio_loop):
+        pytest.skip("asyncio's own loop keeps a closed client transport referenced (no promise there)")
+
+    async def main():
+        server, accepted, transport, client = await tcp_pair(aio_loop)
+        transport.write(b"hi")
+        assert await accepted.received(2) == b"hi"
+        gone = weakref.ref(transport)
+        transport.close()
+        await client.lost
+        await asyncio.sleep(0.01)
+        del transport
+        client.transport = None
+        assert gone() is None
+        await finish(server, accepted.transport)
+
+    gc.disable()
+    try:
+        run(aio_loop, main())
+    finally:
+        gc.enable()
 
 
 def test_a_transport_closed_from_inside_its_own_data_received(aio_loop) -> None:

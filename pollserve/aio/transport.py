@@ -5,9 +5,13 @@ An ``asyncio.Transport`` with what the standard loop's socket transport does on 
 ``BufferedProtocol``, errors to the exception handler), over the core's fast path: its fd is watched
 with ``EventLoop.add_reader(loop, fd, callback)``, no asyncio handle per event.  The callback is
 ``context.run`` bound to the read method, so the protocol's read callbacks run in the context
-captured for the connection and a read costs one ``recv`` and one call into the protocol.
+captured for the connection and a read costs one read and one call into the protocol.
 
-Interpreted on purpose: compiled, ``BaseTransport._extra`` lands on mypyc's vtable slot.
+Interpreted on purpose: compiled, ``BaseTransport._extra`` lands on mypyc's vtable slot, and no
+compiled class can share a layout with it.  So the per-request paths, the read into
+``data_received`` and a write with nothing buffered, are those of a compiled ``StreamCore``
+(``streamcore.py``) that each transport keeps, and the transport's attributes they share are
+properties over the core's.
 
 Contexts, as the standard loop has them: the read callbacks (``data_received``, ``eof_received``,
 ``get_buffer``, ``buffer_updated``) run in one copy of the connection's context and
@@ -42,6 +46,7 @@ from typing import Any
 from ..backends import CapacityError
 from ..loop import EventLoop
 from .reading import PausableReading
+from .streamcore import FD_IO, StreamCore
 
 logger = logging.getLogger("asyncio")
 
@@ -79,8 +84,27 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def on_core(name: str) -> Any:
+    """An attribute kept on the transport's compiled ``StreamCore`` (``streamcore.py``)."""
+
+    def get(self: StreamTransport) -> Any:
+        return getattr(self._core, name)
+
+    def set(self: StreamTransport, value: Any) -> None:
+        setattr(self._core, name, value)
+
+    return property(get, set, doc=f"the core's {name}")
+
+
 class StreamTransport(PausableReading, asyncio.Transport):
-    """One connected stream socket, its protocol and its write buffer."""
+    """One connected stream socket, its protocol and its write buffer; the per-request paths are
+    its ``StreamCore``'s (``streamcore.py``)."""
+
+    _protocol = on_core("protocol")
+    _conn_lost = on_core("conn_lost")  # set once connection_lost is scheduled, then counts writes after it
+    _eof = on_core("eof")  # write_eof()
+    _empty_waiter = on_core("empty_waiter")
+    _last_active = on_core("last_active")  # the loop's clock at the last transfer (the idle sweep's)
 
     def _describe_handler(self, handler: object) -> str:
         """How a slow callback is named (the core's describe_callback): the protocol, as its author
@@ -92,7 +116,7 @@ class StreamTransport(PausableReading, asyncio.Transport):
             return f"sending {name}'s buffered data to {peer}"
         return f"{name}.data_received on {peer}"
 
-    max_size = 256 * 1024  # what one recv() asks for, as the standard loop
+    max_size = 256 * 1024  # the most one read asks for, as the standard loop
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
 
     _sock: socket.socket | None = None  # set before anything can fail: __del__ reads it
@@ -124,7 +148,12 @@ class StreamTransport(PausableReading, asyncio.Transport):
         self._context = base.copy()
         self._reader: Callable[[], Any] | None = None
         self._reading = False  # the core watches the fd for reading
-        self._protocol: Any = None
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._counts = loop.counts
+        self._core = StreamCore(self, loop, sock, self._counts, self._buffer, self.max_size)
+        if type(self).write is StreamTransport.write:
+            # The protocol's write() calls the compiled path straight, without a frame of ours.
+            self.write = self._core.write  # type: ignore[method-assign]
         self._protocol_connected = False
         self.set_protocol(protocol)
         if watch_now:
@@ -143,19 +172,13 @@ class StreamTransport(PausableReading, asyncio.Transport):
         self._sock = sock
         self._writer: Callable[[], Any] | None = functools.partial(self._context.run, self._write_ready)
         self._server = server
-        self._buffer: collections.deque[Any] = collections.deque()
         self._buffer_size = 0
-        self._conn_lost = 0  # set once connection_lost is scheduled, then counts writes after it
         self._closing = False
         self._paused = False  # pause_reading()
-        self._eof = False  # write_eof()
         self._eof_received = False
-        self._empty_waiter: asyncio.Future[Any] | None = None
         self._high_water = DEFAULT_HIGH_WATER
         self._low_water = DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False
-        self._last_active = loop.now  # the loop's clock at the last transfer (the idle sweep's)
-        self._counts = loop.counts
         self._counts.connections_open += 1
         if server is not None:
             server._attach(self)
@@ -190,7 +213,7 @@ class StreamTransport(PausableReading, asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         """A ``BufferedProtocol`` is read into its own buffer; any other gets ``data_received``."""
-        read = self._read_into_buffer if isinstance(protocol, asyncio.BufferedProtocol) else self._read_data
+        read = self._read_into_buffer if isinstance(protocol, asyncio.BufferedProtocol) else self._core.read_data
         self._protocol = protocol
         self._protocol_connected = True
         self._reader = functools.partial(self._context.run, read)
@@ -220,31 +243,6 @@ class StreamTransport(PausableReading, asyncio.Transport):
         if self._reading:
             self._reading = False
             EventLoop.remove_reader(self._loop, self._sock_fd)
-
-    def _read_data(self) -> None:
-        """The fd is readable: one recv(), then data_received (the per-read path: keep it short)."""
-        if self._conn_lost:
-            return
-        try:
-            data = self._sock.recv(self.max_size)  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
-            return
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal read error on socket transport")
-            return
-        self._last_active = self._loop.now
-        if not data:
-            self._read_eof()
-            return
-        self._counts.bytes_in += len(data)
-        try:
-            self._protocol.data_received(data)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _read_into_buffer(self) -> None:
         """The fd is readable, for a ``BufferedProtocol``: recv_into the buffer it gives."""
@@ -298,6 +296,8 @@ class StreamTransport(PausableReading, asyncio.Transport):
     # -- writing ---------------------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send what the kernel takes now, buffer the rest (its send once writable).  An instance's
+        write is its core's, which comes here for anything but bytes with nothing buffered."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
         if self._eof:
@@ -313,7 +313,7 @@ class StreamTransport(PausableReading, asyncio.Transport):
             return
         if not self._buffer:
             try:
-                sent = self._sock.send(data)  # type: ignore[union-attr]
+                sent = os.write(self._sock_fd, data) if FD_IO else self._sock.send(data)  # type: ignore[union-attr]
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except (SystemExit, KeyboardInterrupt):
@@ -325,17 +325,25 @@ class StreamTransport(PausableReading, asyncio.Transport):
             self._last_active = self._loop.now
             if type(data) is bytes and sent == len(data):
                 return
-            view = memoryview(data).cast("B")  # bytes, whatever the item size and shape given
-            if sent == view.nbytes:
-                return
-            try:
-                EventLoop.add_writer(self._loop, self._sock_fd, self._writer)  # type: ignore[arg-type]
-            except CapacityError as exc:
-                self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
-                return
-            self._buffer_append(view[sent:], data)
+            self._buffer_rest(data, sent)
         else:
             self._buffer_append(memoryview(data).cast("B"), data)
+            self._maybe_pause_protocol()
+
+    #: the class's own write, for the core's write to come back to (an instance's write is the core's)
+    _write_any = write
+
+    def _buffer_rest(self, data: bytes | bytearray | memoryview, sent: int) -> None:
+        """What a send from an empty buffer left: buffered, and the fd watched for writability."""
+        view = memoryview(data).cast("B")  # bytes, whatever the item size and shape given
+        if sent == view.nbytes:
+            return
+        try:
+            EventLoop.add_writer(self._loop, self._sock_fd, self._writer)  # type: ignore[arg-type]
+        except CapacityError as exc:
+            self._fatal_error(capacity_oserror(exc), "Fatal error: the loop cannot watch the socket")
+            return
+        self._buffer_append(view[sent:], data)
         self._maybe_pause_protocol()
 
     def _buffer_append(self, view: memoryview, data: Any) -> None:
@@ -589,6 +597,9 @@ class StreamTransport(PausableReading, asyncio.Transport):
             self._sock = None
             self._protocol = None
             self._reader = self._writer = None
+            # No cycle left through the core: write() is the class's again, which drops the bytes.
+            vars(self).pop("write", None)
+            self._core.transport = None
             self._counts.connections_open -= 1
             self._counts.connections_closed += 1
             if self._empty_waiter is not None and not self._empty_waiter.done():
