@@ -39,6 +39,7 @@ from .handles import Handle, TimerHandle
 from .limits import ServerLimits
 from .sockets import SocketCalls
 from .streams import StreamCalls
+from .tls import TLSCalls
 from .transport import capacity_oserror
 
 logger = logging.getLogger("asyncio")  # where asyncio's own loop logs, so handlers already set up see ours
@@ -80,7 +81,9 @@ def _stop_when_done(future: asyncio.Future[Any]) -> None:
     asyncio.futures._get_loop(future).stop()
 
 
-class AsyncioLoop(EventLoop, SocketCalls, ServerLimits, StreamCalls, DatagramEndpoints, asyncio.AbstractEventLoop):  # type: ignore[misc]
+class AsyncioLoop(  # type: ignore[misc]
+    EventLoop, SocketCalls, ServerLimits, StreamCalls, TLSCalls, DatagramEndpoints, asyncio.AbstractEventLoop
+):
     """An asyncio event loop on one pollserve backend: any asyncio program runs on it, with the
     backend's name, fd figures, utilization, lag and slowest callback to show for it."""
 

@@ -93,6 +93,7 @@ class StreamTransport(asyncio.Transport):
 
     max_size = 256 * 1024  # what one recv() asks for, as the standard loop
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
+    _start_tls_compatible = True  # loop.start_tls() may put TLS over it (tls.py)
 
     _sock: socket.socket | None = None  # set before anything can fail: __del__ reads it
     #: seconds close() lingers after the flush (linger_timeout); None: it closes as asyncio's does
