@@ -35,6 +35,20 @@ logger = logging.getLogger("asyncio")
 HAS_SHUTDOWN_TIMEOUT = sys.version_info >= (3, 11)
 
 
+if HAS_SHUTDOWN_TIMEOUT:
+    SSLProtocol = sslproto.SSLProtocol
+else:
+
+    class SSLProtocol(sslproto.SSLProtocol):  # type: ignore[no-redef]
+        """3.10's, given a memoryview as bytes: its write loop counts the view's len() (items)
+        against the bytes SSLObject.write() reports, and spins forever on a view of ints."""
+
+        def _write_appdata(self, data: Any) -> None:
+            if isinstance(data, memoryview) and (data.itemsize != 1 or data.ndim != 1):
+                data = data.cast("B") if data.c_contiguous else data.tobytes()
+            super()._write_appdata(data)
+
+
 def ssl_protocol(
     loop: Any,
     app_protocol: asyncio.BaseProtocol,
@@ -53,7 +67,7 @@ def ssl_protocol(
     }
     if HAS_SHUTDOWN_TIMEOUT:
         options["ssl_shutdown_timeout"] = shutdown_timeout
-    return sslproto.SSLProtocol(loop, app_protocol, sslcontext, waiter, server_side, server_hostname, **options)
+    return SSLProtocol(loop, app_protocol, sslcontext, waiter, server_side, server_hostname, **options)
 
 
 def tls_transport(
