@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -624,6 +625,41 @@ def test_many_concurrent_clients_each_get_their_own_bytes_back(aio_loop, certs: 
         await server.wait_closed()
 
     run(aio_loop, main())
+
+
+def test_a_slow_protocol_under_tls_is_named_by_its_own_class(certs: Certs) -> None:
+    """The slowest callback of loop.stats() names the user's protocol, not asyncio's SSLProtocol."""
+    from pollserve.aio import AsyncioLoop
+
+    class Slow(Peer):
+        def __init__(self) -> None:
+            super().__init__(echo=True)
+
+        def data_received(self, data: bytes) -> None:
+            time.sleep(0.15)
+            super().data_received(data)
+
+    loop = AsyncioLoop(REQUESTED or "epoll")
+
+    async def main():
+        server = await loop.create_server(Slow, "127.0.0.1", 0, ssl=server_context(certs))
+        reader, writer = await asyncio.open_connection(
+            *server.sockets[0].getsockname(), ssl=certs.client_context(), server_hostname=HOSTNAME
+        )
+        writer.write(b"slow")
+        assert await reader.readexactly(4) == b"slow"
+        peer = writer.get_extra_info("sockname")
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return peer
+
+    try:
+        peer = run(loop, main())
+        name = loop.stats()["slowest_callback"]
+    finally:
+        loop.close()
+    assert name == f"{__name__}:{Slow.__qualname__}.data_received on {peer}"
 
 
 # -- a TLS session in random orders ------------------------------------------------------------------------

@@ -83,8 +83,8 @@ class StreamTransport(asyncio.Transport):
 
     def _describe_handler(self, handler: object) -> str:
         """How a slow callback is named (the core's describe_callback): the protocol, as its author
-        wrote it, and the peer, never the transport's own method."""
-        protocol = type(self._protocol)
+        wrote it, and the peer, never the transport's own method (under TLS, the user's protocol)."""
+        protocol = type(getattr(self._protocol, "_app_protocol", self._protocol))
         name = f"{protocol.__module__}:{protocol.__qualname__}"
         peer = self._extra.get("peername")
         if getattr(handler, "__name__", "") == "_write_ready":
