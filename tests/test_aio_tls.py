@@ -315,7 +315,7 @@ def test_a_server_closing_mid_handshake_fails_create_connection(aio_loop, certs:
 def test_handshake_timeout_against_a_silent_server(aio_loop, certs: Certs) -> None:
     async def main():
         with listener() as sock:  # the kernel completes the connect; nobody ever answers
-            with pytest.raises(ConnectionError):
+            with pytest.raises(ConnectionAbortedError):
                 await aio_loop.create_connection(
                     asyncio.Protocol,
                     *sock.getsockname(),
