@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench_peers import callgrind_total
 
@@ -163,7 +164,9 @@ async def drive(scenario: str, port: int, connections: int, start: float, warmup
     return counter[0]
 
 
-def client_process(scenario: str, port: int, connections: int, start: float, warmup: float, seconds: float, results):
+def client_process(
+    scenario: str, port: int, connections: int, start: float, warmup: float, seconds: float, results, driver=drive
+):
     pin = pinned(CLIENT_CPU)
     if pin is not None:
         pin()
@@ -173,7 +176,7 @@ def client_process(scenario: str, port: int, connections: int, start: float, war
 
         runner = uvloop.run
     try:
-        results.put(runner(drive(scenario, port, connections, start, warmup, seconds)))
+        results.put(runner(driver(scenario, port, connections, start, warmup, seconds)))
     except Exception as exc:  # reported by the parent
         results.put(f"{type(exc).__name__}: {exc}")
 
@@ -181,8 +184,11 @@ def client_process(scenario: str, port: int, connections: int, start: float, war
 # -- one measurement ---------------------------------------------------------------------------------------------
 
 
-def measure(name: str, argv: list[str], scenario: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(operations per second, server CPU microseconds per operation) against a fresh server."""
+def measure(
+    name: str, argv: list[str], scenario: str, args: argparse.Namespace, driver: Callable[..., Any] | None = None
+) -> tuple[float, float]:
+    """(operations per second, server CPU microseconds per operation) against a fresh server.
+    ``driver``: the clients' coroutine function instead of ``drive`` (bench_asyncio_tls.py's paced one)."""
     server = ServerProcess(name, argv, preexec_fn=pinned(SERVER_CPU))
     port = server.start()
     try:
@@ -192,7 +198,7 @@ def measure(name: str, argv: list[str], scenario: str, args: argparse.Namespace)
         clients = [
             multiprocessing.Process(
                 target=client_process,
-                args=(scenario, port, per_process, start, args.warmup, args.seconds, results),
+                args=(scenario, port, per_process, start, args.warmup, args.seconds, results, driver or drive),
             )
             for _ in range(args.client_procs)
         ]

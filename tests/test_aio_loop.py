@@ -11,7 +11,6 @@ import gc
 import os
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -406,26 +405,6 @@ def test_set_default_executor_is_used_by_run_in_executor(aio_loop) -> None:
     if sys.version_info >= (3, 11):
         with pytest.raises(TypeError):
             aio_loop.set_default_executor(concurrent.futures.ProcessPoolExecutor())
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda loop: loop.start_tls(None, None, None),
-        lambda loop: loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=ssl.create_default_context()),
-    ],
-    ids=["start_tls", "ssl="],
-)
-def test_tls_is_not_there_yet(call, backend_name: str) -> None:
-    """docs/asyncio.md, "Not yet": NotImplementedError, not a hang or a wrong answer."""
-    from pollserve.aio import AsyncioLoop
-
-    loop = AsyncioLoop(backend_name)
-    try:
-        with pytest.raises(NotImplementedError):
-            loop.run_until_complete(call(loop))
-    finally:
-        loop.close()
 
 
 @pytest.mark.parametrize(

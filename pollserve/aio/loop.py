@@ -41,6 +41,7 @@ from .pipes import PipeCalls
 from .sockets import SocketCalls
 from .streams import StreamCalls
 from .subprocess import SubprocessCalls
+from .tls import TLSCalls
 from .transport import capacity_oserror
 from .unsupported import refuse_on_windows
 
@@ -88,6 +89,7 @@ class AsyncioLoop(  # type: ignore[misc]
     SocketCalls,
     ServerLimits,
     StreamCalls,
+    TLSCalls,
     DatagramEndpoints,
     PipeCalls,
     SubprocessCalls,

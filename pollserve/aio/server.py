@@ -34,6 +34,7 @@ from typing import Any
 from ..backends import CapacityError
 from ..loop import EventLoop
 from .limits import ConnectionLimits, IdleSweep
+from .tls import accept_tls
 from .transport import StreamTransport, capacity_oserror
 
 logger = logging.getLogger("asyncio")
@@ -56,11 +57,18 @@ class Server(asyncio.AbstractServer):
         sockets: list[socket.socket],
         protocol_factory: Any,
         backlog: int,
+        ssl_context: Any = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
     ) -> None:
         self._loop = loop
         self._sockets: list[socket.socket] | None = sockets
         self._protocol_factory = protocol_factory
         self._backlog = backlog
+        #: TLS, when asked for: the user's SSLContext and the timeouts of each connection's TLS
+        self._ssl_context = ssl_context
+        self._ssl_handshake_timeout = ssl_handshake_timeout
+        self._ssl_shutdown_timeout = ssl_shutdown_timeout
         #: the transports it made and not yet lost (weakly: an abandoned one still warns)
         self._clients: weakref.WeakSet[StreamTransport] = weakref.WeakSet()
         self._active = 0
@@ -256,6 +264,10 @@ class Server(asyncio.AbstractServer):
         protocol = None
         try:
             protocol = context.run(self._protocol_factory)
+            if self._ssl_context:
+                accept_tls(self, conn, address, protocol, context)
+                loop.counts.connections_accepted += 1
+                return
             transport = StreamTransport(
                 loop, conn, protocol, extra={"peername": address}, server=self, context=context, watch_now=True
             )

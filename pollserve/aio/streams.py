@@ -3,7 +3,7 @@
 errors on the running Python (``happy_eyeballs_delay``/``interleave``, ``all_errors`` from 3.12,
 ``keep_alive`` and ``cleanup_socket`` from 3.13).
 
-TLS is not offered yet: ``ssl=`` raises ``NotImplementedError`` (docs/asyncio.md says so).
+``ssl=`` runs asyncio's own TLS protocol over the stream transport (tls.py).
 pollserve's idle timeout, linger and connection limits apply only to a server given them (limits.py).
 """
 
@@ -25,15 +25,11 @@ from .addresses import HAS_IPV6, AddrInfo, interleave, resolve, set_reuse_port
 from .connect import ConnectCalls, check_not_ssl
 from .sendfile import SendfileCalls
 from .server import Server
+from .tls import tls_transport
 from .transport import StreamTransport
 from .unsupported import refuse_on_windows
 
 logger = logging.getLogger("asyncio")
-
-
-def _no_tls(ssl: Any) -> None:
-    if ssl:
-        raise NotImplementedError("TLS (ssl=) is not available on pollserve's asyncio loop yet")
 
 
 def _ssl_only(ssl: Any, **given: Any) -> None:
@@ -95,12 +91,13 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         _newer_than_this_python("all_errors", (3, 12), all_errors, False)
         if server_hostname is not None and not ssl:
             raise ValueError("server_hostname is only meaningful with ssl")
-        if server_hostname is None and ssl and not host:
-            raise ValueError("You must set server_hostname when using ssl without a host")
+        if server_hostname is None and ssl:
+            if not host:
+                raise ValueError("You must set server_hostname when using ssl without a host")
+            server_hostname = host  # the name the certificate is checked against
         _ssl_only(ssl, ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
         if sock is not None:
             check_not_ssl(sock)
-        _no_tls(ssl)
         if happy_eyeballs_delay is not None and interleave is None:
             interleave = 1  # Happy Eyeballs alternates the families by default
         if host is not None or port is not None:
@@ -113,7 +110,9 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             raise ValueError("host and port was not specified and no sock specified")
         else:
             _check_stream_socket(sock)
-        transport, protocol = await self._connection_transport(sock, protocol_factory)
+        transport, protocol = await self._connection_transport(
+            sock, protocol_factory, ssl, server_hostname, False, ssl_handshake_timeout, ssl_shutdown_timeout
+        )
         self.counts.connections_connected += 1
         if self.get_debug():
             logger.debug("%r connected to %s:%r: (%r, %r)", sock, host, port, transport, protocol)
@@ -206,13 +205,35 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         raise OSError(f"no matching local address with family={family!r} found")
 
     async def _connection_transport(
-        self, sock: socket.socket, protocol_factory: Any, server_side: bool = False
+        self,
+        sock: socket.socket,
+        protocol_factory: Any,
+        ssl: Any = None,
+        server_hostname: str | None = None,
+        server_side: bool = False,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
-        """The transport over a connected socket, once connection_made has run."""
+        """The transport over a connected socket, once connection_made has run (with ``ssl``, once
+        the handshake is done; ``ssl=True`` is asyncio's default client context)."""
         sock.setblocking(False)
         protocol = protocol_factory()
         waiter = self.create_future()
-        transport = StreamTransport(self, sock, protocol, waiter)
+        transport: asyncio.Transport
+        if ssl:
+            transport, _ = tls_transport(
+                self,
+                sock,
+                protocol,
+                None if isinstance(ssl, bool) else ssl,
+                waiter,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                handshake_timeout=ssl_handshake_timeout,
+                shutdown_timeout=ssl_shutdown_timeout,
+            )
+        else:
+            transport = StreamTransport(self, sock, protocol, waiter)
         try:
             await waiter
         except BaseException:
@@ -240,7 +261,6 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             if server_hostname is not None:
                 raise ValueError("server_hostname is only meaningful with ssl")
             _ssl_only(ssl, ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
-        _no_tls(ssl)
         if path is not None:
             if sock is not None:
                 raise ValueError("path and sock can not be specified at the same time")
@@ -256,7 +276,9 @@ class StreamCalls(ConnectCalls, SendfileCalls):
                 raise ValueError("no path and sock were specified")
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
-        transport, protocol = await self._connection_transport(sock, protocol_factory)
+        transport, protocol = await self._connection_transport(
+            sock, protocol_factory, ssl, server_hostname, False, ssl_handshake_timeout, ssl_shutdown_timeout
+        )
         self.counts.connections_connected += 1
         return transport, protocol
 
@@ -273,8 +295,9 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         _check_stream_socket(sock)
         _ssl_only(ssl, ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
         check_not_ssl(sock)
-        _no_tls(ssl)
-        transport, protocol = await self._connection_transport(sock, protocol_factory, server_side=True)
+        transport, protocol = await self._connection_transport(
+            sock, protocol_factory, ssl, None, True, ssl_handshake_timeout, ssl_shutdown_timeout
+        )
         self.counts.connections_accepted += 1
         return transport, protocol
 
@@ -305,7 +328,6 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         _ssl_only(ssl, ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
         if sock is not None:
             check_not_ssl(sock)
-        _no_tls(ssl)
         if host is not None or port is not None:
             if sock is not None:
                 raise ValueError("host/port and sock can not be specified at the same time")
@@ -319,7 +341,7 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             sockets = [sock]
         for listener in sockets:
             listener.setblocking(False)
-        server = Server(self, sockets, protocol_factory, backlog)
+        server = Server(self, sockets, protocol_factory, backlog, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if start_serving:
             server._start_serving()
             await asyncio.sleep(0)  # one pass, as the standard loop takes
@@ -416,7 +438,6 @@ class StreamCalls(ConnectCalls, SendfileCalls):
         if isinstance(ssl, bool):
             raise TypeError("ssl argument must be an SSLContext or None")
         _ssl_only(ssl, ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
-        _no_tls(ssl)
         if path is not None:
             if sock is not None:
                 raise ValueError("path and sock can not be specified at the same time")
@@ -427,7 +448,7 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
         sock.setblocking(False)
-        server = Server(self, [sock], protocol_factory, backlog)
+        server = Server(self, [sock], protocol_factory, backlog, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
         if cleanup_socket and sys.version_info >= (3, 13):
             server._remove_on_close(sock)
         if start_serving:

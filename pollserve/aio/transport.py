@@ -108,8 +108,8 @@ class StreamTransport(PausableReading, asyncio.Transport):
 
     def _describe_handler(self, handler: object) -> str:
         """How a slow callback is named (the core's describe_callback): the protocol, as its author
-        wrote it, and the peer, never the transport's own method."""
-        protocol = type(self._protocol)
+        wrote it, and the peer, never the transport's own method (under TLS, the user's protocol)."""
+        protocol = type(getattr(self._protocol, "_app_protocol", self._protocol))
         name = f"{protocol.__module__}:{protocol.__qualname__}"
         peer = self._extra.get("peername")
         if getattr(handler, "__name__", "") == "_write_ready":
@@ -118,6 +118,7 @@ class StreamTransport(PausableReading, asyncio.Transport):
 
     max_size = 256 * 1024  # the most one read asks for, as the standard loop
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE  # loop.sendfile() may use os.sendfile()
+    _start_tls_compatible = True  # loop.start_tls() may put TLS over it (tls.py)
 
     _sock: socket.socket | None = None  # set before anything can fail: __del__ reads it
     #: seconds close() lingers after the flush (linger_timeout); None: it closes as asyncio's does
