@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 
 #: the modules every request runs through: the loop's pass, the connection's read and write, and the
-#: asyncio stream transport's and the counts it keeps
-MODULES = ("pollserve.loop", "pollserve.server", "pollserve.aio.counts", "pollserve.aio.streamcore")
+#: asyncio stream transport's, the counts it keeps, and the asyncio face's call_soon
+MODULES = (
+    "pollserve.loop",
+    "pollserve.server",
+    "pollserve.aio.counts",
+    "pollserve.aio.streamcore",
+    "pollserve.aio.soon",
+)
 
 
 def let_signal_handlers_run() -> None:

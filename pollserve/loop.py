@@ -66,7 +66,8 @@ def describe_callback(callback: object) -> str:
             callback = callback.args[0]
         else:
             callback = func
-    owner = getattr(callback, "__self__", None)
+    # A bound method's object names it; so does an object that is queued itself (an asyncio.Handle).
+    owner = getattr(callback, "__self__", callback)
     describe = getattr(owner, "_describe_handler", None)
     if callable(describe):
         return str(describe(callback))
@@ -141,7 +142,9 @@ class EventLoop:
         self.backend: Backend = backend
         self._readers: dict[int, Callable[[], Any]] = {}
         self._writers: dict[int, Callable[[], Any]] = {}
-        self._ready: deque[Handle] = deque()
+        #: what call_soon and the due timers queued: the core's Handles, and the asyncio face's
+        #: ``asyncio.Handle``s queued as they are (``_run_ready``), with no Handle of the core around each
+        self._ready: deque[Any] = deque()
         self._timers: list[tuple[float, int, Handle]] = []
         self._timer_seq = 0
         #: cancelled handles still in the heap
@@ -682,13 +685,28 @@ def _run_ready(loop: EventLoop, count: int = -1) -> None:
     # so I/O cannot starve.
     for _ in range(len(ready) if count < 0 else count):
         handle = ready.popleft()
-        callback = handle.callback
-        if callback is None:  # cancelled
-            continue
-        try:
-            callback(*handle.args)
-        except Exception:
-            log.exception("unhandled error in callback %r", handle)
+        if isinstance(handle, Handle):
+            callback = handle.callback
+            if callback is None:  # cancelled
+                continue
+            try:
+                callback(*handle.args)
+            except Exception:
+                log.exception("unhandled error in callback %r", handle)
+        else:
+            # An asyncio.Handle (the asyncio face's call_soon), run as its _run() runs it, without
+            # that method's frame; an error goes to the handle's report, which says it as _run()
+            # does, to the loop's exception handler.  (A Handle of the core around it cost two
+            # more objects and two Python frames per callback.)
+            if handle._cancelled:
+                continue
+            callback = handle
+            try:
+                handle._context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                handle._report_error(exc)
         if timed:
             ended = time.monotonic()
             if ended - started > slow:

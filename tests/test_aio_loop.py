@@ -448,3 +448,120 @@ def test_a_pass_runs_the_queued_callbacks_then_the_io_handlers_then_the_timers_d
     aio_loop.stop()
     aio_loop.run_forever()
     assert order[3:] == ["scheduled by queued", "scheduled by io"]
+
+
+def test_debug_mode_switched_on_and_off_while_running_is_what_futures_and_call_soon_see(aio_loop) -> None:
+    """The loop's call_soon, create_future and get_debug follow set_debug at every switch: a Future
+    keeps where it was made only in debug mode (it asks the loop's get_debug), and call_soon from
+    another thread is refused only then."""
+
+    def call_soon_from_a_thread() -> str:
+        refused = []
+
+        def attempt() -> None:
+            try:
+                aio_loop.call_soon(int)  # harmless when it runs
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+        thread = threading.Thread(target=attempt)
+        thread.start()
+        thread.join(10)
+        return refused[0] if refused else "accepted"
+
+    async def main() -> list[tuple[bool, bool, str]]:
+        seen = []
+        for debug in (True, False, True, False):
+            aio_loop.set_debug(debug)
+            future = aio_loop.create_future()
+            seen.append((aio_loop.get_debug(), bool(future._source_traceback), call_soon_from_a_thread()))
+            future.cancel()
+        return seen
+
+    seen = aio_loop.run_until_complete(main())
+    switched = [(True, True), (False, False), (True, True), (False, False)]
+    assert [(debug, traced) for debug, traced, _ in seen] == switched
+    assert ["thread" in outcome for _, _, outcome in seen] == [True, False, True, False]
+
+
+def test_call_soon_get_debug_and_create_future_of_a_subclass_or_set_on_the_loop_are_the_ones_called(aio_loop) -> None:
+    """What the C Future and Task call (loop.call_soon, get_debug, create_future through asyncio's
+    streams) is a subclass's override, and a replacement set on the loop object stays through
+    set_debug."""
+    calls: list[str] = []
+
+    class Counting(type(aio_loop)):  # type: ignore[misc]
+        def call_soon(self, *args, **kwargs):
+            calls.append("call_soon")
+            return super().call_soon(*args, **kwargs)
+
+        def get_debug(self):
+            calls.append("get_debug")
+            return super().get_debug()
+
+        def create_future(self):
+            calls.append("create_future")
+            return super().create_future()
+
+    loop = Counting() if isinstance(aio_loop, asyncio.BaseEventLoop) else Counting(aio_loop.backend.name)
+    try:
+
+        async def main() -> None:
+            future = loop.create_future()
+            loop.call_later(0.01, future.set_result, None)
+            await future
+
+        loop.run_until_complete(main())
+        assert {"call_soon", "get_debug", "create_future"} <= set(calls)
+    finally:
+        loop.close()
+
+    replaced: list[object] = []
+    original = aio_loop.call_soon
+
+    def replacement(callback, *args, context=None):
+        replaced.append(callback)
+        return original(callback, *args, context=context)
+
+    aio_loop.call_soon = replacement
+    aio_loop.set_debug(not aio_loop.get_debug())
+    aio_loop.set_debug(not aio_loop.get_debug())
+    assert aio_loop.call_soon is replacement
+
+    async def wake() -> None:
+        await asyncio.sleep(0)
+
+    aio_loop.run_until_complete(wake())
+    assert replaced
+
+
+def test_is_closing_of_a_stream_goes_true_at_close_and_abort_and_drain_sees_it(aio_loop) -> None:
+    async def main() -> list[bool]:
+        seen = []
+        accepted: asyncio.Queue = asyncio.Queue()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await accepted.put(writer)
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for ending in ("close", "abort"):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                served = await asyncio.wait_for(accepted.get(), 10)
+                seen.append(writer.transport.is_closing())
+                getattr(writer.transport, ending)()
+                seen.append(writer.transport.is_closing())
+                assert await asyncio.wait_for(served.drain(), 10) is None  # the server side: still open
+                served.write("é".encode())
+                await served.drain()
+                served.close()
+                await served.wait_closed()
+                seen.append(served.transport.is_closing())
+                await asyncio.sleep(0)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return seen
+
+    assert aio_loop.run_until_complete(main()) == [False, True, True, False, True, True]

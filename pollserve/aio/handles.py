@@ -13,6 +13,7 @@ A slow callback is named by what a person recognises (``_describe_handler``, rea
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from ..loop import Handle as CoreHandle
@@ -38,6 +39,16 @@ class Handle(asyncio.Handle):
     def _run_from_core(self) -> None:
         if not self._cancelled:
             self._run()
+
+    def _report_error(self, exc: BaseException) -> None:
+        """What ``asyncio.Handle._run`` reports when its callback raises: the core runs this class's
+        handles without that method (loop.py's ``_run_ready``) and calls this when one fails."""
+        debug = {"debug": self._loop.get_debug()} if sys.version_info >= (3, 13) else {}
+        source = asyncio.format_helpers._format_callback_source(self._callback, self._args, **debug)
+        context = {"message": f"Exception in callback {source}", "exception": exc, "handle": self}
+        if self._source_traceback:
+            context["source_traceback"] = self._source_traceback
+        self._loop.call_exception_handler(context)
 
     def _describe_handler(self, callback: object) -> str:
         return describe_asyncio_callback(self._callback) if self._callback is not None else repr(self)

@@ -39,6 +39,7 @@ from .handles import Handle, TimerHandle
 from .limits import ServerLimits
 from .pipes import PipeCalls
 from .sockets import SocketCalls
+from .soon import SoonCalls
 from .streams import StreamCalls
 from .subprocess import SubprocessCalls
 from .tls import TLSCalls
@@ -124,6 +125,8 @@ class AsyncioLoop(  # type: ignore[misc]
         self._figures = LoopFigures(self)
         self.on_slow_callback = self._slow_callback_seen
         self.on_slow_pass = self._slow_pass_seen
+        #: call_soon and create_future compiled (soon.py), set on this instance when not in debug mode
+        self._soon_calls = SoonCalls(self, self._ready, Handle, asyncio.Future)
         self.set_debug(_debug_from_environment())
 
     def __repr__(self) -> str:
@@ -235,7 +238,7 @@ class AsyncioLoop(  # type: ignore[misc]
             self._check_callback(callback, "call_soon")
             if handle._source_traceback:
                 del handle._source_traceback[-1]
-        self._ready.append(CoreHandle(handle._run_from_core, ()))
+        self._ready.append(handle)  # the core runs an asyncio.Handle as it is (loop.py's _run_ready)
         return handle
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any, context: Any = None) -> Handle:
@@ -245,7 +248,7 @@ class AsyncioLoop(  # type: ignore[misc]
         handle = Handle(callback, args, self, context)
         if handle._source_traceback:
             del handle._source_traceback[-1]
-        EventLoop.call_soon(self, handle._run_from_core)  # a deque's append: safe from any thread
+        self._ready.append(handle)  # a deque's append: safe from any thread
         self._wake()
         return handle
 
@@ -387,8 +390,26 @@ class AsyncioLoop(  # type: ignore[misc]
 
     def set_debug(self, enabled: bool) -> None:
         self._debug = bool(enabled)
+        self._use_compiled_calls()
         if self.is_running():
             self.call_soon_threadsafe(self._set_coroutine_origin_tracking, self._debug)
+
+    def _use_compiled_calls(self) -> None:
+        """``call_soon``, ``create_future`` and ``get_debug`` on this instance are SoonCalls'
+        (soon.py) where a subclass does not override them, and ``call_soon`` only when not in debug
+        mode, which needs this class's checks.  One set on the instance by someone else (a test's
+        mock) is left alone."""
+        self._soon_calls.debug = self._debug
+        for name in ("call_soon", "create_future", "get_debug"):
+            compiled = getattr(self._soon_calls, name)
+            current = self.__dict__.get(name)
+            if current is not None and current != compiled:
+                continue
+            overridden = getattr(type(self), name) is not getattr(AsyncioLoop, name)
+            if overridden or (self._debug and name == "call_soon"):
+                self.__dict__.pop(name, None)
+            else:
+                self.__dict__[name] = compiled
 
     def _set_coroutine_origin_tracking(self, enabled: bool) -> None:
         if enabled:

@@ -5,7 +5,7 @@ buffered.  Compiled where the install can (``compiled.MODULES``).
 class can share a layout with, so it stays interpreted and keeps the state these two paths touch here,
 in a compiled object of its own (its attributes of the same names, with an underscore, are properties
 over this one's).  The core calls this object's ``read_data`` when the fd is readable, and a
-transport's ``write`` is this object's (``StreamTransport.__init__``): a request then runs no
+transport's ``write`` and ``is_closing`` are this object's (``StreamTransport.__init__``): a request then runs no
 interpreted code but the protocol's.  Every other case, an error, EOF, a partial send, a buffered or
 refused write, goes back to the transport's own methods, which say what asyncio's loop does.
 """
@@ -47,6 +47,7 @@ class StreamCore:
         #: set once connection_lost is scheduled, then counts writes after it
         self.conn_lost = 0
         self.eof = False  # write_eof()
+        self.closing = False  # close() or abort(): is_closing()
         self.empty_waiter: Any = None  # sendfile's
         self.last_active: float = loop.now  # the loop's clock at the last transfer (the idle sweep's)
         self.max_size = max_size
@@ -55,6 +56,10 @@ class StreamCore:
     def _describe_handler(self, handler: object) -> str:
         """A slow read is named as the transport names it (the core's describe_callback)."""
         return str(self.transport._describe_handler(handler))
+
+    def is_closing(self) -> bool:
+        """``transport.is_closing()``: a stream's ``drain()`` asks it on every call."""
+        return self.closing
 
     def read_data(self) -> None:
         """The fd is readable: one read, then data_received.

@@ -103,6 +103,7 @@ class StreamTransport(PausableReading, asyncio.Transport):
     _protocol = on_core("protocol")
     _conn_lost = on_core("conn_lost")  # set once connection_lost is scheduled, then counts writes after it
     _eof = on_core("eof")  # write_eof()
+    _closing = on_core("closing")
     _empty_waiter = on_core("empty_waiter")
     _last_active = on_core("last_active")  # the loop's clock at the last transfer (the idle sweep's)
 
@@ -155,6 +156,8 @@ class StreamTransport(PausableReading, asyncio.Transport):
         if type(self).write is StreamTransport.write:
             # The protocol's write() calls the compiled path straight, without a frame of ours.
             self.write = self._core.write  # type: ignore[method-assign]
+        if type(self).is_closing is StreamTransport.is_closing:
+            self.is_closing = self._core.is_closing  # type: ignore[method-assign]
         self._protocol_connected = False
         self.set_protocol(protocol)
         if watch_now:
@@ -174,7 +177,6 @@ class StreamTransport(PausableReading, asyncio.Transport):
         self._writer: Callable[[], Any] | None = functools.partial(self._context.run, self._write_ready)
         self._server = server
         self._buffer_size = 0
-        self._closing = False
         self._paused = False  # pause_reading()
         self._eof_received = False
         self._high_water = DEFAULT_HIGH_WATER
