@@ -4,6 +4,7 @@
     python benchmarks/bench_asyncio.py --compiled-root DIR --pure-root DIR   # builds made earlier
     python benchmarks/bench_asyncio.py --scenarios paced,hello --reps 5
     python benchmarks/bench_asyncio.py --reps 0 --instructions                 # callgrind's counts only
+    python benchmarks/bench_asyncio.py --reps 11 --target uvloop --target 'pollserve asyncio (compiled), Protocol'
 
 The same ``asyncio.Protocol`` class (pollserve.peers:AsyncioHello), and the same streams handler (a
 coroutine per client: read, write, drain), served by asyncio's own loop, by uvloop and by pollserve's
@@ -102,6 +103,7 @@ def main() -> int:
     parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
     parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
     parser.add_argument("--instructions", action="store_true", help="also instructions per request (callgrind)")
+    parser.add_argument("--target", action="append", help="only this target, by name (repeatable; default: all)")
     args = parser.parse_args()
     raise_fd_limit(20_000)
     scratch = Path(tempfile.mkdtemp(prefix="pollserve-asyncio-bench-"))
@@ -116,6 +118,12 @@ def main() -> int:
         peer_target("pollserve asyncio (pure), streams", "pollserve-asyncio", True, roots["pure"]),
         pollserve_target("pollserve callback server (compiled), Protocol", roots["compiled"], "epoll", True),
     ]
+    if args.target:
+        wanted_names = set(args.target)
+        unknown = wanted_names - {target.name for target in targets}
+        if unknown:
+            parser.error(f"no target named {', '.join(sorted(unknown))}")
+        targets = [target for target in targets if target.name in wanted_names]
     fixtures = compile_fixtures(scratch)
     wanted = [scenario for scenario in SCENARIOS if scenario.key in args.scenarios.split(",")]
     runs = run_interleaved(targets, wanted, fixtures, args, "bench_asyncio")

@@ -42,7 +42,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -53,6 +53,9 @@ log = logging.getLogger("pollserve")
 
 #: --slow-callback's default: asyncio's slow_callback_duration
 DEFAULT_SLOW_CALLBACK = 0.1
+
+# Compiled, a Final is a C static: time.monotonic() would be a module attribute lookup per call.
+_monotonic: Final = time.monotonic
 
 
 def describe_callback(callback: object) -> str:
@@ -147,6 +150,9 @@ class EventLoop:
         self._ready: deque[Any] = deque()
         self._timers: list[tuple[float, int, Handle]] = []
         self._timer_seq = 0
+        #: in asyncio's order, the last timer set before the pass's queued callbacks ran: the timers
+        #: those set run at the next pass at the earliest, as on asyncio's loop (_pass_in_asyncio_order)
+        self._timers_settled = 0
         #: cancelled handles still in the heap
         self._cancelled_timers = 0
         self._stopping = False
@@ -422,6 +428,10 @@ class EventLoop:
         busy_total = self.busy_time
         asyncio_order = self.asyncio_order
         while True:
+            if asyncio_order:
+                self._timers_settled = self._timer_seq
+                if ready:
+                    _run_ready(self)  # the queued callbacks, before the poll (_pass_in_asyncio_order)
             if ready or self._stopping:
                 timeout: float | None = 0
             elif timers:
@@ -470,6 +480,10 @@ class EventLoop:
         since the last slow pass that ran several (or stop()), one pass at least: the slow one is
         named.  Rare, so plain rather than fast."""
         while True:
+            if self.asyncio_order:
+                self._timers_settled = self._timer_seq
+                if self._ready:
+                    _run_ready(self)
             if self._ready or self._stopping:
                 timeout: float | None = 0.0
             elif self._timers:
@@ -621,16 +635,21 @@ class EventLoop:
 
 
 def _pass_in_asyncio_order(loop: EventLoop, events: list[tuple[int, int]], timed: bool) -> None:
-    """A pass after the poll, ordered as asyncio's ``_run_once``: the callbacks queued before it,
-    the I/O handlers, then the timers due; what those schedule runs at the next pass.  (A task's
-    first step runs before the I/O already waiting for it: code counts on that.)"""
-    ready = loop._ready
-    queued = len(ready)
+    """A pass after the poll in asyncio's order (``_run_once``): the callbacks queued before it, the
+    I/O handlers, then the timers due; what those schedule runs at the next pass.  (A task's first
+    step runs before the I/O already waiting for it: code counts on that.)
+
+    The queued callbacks run before the poll rather than after it (``_run`` and ``_run_timed`` run
+    them at the top of each pass), so the order of every callback is asyncio's and only the poll
+    moves: a pass whose callbacks scheduled nothing then waits in one poll, where asyncio's order
+    polls once more without waiting before it runs them.  That is a system call and a pass per
+    request on a streams server (the reader's data wakes its task), as libuv runs its idle
+    callbacks before it polls.  A timer those callbacks set is not run in this pass even when due
+    (``_timers_settled``): on asyncio's loop they run after the timers are collected, and a task
+    they queued runs before a timer they set (CPython's test_wait_for_waits_for_task_cancellation)."""
+    due = 0
     if loop._timers and loop._timers[0][0] <= loop.now:
-        _collect_due_timers(loop)  # behind the queued ones, ahead of what they schedule
-    due = len(ready) - queued
-    if queued:
-        _run_ready(loop, queued)
+        due = _collect_due_timers(loop, True, loop._timers_settled)
     if timed:
         loop._dispatch_timed(events)
     else:
@@ -662,17 +681,32 @@ def _dispatch(
             log.exception("unhandled error in the handler of fd %d", fd)
 
 
-def _collect_due_timers(loop: EventLoop) -> None:
-    """The timers due at the pass's ``now``, to the ready queue."""
+def _collect_due_timers(loop: EventLoop, first: bool = False, settled: int = -1) -> int:
+    """The timers due at the pass's ``now``, to the ready queue (at its head when ``first``, in
+    deadline order, to run before what is queued); how many.  With ``settled``, only those set up to
+    that sequence number: the later ones go back to the heap."""
     timers = loop._timers
     now = loop.now
+    due: list[Handle] = []
+    later: list[tuple[float, int, Handle]] = []
     while timers and timers[0][0] <= now:
-        handle = heapq.heappop(timers)[2]
+        entry = heapq.heappop(timers)
+        handle = entry[2]
         if handle.cancelled:
             loop._cancelled_timers -= 1
+        elif 0 <= settled < entry[1]:
+            later.append(entry)
         else:
             handle._loop = None  # out of the heap: a late cancel() has nothing to count
-            loop._ready.append(handle)
+            due.append(handle)
+    for entry in later:
+        heapq.heappush(timers, entry)
+    if first:
+        due.reverse()
+        loop._ready.extendleft(due)
+    else:
+        loop._ready.extend(due)
+    return len(due)
 
 
 def _run_ready(loop: EventLoop, count: int = -1) -> None:
@@ -680,7 +714,7 @@ def _run_ready(loop: EventLoop, count: int = -1) -> None:
     ready = loop._ready
     slow = loop.slow_callback
     timed = slow > 0
-    started = first = time.monotonic() if timed else 0.0
+    started = first = _monotonic() if timed else 0.0
     # Only what is queued now: callbacks queued by these callbacks wait a turn,
     # so I/O cannot starve.
     for _ in range(len(ready) if count < 0 else count):
@@ -708,7 +742,7 @@ def _run_ready(loop: EventLoop, count: int = -1) -> None:
             except BaseException as exc:
                 handle._report_error(exc)
         if timed:
-            ended = time.monotonic()
+            ended = _monotonic()
             if ended - started > slow:
                 loop._report_slow(callback, ended - started)
             started = ended

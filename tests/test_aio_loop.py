@@ -450,6 +450,65 @@ def test_a_pass_runs_the_queued_callbacks_then_the_io_handlers_then_the_timers_d
     assert order[3:] == ["scheduled by queued", "scheduled by io"]
 
 
+def test_a_task_queued_with_timers_already_due_runs_its_first_step_before_them(aio_loop) -> None:
+    """asyncio collects the due timers before it runs the queued callbacks, so a timer a callback
+    sets runs at the next pass at the earliest, after a task that callback created: asyncio.timeout()
+    and wait_for() with a tiny delay count on it (the task gets to start, and its finally clauses run)."""
+    order = []
+
+    async def first_step() -> None:
+        order.append("task")
+
+    def schedule() -> None:
+        aio_loop.create_task(first_step())
+        aio_loop.call_at(aio_loop.time() - 1, order.append, "timer in the past")
+        aio_loop.call_later(0, order.append, "timer at once")
+
+    aio_loop.call_soon(schedule)
+    aio_loop.call_later(0.05, aio_loop.stop)
+    aio_loop.run_forever()
+    assert order == ["task", "timer in the past", "timer at once"]
+
+
+def test_a_streams_request_is_one_poll_not_two(aio_loop) -> None:
+    """The reader's data wakes its task with a call_soon: the queued callbacks run before the next
+    poll, so a request and its reply take one pass where asyncio's order takes two (the second
+    polls without waiting before it runs the wakeup).  Counted by the loop's passes, on pollserve's
+    loop; asyncio's loop has no such count."""
+    if not hasattr(aio_loop, "iterations"):
+        pytest.skip("asyncio's own loop does not count its passes")
+    requests = 200
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(100):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    def client(port: int, passes: list[int]) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"\xff")
+            sock.recv(100)
+            passes.append(aio_loop.iterations)
+            for n in range(requests):
+                sock.sendall(bytes([n % 256]))
+                assert sock.recv(100) == bytes([n % 256])
+            passes.append(aio_loop.iterations)
+
+    async def main() -> list[int]:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        passes: list[int] = []
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.wait_for(aio_loop.run_in_executor(None, client, port, passes), 60)
+        server.close()
+        await server.wait_closed()
+        return passes
+
+    first, last = aio_loop.run_until_complete(main())
+    # One pass per request (and the executor's wakeup); two per request before.
+    assert last - first < 1.5 * requests
+
+
 def test_debug_mode_switched_on_and_off_while_running_is_what_futures_and_call_soon_see(aio_loop) -> None:
     """The loop's call_soon, create_future and get_debug follow set_debug at every switch: a Future
     keeps where it was made only in debug mode (it asks the loop's get_debug), and call_soon from
