@@ -798,6 +798,9 @@ class TLSLayer:
             return
         self._closing = self._no_more_writes = True
         self._send_close_notify()
+        goodbye = getattr(self._app, "server_closing", None)
+        if goodbye is not None:  # the app is told too, as without the layer (an async handler's reader ends)
+            goodbye()
 
     def _send_close_notify(self) -> None:
         if self._backlog:
