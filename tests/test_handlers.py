@@ -19,6 +19,7 @@ from statsclient import get_stats, stats_address, wait_for
 from test_proxy import read_line
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
+ROOT = Path(__file__).resolve().parent.parent
 APPS = {"PYTHONPATH": TESTS_DIR}
 POSIX = sys.platform != "win32"
 posix_only = pytest.mark.skipif(not POSIX, reason="signals, workers and UNIX sockets are POSIX")
@@ -271,3 +272,12 @@ class TestDrain:
         assert timed_out is not second_signal, server.log
         assert "was destroyed but it is pending" not in server.log
         assert_no_traceback(server.log)
+
+
+def test_the_readmes_async_example_is_examples_echo() -> None:
+    """The README shows examples/echo.py whole; its blocks run it (tests/test_docs.py)."""
+    text = (ROOT / "README.md").read_text()
+    shown = re.search(r"```python\n(# examples/echo\.py\n.*?)```", text, re.S)
+    assert shown, "README.md shows no examples/echo.py"
+    assert shown[1] == (ROOT / "examples" / "echo.py").read_text()
+    assert len(shown[1].splitlines()) == 5
