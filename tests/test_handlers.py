@@ -253,6 +253,26 @@ class TestDrain:
         assert server.wait() == 0
         assert_no_traceback(server.log)
 
+    def test_a_rolling_restart_gives_the_old_workers_handlers_eof_after_the_timeout(self, start_server) -> None:
+        from workerprocs import worker_pids
+
+        server = start_server(
+            "--workers", "2", "--app", "handler_apps:greet_then_wait", "--shutdown-timeout", "1", "--stats-port", "0",
+            env=APPS,
+        )  # fmt: skip
+        stats = stats_address(server)
+        old = set(worker_pids(stats).values())
+        with connect(server.address) as sock:
+            ready(sock)
+            name = client_name(sock)
+            server.signal(signal.SIGHUP)  # the old workers retire: their clients may end on their own for 1 s
+            assert recv_until_eof(sock) == b""
+        server.wait_for_log(re.escape(f"handler saw b'' from {name}"))
+        wait_for(lambda: old.isdisjoint(worker_pids(stats).values()), timeout=30, what="two new workers")
+        with connect(server.address) as sock:
+            ready(sock)
+        assert_no_traceback(server.log)
+
     @pytest.mark.parametrize(
         ("timeout", "second_signal"), [("0.5", False), ("60", True)], ids=["past-the-timeout", "a-second-signal"]
     )
