@@ -100,6 +100,19 @@ async def tls_version(reader, writer):
         writer.write(writer.get_extra_info("ssl_object").version().encode() + b"\n")
 
 
+async def half_close(reader, writer):
+    """writelines() and write_eof() (the calls pollserve's transport gets from StreamTransport), then
+    reads on until the client's EOF and waits for the close."""
+    data = await reader.read(100)
+    writer.writelines([data, b"|", str(writer.can_write_eof()).encode()])
+    writer.write_eof()
+    rest = await reader.read()
+    said(f"after write_eof the handler read {rest!r}")
+    writer.close()
+    await writer.wait_closed()
+    said("closed")
+
+
 # -- not apps: each is refused with one line ---------------------------------------------------------
 
 

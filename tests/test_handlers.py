@@ -106,6 +106,17 @@ class TestServing:
         assert "ValueError: handler bug" in server.log
         assert server.alive()
 
+    def test_writelines_write_eof_and_wait_closed(self, start_server) -> None:
+        server = start_server("--app", "handler_apps:half_close", env=APPS)
+        with connect(server.address) as sock:
+            sock.sendall(b"x")
+            assert recv_until_eof(sock) == b"x|True"  # the handler's half of the connection is shut
+            sock.sendall(b"more")  # the other half still reads
+            sock.shutdown(socket.SHUT_WR)
+            server.wait_for_log(re.escape("after write_eof the handler read b'more'"))
+        server.wait_for_log("^closed$")
+        assert_no_traceback(server.log)
+
     def test_a_client_that_resets_is_no_app_error(self, start_server) -> None:
         server = start_server("--app", "handler_apps:echo", env=APPS)
         for _ in range(20):
