@@ -11,12 +11,14 @@ the server said it was done.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 import threading
 
 import pytest
 from clients import connect, recv_exactly
-from inprocess import in_loop, wait_until
+from inprocess import in_loop, serving, wait_until
 
 from pollserve.aio.loop import AsyncioLoop
 from pollserve.handlers import Drain, HandlerApp, HandlerServer
@@ -163,3 +165,32 @@ HandlerModel.TestCase.settings = settings(
     database=None,
 )
 TestHandlerModel = HandlerModel.TestCase
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FD_SETSIZE is a limit on fd numbers on POSIX only")
+def test_a_client_select_cannot_watch_is_refused_and_the_server_goes_on() -> None:
+    """On the asyncio face add_reader() says a backend at its capacity with an OSError, not the
+    core's CapacityError: the handler server refuses that client as the core's server does."""
+    from pollserve.backends.select import FD_SETSIZE
+
+    resource = pytest.importorskip("resource")
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < FD_SETSIZE + 64:
+        pytest.skip("the fd limit is too low to reach FD_SETSIZE")
+    loop = AsyncioLoop("select")
+    app = HandlerApp(echo_or_raise, loop, "model:echo_or_raise")
+    server = HandlerServer(app, loop, app, "127.0.0.1", 0)
+    with serving("select", app, loop=loop, server=server):
+        fillers = []
+        try:
+            while not fillers or fillers[-1] < FD_SETSIZE - 1:  # every fd below FD_SETSIZE taken
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            with connect(server.address) as sock:  # accepted above FD_SETSIZE
+                assert sock.recv(100) == b""
+            assert in_loop(server, lambda: (server.connections_refused, len(server.connections))) == (1, 0)
+        finally:
+            for fd in fillers:
+                os.close(fd)
+        with connect(server.address) as sock:
+            sock.sendall(b"served")
+            assert recv_exactly(sock, 6) == b"served"
+        wait_until(lambda: in_loop(server, lambda: not app.running))
