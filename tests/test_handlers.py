@@ -174,6 +174,18 @@ class TestServing:
             sock.sendall(b"activated")
             assert recv_exactly(sock, 9) == b"activated"
 
+    @posix_only
+    def test_the_windows_path(self, start_server) -> None:
+        """Under tests/emulation's Windows constraints: select() alone, on sockets; no fcntl, no resource."""
+        from test_windows_path import WINDOWS_EMULATION
+
+        server = start_server("--app", "handler_apps:echo", env={**WINDOWS_EMULATION, **APPS})
+        assert server.backend == "select"
+        assert request_rounds(server.address, 5, 3, b"ping", b"ping") == 15
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert_no_traceback(server.log)
+
     def test_tls(self, start_server, tmp_path: Path) -> None:
         from tlshelpers import make_certs, recv_plain, tls_connect
 
