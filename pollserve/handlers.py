@@ -102,7 +102,8 @@ class HandlerProtocol(asyncio.StreamReaderProtocol):
         super().__init__(self.reader, loop=app.loop)
         self.task: asyncio.Task[Any] | None = None
         self.peer = "an unknown client"
-        #: the reader was given EOF by the server (shutdown, idle timeout): later bytes are dropped
+        #: the reader has had its EOF (the client's, or the server's: a shutdown, the idle timeout);
+        #: bytes read after it are dropped
         self.eof_given = False
         #: connection_lost() came: the client is gone, or the close is complete
         self.lost = False
@@ -147,11 +148,9 @@ class HandlerProtocol(asyncio.StreamReaderProtocol):
             face.abort()
         else:
             exc = task.exception()
-            if exc is None:
-                face.close()
-            else:
+            if exc is not None:
                 self.app.failed(self, exc)
-                face.close()
+            face.close()
         self.app.finished(self)
 
 
@@ -164,7 +163,7 @@ class Drain(enum.Enum):
     WAITING = "waiting"
     #: the deadline passed, or the server closed: the handlers still running were cancelled
     CANCELLED = "cancelled"
-    #: no handler runs, and none will start
+    #: the drain is over: the connections' own shutdown has the time left
     DONE = "done"
 
 
