@@ -9,10 +9,15 @@ once at the end.  The transport offers ``write()``, ``write_eof()``, ``close()``
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable
-from typing import Any
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as _TypingProtocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class Transport(_TypingProtocol):
@@ -125,14 +130,21 @@ class Echo(Protocol):
 BUILTIN_APPS: dict[str, Callable[[], Protocol]] = {"hello": Hello, "echo": Echo}
 
 ProtocolFactory = Callable[[], Protocol]
+#: ``async def handler(reader, writer)``, the shape ``asyncio.start_server`` takes (pollserve.handlers)
+StreamHandler = Callable[["asyncio.StreamReader", "asyncio.StreamWriter"], Awaitable[None]]
+
+#: what --app takes besides the built-ins, as the one-line errors say it
+HANDLER_SHAPE = "async def handler(reader, writer)"
+EXPECTED = f"--app takes {HANDLER_SHAPE}, or a protocol class or factory"
 
 
 class AppError(Exception):
     """An app spec that cannot be loaded; the message is meant for the user as it is."""
 
 
-def load_app(spec: str) -> ProtocolFactory:
-    """Resolve ``hello``, ``echo`` or ``MODULE:FACTORY`` to a protocol factory."""
+def load_app(spec: str) -> ProtocolFactory | StreamHandler:
+    """Resolve ``hello``, ``echo`` or ``MODULE:ATTRIBUTE`` to a protocol factory or a stream handler
+    (``is_stream_handler`` tells which); AppError for anything else."""
     if spec in BUILTIN_APPS:
         return BUILTIN_APPS[spec]
     module_name, sep, attribute = spec.partition(":")
@@ -142,12 +154,62 @@ def load_app(spec: str) -> ProtocolFactory:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an import runs arbitrary code: any error is the user's to see
         raise AppError(f"cannot import module {module_name!r} for app {spec!r}: {type(exc).__name__}: {exc}") from None
-    factory: Any = module
+    app: Any = module
     for part in attribute.split("."):
         try:
-            factory = getattr(factory, part)
+            app = getattr(app, part)
         except AttributeError:
             raise AppError(f"module {module_name!r} has no attribute {attribute!r}") from None
-    if not callable(factory):
-        raise AppError(f"app {spec!r} is not callable: it must be a protocol class or factory")
-    return factory
+    check_app(spec, app)
+    return app
+
+
+def _unwrapped(app: object) -> object:
+    """What a ``functools.partial`` (of a partial...) calls in the end."""
+    while isinstance(app, functools.partial):
+        app = app.func
+    return app
+
+
+def is_stream_handler(app: object) -> bool:
+    """A coroutine function, a ``functools.partial`` of one, or an object whose ``__call__`` is
+    ``async def``: served as ``asyncio.start_server`` serves its handler.  A class is a protocol
+    class, whatever its instances' ``__call__``."""
+    target = _unwrapped(app)
+    if inspect.iscoroutinefunction(target):
+        return True
+    if isinstance(target, type) or not callable(target):
+        return False
+    return inspect.iscoroutinefunction(type(target).__call__)
+
+
+def _callable_with(app: object, count: int) -> bool:
+    """Whether ``app`` takes ``count`` positional arguments; True when its signature cannot be read
+    (a builtin's): it is then called and any error is the app's, as before."""
+    try:
+        signature = inspect.signature(app)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*([None] * count))
+    except TypeError:
+        return False
+    return True
+
+
+def check_app(spec: str, app: object) -> None:
+    """One of the shapes --app serves, else AppError saying what was expected, in one line: a
+    handler must take (reader, writer), a protocol class or factory no argument at all."""
+    if not callable(app):
+        raise AppError(f"app {spec!r} is not callable ({type(app).__name__}): {EXPECTED}")
+    if inspect.isasyncgenfunction(_unwrapped(app)):
+        raise AppError(f"app {spec!r} is an async generator function, not a coroutine function: {EXPECTED}")
+    if is_stream_handler(app):
+        if not _callable_with(app, 2):
+            raise AppError(f"app {spec!r} cannot be called with (reader, writer): a handler is {HANDLER_SHAPE}")
+        return
+    if not _callable_with(app, 0):
+        raise AppError(
+            f"app {spec!r} is neither a coroutine function nor callable without arguments, as a protocol "
+            f"factory is: {EXPECTED}"
+        )

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--app",
         default="hello",
-        help=f"{' or '.join(BUILTIN_APPS)} (built in) or MODULE:FACTORY, a protocol class or factory (default: hello)",
+        help=f"{' or '.join(BUILTIN_APPS)} (built in), or MODULE:NAME: an async def handler(reader, writer) as "
+        "asyncio.start_server takes, or a protocol class or factory (default: hello)",
     )
     parser.add_argument(
         "--log-level",
@@ -135,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="on SIGINT/SIGTERM, how long to flush buffered replies before closing anyway; a client not yet given "
-        "its whole reply is then reset (default: 5)",
+        help="on SIGINT/SIGTERM, how long to flush buffered replies (and let async def handlers end) before closing "
+        "anyway; a client not yet given its whole reply is then reset (default: 5)",
     )
     parser.add_argument(
         "--stats-interval",

@@ -106,11 +106,13 @@ def ignore_from_the_start(role: Role) -> None:
 
 def install(loop: EventLoop, role: Role, handlers: Mapping[Action, Callable[[str], Any]]) -> None:
     """The role's signal table on the loop: each handler runs in the loop with the signal's name.
-    ``handlers`` must have every action of the role's column but IGNORE (a KeyError otherwise)."""
+    ``handlers`` must have every action of the role's column but IGNORE (a KeyError otherwise).
+    Installed through the core loop's own call, also when the loop is its asyncio face (an
+    ``async def`` app's), whose ``add_signal_handler`` Windows lacks as asyncio's loops do there."""
     ignore_from_the_start(role)
     for signum, meaning in signals_of(role).items():
         if meaning.action is not Action.IGNORE:
-            loop.add_signal_handler(signum, handlers[meaning.action], signum.name)
+            EventLoop.add_signal_handler(loop, signum, handlers[meaning.action], signum.name)
 
 
 def markdown_table() -> str:

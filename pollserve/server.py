@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -76,6 +77,19 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM}
     for name in ("ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
     if hasattr(errno, name)
 }
+
+
+def _call_soon(loop: EventLoop, callback: Callable[..., Any], *args: Any) -> Handle:
+    """The core's ``call_soon``, whichever face the loop shows: the asyncio face (an ``async def``
+    app's loop, an asyncio program's stats endpoint) overrides it with asyncio's, whose handles a
+    compiled caller would refuse as not the core's.  The server's own callbacks are the core's."""
+    return EventLoop.call_soon(loop, callback, *args)
+
+
+def _call_later(loop: EventLoop, delay: float, callback: Callable[..., Any]) -> Handle:
+    """The core's timer, ``delay`` seconds on its monotonic clock (as the core's ``call_later``,
+    which asks ``call_at`` of the face), whichever face the loop shows."""
+    return EventLoop.call_at(loop, time.monotonic() + delay, callback)
 
 
 def _byte_view(data: Any) -> bytes | bytearray | memoryview:
@@ -257,7 +271,7 @@ class Connection:
         if self._paused_by_user or self._paused_by_backpressure:
             self._loop.remove_reader(self._fd)
         elif self._held is not None:
-            self._loop.call_soon(self._deliver_held)  # not from inside resume_reading(), as asyncio
+            _call_soon(self._loop, self._deliver_held)  # not from inside resume_reading(), as asyncio
         elif not self._loop.has_reader(self._fd):
             self._loop.add_reader(self._fd, self._on_readable)
 
@@ -428,7 +442,7 @@ class Connection:
         if self._lost:
             return
         self._loop.add_reader(self._fd, self._on_linger_readable)
-        self._linger_timer = self._loop.call_later(self._server.linger_timeout, self._linger_ended)
+        self._linger_timer = _call_later(self._loop, self._server.linger_timeout, self._linger_ended)
 
     def _linger_ended(self) -> None:
         """No EOF from the client within linger_timeout.  If the kernel still holds bytes the client
@@ -441,7 +455,7 @@ class Connection:
             self._finish(None)
             return
         self._unsent, self._unsent_at = unsent, self._loop.now
-        self._linger_timer = self._loop.call_later(self._server._sweep_interval(), self._check_delivery)
+        self._linger_timer = _call_later(self._loop, self._server._sweep_interval(), self._check_delivery)
 
     def _check_delivery(self) -> None:
         """Every sweep interval after the linger: the close is over once the kernel's send queue is
@@ -460,7 +474,7 @@ class Connection:
             server._give_up(self, f"delivering, no progress for {limit:g} s")
             return
         self._unsent, self._unsent_at = unsent, now
-        self._linger_timer = self._loop.call_later(server._sweep_interval(), self._check_delivery)
+        self._linger_timer = _call_later(self._loop, server._sweep_interval(), self._check_delivery)
 
     def _on_linger_readable(self) -> None:
         try:
@@ -533,7 +547,7 @@ class Connection:
         self._buffer.clear()
         self._sock.close()
         self._server._connection_closed(self)
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        _call_soon(self._loop, self._protocol.connection_lost, exc)
 
     def set_protocol(self, protocol: Protocol) -> None:
         """Send later events to ``protocol``, as asyncio's transports do: a layer that has done
@@ -804,7 +818,7 @@ class Server:
             self._watch(sock)
         self.sockets.extend(opened)
         if self.idle_timeout is not None and self._idle_timer is None:
-            self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
+            self._idle_timer = _call_later(self.loop, self._sweep_interval(), self._sweep_idle)
 
     @property
     def address(self) -> Any:
@@ -874,7 +888,7 @@ class Server:
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
         assert self.accept_rate is not None
-        self.loop.call_later(self.accept_rate.wait(), self._end_pacing)
+        _call_later(self.loop, self.accept_rate.wait(), self._end_pacing)
 
     def _end_pacing(self) -> None:
         self._pacing = False
@@ -911,7 +925,7 @@ class Server:
             if listener.fileno() == fd and not (self._waiting_for_room or self._pacing):  # not closed meanwhile
                 self._watch(listener)
 
-        self.loop.call_later(1.0, resume)
+        _call_later(self.loop, 1.0, resume)
 
     def _serve(self, sock: socket.socket, peername: Any) -> None:
         try:
@@ -973,7 +987,7 @@ class Server:
     def _watch_flush(self) -> None:
         """A connection closes with bytes still buffered: make sure a sweep will watch it."""
         if self._idle_timer is None:
-            self._idle_timer = self.loop.call_later(self._sweep_interval(), self._sweep_idle)
+            self._idle_timer = _call_later(self.loop, self._sweep_interval(), self._sweep_idle)
 
     def _sweep_idle(self) -> None:
         """Close what made no progress for the limit.  Progress is a transfer either way (the hot
@@ -1012,7 +1026,7 @@ class Server:
             what = "flushing" if conn._closing else "idle"
             self._give_up(conn, f"{what}, no progress for {limit:g} s")
         if self.idle_timeout is not None or flushing:
-            self._idle_timer = self.loop.call_later(interval, self._sweep_idle)
+            self._idle_timer = _call_later(self.loop, interval, self._sweep_idle)
 
     def _give_up(self, conn: Connection, why: str) -> None:
         """Close a connection that made no progress for the limit, and count it."""
@@ -1063,7 +1077,7 @@ class Server:
             conn._read_pending()
             conn._server_close("server shutting down")
         if self.connections:
-            self._drain_timer = self.loop.call_later(timeout, self._abort_all)
+            self._drain_timer = _call_later(self.loop, timeout, self._abort_all)
         elif self._on_drained is not None:
             self._drained()
 
@@ -1101,7 +1115,7 @@ class Server:
                 callback, self._on_drained = self._on_drained, None
                 self.shutdown(self.linger_timeout, callback)
 
-        self._drain_timer = self.loop.call_later(timeout, expired)
+        self._drain_timer = _call_later(self.loop, timeout, expired)
 
     def _abort_all(self) -> None:
         count = len(self.connections)

@@ -21,11 +21,11 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import psutil
 
-from .apps import ProtocolFactory
+from .apps import ProtocolFactory, StreamHandler, is_stream_handler
 from .backends import Backend
 from .dashboard import page
 from .health import LoopHealth
@@ -49,6 +49,9 @@ from .workers import (
     WorkerRole,
     WorkerStartError,
 )
+
+if TYPE_CHECKING:
+    from .handlers import HandlerApp
 
 log = logging.getLogger("pollserve")
 
@@ -94,7 +97,8 @@ class ServeOptions:
     """What cli.py has checked: every value here is valid."""
 
     backend: type[Backend]
-    factory: ProtocolFactory
+    #: a protocol class or factory, or an ``async def handler(reader, writer)`` (pollserve.handlers)
+    factory: ProtocolFactory | StreamHandler
     app: str
     host: str = "127.0.0.1"
     port: int = 5001
@@ -339,23 +343,30 @@ class AppServer:
         early = connection_budget(self.fd_limit.soft, fds_in_use(), stats_reserve, options.backend.capacity)
         if early.connections is not None and early.connections < 1:
             raise no_fds_left(early)
-        self.loop = loop = EventLoop(options.backend())
+        #: an ``async def`` app's handlers (pollserve.handlers), served on the asyncio face of the loop
+        self.handler_app: HandlerApp | None = None
+        protocol_factory: ProtocolFactory
+        loop: EventLoop
+        if is_stream_handler(options.factory):
+            from .aio.loop import AsyncioLoop  # asyncio is imported for the apps that need it only
+            from .handlers import HandlerApp
+
+            loop = AsyncioLoop(options.backend())
+            self.handler_app = HandlerApp(cast(StreamHandler, options.factory), loop, options.app)
+            protocol_factory = cast(ProtocolFactory, self.handler_app)
+        else:
+            loop = EventLoop(options.backend())
+            protocol_factory = cast(ProtocolFactory, options.factory)
+        self.loop = loop
         # --tls-cert: a layer in front of the app, stacked only when asked for; a PROXY header
         # comes before the TLS handshake, so that layer goes in front of this one.
-        self.tls_layer = TLSLayerFactory(options.factory, loop, options.tls) if options.tls is not None else None
-        app_factory = self.tls_layer or options.factory
+        self.tls_layer = TLSLayerFactory(protocol_factory, loop, options.tls) if options.tls is not None else None
+        app_factory = self.tls_layer or protocol_factory
         # --proxy-protocol: a layer in front of the app, stacked only when asked for.
         self.proxy_layer = (
             ProxyLayerFactory(app_factory, loop, allowed=options.proxy_from) if options.proxy_protocol else None
         )
-        self.server = Server(
-            loop,
-            self.proxy_layer or app_factory,
-            options.host,
-            options.port,
-            app=options.app,
-            idle_timeout=options.idle_timeout,
-        )
+        self.server = self.make_server(self.proxy_layer or app_factory)
         self.loop_health = LoopHealth(loop, log, options.slow_callback)
         self.collector = StatsCollector(loop, self.server, self.tls_layer, self.loop_health)
         self.health = Health()
@@ -367,6 +378,16 @@ class AppServer:
         self.socket_files: list[SocketFile] = []
         #: a stop signal came
         self.stopping = False
+
+    def make_server(self, factory: ProtocolFactory) -> Server:
+        """The app's server; for a handler app, the one that lets its handlers end in a shutdown."""
+        options = self.options
+        where = (self.loop, factory, options.host, options.port)
+        if self.handler_app is not None:
+            from .handlers import HandlerServer
+
+            return HandlerServer(self.handler_app, *where, app=options.app, idle_timeout=options.idle_timeout)
+        return Server(*where, app=options.app, idle_timeout=options.idle_timeout)
 
     def handlers(self) -> dict[Action, Callable[[str], Any]]:
         """The role's methods for the actions of its column in pollserve.roles.SIGNALS."""

@@ -793,11 +793,15 @@ class TLSLayer:
     def server_closing(self) -> None:
         """The server closes this connection itself (shutdown, idle timeout): close_notify first, so
         the client sees the end of the session rather than a truncation (RFC 8446 section 6.1).
-        The connection then flushes it and closes as usual."""
+        The connection then flushes it and closes as usual.  The app is told as it is without the
+        layer, when it has a ``server_closing`` of its own (an ``async def`` app's reader ends there)."""
         if self._closing or self._write_eof or self._handshaking or self._failed:
             return
         self._closing = self._no_more_writes = True
         self._send_close_notify()
+        goodbye = getattr(self._app, "server_closing", None)
+        if goodbye is not None:
+            goodbye()
 
     def _send_close_notify(self) -> None:
         if self._backlog:
