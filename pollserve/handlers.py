@@ -285,11 +285,20 @@ class HandlerApp:
 
 class HandlerServer(Server):
     """The command's server for a handler app: the protocol apps' server, whose shutdown lets the
-    handlers end (``HandlerApp.drain``) before it closes their connections."""
+    handlers end (``HandlerApp.drain``) before it closes their connections, and which refuses a
+    client the backend cannot watch as it does on the core loop."""
 
     def __init__(self, handlers: HandlerApp, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.handlers = handlers
+
+    def _serve(self, sock: Any, peername: Any) -> None:
+        try:
+            super()._serve(sock, peername)
+        except OSError as exc:
+            # The asyncio face's add_reader() says a backend at its capacity (select's FD_SETSIZE)
+            # with an OSError where the core raises CapacityError, which the server refuses.
+            self._refuse(sock, str(exc))
 
     def shutdown(self, timeout: float, on_done: Callable[[], Any]) -> None:
         """Stop accepting, give the handlers EOF and up to ``timeout`` seconds to end; then the

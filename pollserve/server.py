@@ -79,16 +79,10 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EPERM}
 }
 
 
-# The server's own readers, writers, callbacks and timers are the core's, whichever face the loop
-# shows: the asyncio face (an ``async def`` app's loop, an asyncio program's stats endpoint)
-# overrides these calls with asyncio's, whose handles a compiled caller would refuse as not the
-# core's, which wrap every read event in a handle and a context, and whose add_reader says a backend
-# at its capacity with an OSError rather than the CapacityError the server refuses a client on.
-# Called through the class, a compiled call is also a direct one.
-
-
 def _call_soon(loop: EventLoop, callback: Callable[..., Any], *args: Any) -> Handle:
-    """The core's ``call_soon`` (above)."""
+    """The core's ``call_soon``, whichever face the loop shows: the asyncio face (an ``async def``
+    app's loop, an asyncio program's stats endpoint) overrides it with asyncio's, whose handles a
+    compiled caller would refuse as not the core's.  The server's own callbacks are the core's."""
     return EventLoop.call_soon(loop, callback, *args)
 
 
@@ -243,7 +237,7 @@ class Connection:
         # Level-triggered: EOF stays readable, so stop asking -- for good: a socket
         # at EOF reports EOF again, so the reader must not come back on resume.
         self._eof = True
-        EventLoop.remove_reader(self._loop, self._fd)
+        self._loop.remove_reader(self._fd)
         try:
             keep_open = self._protocol.eof_received()
         except Exception as exc:
@@ -275,11 +269,11 @@ class Connection:
         if self._closing or self._eof:  # closing covers lost; a lingering close owns the reader
             return
         if self._paused_by_user or self._paused_by_backpressure:
-            EventLoop.remove_reader(self._loop, self._fd)
+            self._loop.remove_reader(self._fd)
         elif self._held is not None:
             _call_soon(self._loop, self._deliver_held)  # not from inside resume_reading(), as asyncio
         elif not self._loop.has_reader(self._fd):
-            EventLoop.add_reader(self._loop, self._fd, self._on_readable)
+            self._loop.add_reader(self._fd, self._on_readable)
 
     def _unread(self, data: bytes) -> None:
         """Bytes a layer read ahead of the protocol it steps aside for (pollserve.proxy: what came
@@ -291,14 +285,14 @@ class Connection:
             self._protocol.data_received(data)
         else:
             self._held = data
-            EventLoop.remove_reader(self._loop, self._fd)
+            self._loop.remove_reader(self._fd)
 
     def _deliver_held(self) -> None:
         data = self._held
         if data is None or not self.is_reading():  # delivered already, or paused again meanwhile
             return
         self._held = None
-        EventLoop.add_reader(self._loop, self._fd, self._on_readable)
+        self._loop.add_reader(self._fd, self._on_readable)
         try:
             self._protocol.data_received(data)
         except Exception as exc:
@@ -334,7 +328,7 @@ class Connection:
                     return
             buffer += memoryview(data)[sent:]
             self._traffic.write_buffer_bytes += size - sent
-            EventLoop.add_writer(self._loop, self._fd, self._on_writable)
+            self._loop.add_writer(self._fd, self._on_writable)
         if len(buffer) > self.high_water and not self._paused_by_backpressure:
             self._paused_by_backpressure = True
             self._update_reading()
@@ -360,7 +354,7 @@ class Connection:
             self._call_protocol("resume_writing")
         if buffer or self._lost:
             return
-        EventLoop.remove_writer(self._loop, self._fd)
+        self._loop.remove_writer(self._fd)
         if self._write_eof:
             self._shutdown_write()
         if self._closing:
@@ -425,7 +419,7 @@ class Connection:
             return
         self._closing = True
         self._no_more_writes = True
-        EventLoop.remove_reader(self._loop, self._fd)
+        self._loop.remove_reader(self._fd)
         if not self._buffer:
             self._linger()
         else:
@@ -447,7 +441,7 @@ class Connection:
         self._shutdown_write()
         if self._lost:
             return
-        EventLoop.add_reader(self._loop, self._fd, self._on_linger_readable)
+        self._loop.add_reader(self._fd, self._on_linger_readable)
         self._linger_timer = _call_later(self._loop, self._server.linger_timeout, self._linger_ended)
 
     def _linger_ended(self) -> None:
@@ -547,8 +541,8 @@ class Connection:
             self._linger_timer = None
         # Unregister before close: epoll watches the open file description,
         # and the fd number may be reused at once (h2o pull request #1100).
-        EventLoop.remove_reader(self._loop, self._fd)
-        EventLoop.remove_writer(self._loop, self._fd)
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
         self._traffic.write_buffer_bytes -= len(self._buffer)
         self._buffer.clear()
         self._sock.close()
@@ -841,12 +835,12 @@ class Server:
         return f"accepting {self.name} clients on {format_address(self.address)}"
 
     def _watch(self, listener: socket.socket) -> None:
-        EventLoop.add_reader(self.loop, listener.fileno(), functools.partial(self._on_acceptable, listener))
+        self.loop.add_reader(listener.fileno(), functools.partial(self._on_acceptable, listener))
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; established connections go on."""
         for sock in self.sockets:
-            EventLoop.remove_reader(self.loop, sock.fileno())
+            self.loop.remove_reader(sock.fileno())
             sock.close()
         self.sockets.clear()
 
@@ -892,7 +886,7 @@ class Server:
         """Stop watching the listeners until the accept rate allows the next client."""
         self._pacing = True
         for sock in self.sockets:
-            EventLoop.remove_reader(self.loop, sock.fileno())
+            self.loop.remove_reader(sock.fileno())
         assert self.accept_rate is not None
         _call_later(self.loop, self.accept_rate.wait(), self._end_pacing)
 
@@ -906,7 +900,7 @@ class Server:
         """Stop watching the listeners until a connection closes; the kernel's backlog holds the rest."""
         self._waiting_for_room = True
         for sock in self.sockets:
-            EventLoop.remove_reader(self.loop, sock.fileno())
+            self.loop.remove_reader(sock.fileno())
 
     def _pause_accepting(self, listener: socket.socket, exc: OSError) -> None:
         # Level-triggered: a pending client we cannot accept keeps the listener
@@ -925,7 +919,7 @@ class Server:
             if self.on_fd_exhausted is not None and exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.on_fd_exhausted()
         fd = listener.fileno()
-        EventLoop.remove_reader(self.loop, fd)
+        self.loop.remove_reader(fd)
 
         def resume() -> None:
             if listener.fileno() == fd and not (self._waiting_for_room or self._pacing):  # not closed meanwhile
@@ -968,7 +962,7 @@ class Server:
             self._protocol_type = type(protocol)
         conn = self._connection_class(self, sock, peername, protocol)
         try:
-            EventLoop.add_reader(self.loop, conn._fd, conn._on_readable)
+            self.loop.add_reader(conn._fd, conn._on_readable)
         except CapacityError as exc:
             self._refuse(sock, str(exc))
             return
