@@ -686,6 +686,23 @@ def test_create_connection_errors_and_local_addr(aio_loop) -> None:
     run(aio_loop, main())
 
 
+def test_a_refused_connections_error_is_in_no_reference_cycle(aio_loop) -> None:
+    """The error create_connection() raises is held by no list of the errors its attempts kept, whose
+    frames its traceback holds (CPython gh-124859; anyio's test_happy_eyeballs_refcycles)."""
+
+    async def main():
+        closed = socket.create_server(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        try:
+            await aio_loop.create_connection(Recorder, "127.0.0.1", port)
+        except ConnectionRefusedError as exc:
+            return [referrer for referrer in gc.get_referrers(exc) if isinstance(referrer, list)]
+        raise AssertionError("the connection was not refused")
+
+    assert run(aio_loop, main()) == []
+
+
 # -- sendfile and asyncio streams ----------------------------------------------------------------------
 
 
