@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def run(
         env["POLLSERVE_THIRDPARTY_OUT"] = out
         env["POLLSERVE_THIRDPARTY_DROP"] = ",".join(suite.drop)
         env["POLLSERVE_THIRDPARTY_SKIP"] = "\n".join(f"{marker}={reason}" for marker, reason in suite.skip)
-        args = list(tests or suite.args)
+        args = expand(prepared.source, tests or suite.args)
         if only is not None:
             listing = Path(out) / "only.txt"
             listing.write_text("".join(f"{test}\n" for test in only))
@@ -133,6 +134,17 @@ def run(
             raise HarnessError(f"{suite.name}'s pytest on {loop} ended with status {status} (see {log})")
         records = read_records(Path(out))
     return PytestRun(loop, records, seconds, log)
+
+
+def expand(source: Path, paths: Iterable[str]) -> list[str]:
+    """The suite's test paths, a pattern (``tests/test_web_*.py``) as the files it matches there."""
+    args = []
+    for path in paths:
+        matches = sorted(str(match.relative_to(source)) for match in source.glob(path)) if "*" in path else [path]
+        if not matches:
+            raise HarnessError(f"no test file of {source.name} matches {path!r}")
+        args.extend(matches)
+    return args
 
 
 def read_records(out: Path) -> dict[str, Record]:

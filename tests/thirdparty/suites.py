@@ -54,6 +54,9 @@ SUITES = {
         Suite(
             "aiohttp",
             "3.14.5",
+            # Its server and client suites; --tests tests runs the whole of it (twice the time, the rest
+            # being mostly its parsers' tests, which run no loop).
+            args=("tests/test_web_*.py", "tests/test_client_*.py"),
             options=("--no-cov",),
             package="aiohttp",
             notes=("its own addopts, less coverage: the dev_mode, autobahn and internal tests are left out",),
