@@ -283,6 +283,28 @@ def test_add_reader_and_add_writer_on_a_socketpair(aio_loop, pair) -> None:
         aio_loop.add_reader(-1, print)
 
 
+@pytest.mark.parametrize("direction", ["reader", "writer"])
+def test_a_socket_closed_before_its_reader_is_removed_is_still_found(aio_loop, direction: str) -> None:
+    """anyio closes a socket, then removes its reader: asyncio's selector finds the registration by
+    the object when its fileno() is -1 already, and so must pollserve's loop."""
+    add = getattr(aio_loop, f"add_{direction}")
+    remove = getattr(aio_loop, f"remove_{direction}")
+    a, b = socket.socketpair()
+    never, other = socket.socketpair()
+    try:
+        add(a, print)
+        a.close()
+        never.close()
+        assert remove(a) is True
+        # Once removed, or never registered, a closed object has no fd to find: refused, as asyncio's.
+        for closed in (a, never):
+            with pytest.raises(ValueError):
+                remove(closed)
+    finally:
+        for sock in (a, b, never, other):
+            sock.close()
+
+
 def test_async_generators_are_closed_by_shutdown_asyncgens(aio_loop) -> None:
     closed = []
 

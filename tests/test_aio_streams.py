@@ -17,6 +17,7 @@ import tempfile
 import weakref
 
 import pytest
+from conftest import TESTED_BUILD
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -684,6 +685,45 @@ def test_create_connection_errors_and_local_addr(aio_loop) -> None:
         await finish(server, transport)
 
     run(aio_loop, main())
+
+
+def refused_connection_error_referrers(loop: asyncio.AbstractEventLoop) -> list:
+    """What refers to the error a refused create_connection() raised, once its except clause is left,
+    as anyio's test_happy_eyeballs_refcycles looks at it."""
+
+    async def main():
+        closed = socket.create_server(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        error = None
+        try:
+            await loop.create_connection(Recorder, "127.0.0.1", port)
+        except ConnectionRefusedError as exc:
+            error = exc
+        assert error is not None, "the connection was not refused"
+        for _ in range(3):  # the callbacks the failure scheduled run, and let go of it
+            await asyncio.sleep(0)
+        return gc.get_referrers(error)
+
+    return run(loop, main())
+
+
+def test_a_refused_connections_error_is_held_by_no_list_of_its_attempts_errors(aio_loop) -> None:
+    """create_connection() keeps its attempts' errors in lists while it tries, which the frames its
+    error's traceback holds would keep with the error in a reference cycle (CPython gh-124859): the
+    error goes when its last reference does, with no collection."""
+    assert [referrer for referrer in refused_connection_error_referrers(aio_loop) if isinstance(referrer, list)] == []
+
+
+@pytest.mark.skipif(
+    TESTED_BUILD != "compiled",
+    reason="pure Python: the core's dispatch frame, which the error's traceback holds, keeps the last callback",
+)
+def test_a_refused_connections_error_is_held_by_no_future_it_was_set_on(aio_loop) -> None:
+    """Nor by the future sock_connect() waited on, which the frames of the wait and of the writable
+    callback that set the error would keep in a cycle with it (asyncio's loop lets go of it the same way)."""
+    referrers = refused_connection_error_referrers(aio_loop)
+    assert [referrer for referrer in referrers if isinstance(referrer, asyncio.Future)] == []
 
 
 # -- sendfile and asyncio streams ----------------------------------------------------------------------

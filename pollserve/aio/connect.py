@@ -61,6 +61,8 @@ async def wait_for_fd(
     finally:
         if table.get(fd) is callback and not loop.is_closed():
             remove(loop, fd)
+        # The error raised holds this frame (its traceback): no cycle through the future it was set on.
+        del future, callback
 
 
 def _connect_done(sock: socket.socket, address: Any, future: asyncio.Future[Any]) -> None:
@@ -78,6 +80,8 @@ def _connect_done(sock: socket.socket, address: Any, future: asyncio.Future[Any]
         future.set_exception(exc)
     else:
         future.set_result(None)
+    finally:
+        del future  # the error holds this frame (its traceback), and the future holds the error
 
 
 def _accept_once(sock: socket.socket, future: asyncio.Future[Any]) -> None:

@@ -117,6 +117,9 @@ class AsyncioLoop(  # type: ignore[misc]
         self._coroutine_origin_tracking_saved: int | None = None
         #: fd -> the transport that owns it: add_reader() and the sock_*() calls refuse those fds
         self._transports: weakref.WeakValueDictionary[int, asyncio.BaseTransport] = weakref.WeakValueDictionary()
+        #: fd -> what add_reader()/add_writer() was given for it: a socket closed before its reader is
+        #: removed has no fd any more, and is found by itself, as asyncio's selector finds it
+        self._fd_objects: dict[int, Any] = {}
         #: every transport's connections and bytes, for stats()
         self.counts = ConnectionCounts()
         self._slow_callback_duration = DEFAULT_SLOW_CALLBACK
@@ -200,6 +203,7 @@ class AsyncioLoop(  # type: ignore[misc]
             logger.debug("Close %r", self)
         self._figures.close()
         super().close()
+        self._fd_objects.clear()
         self._forget_children()  # their pidfds; the children run on
         self._executor_shutdown_called = True
         executor, self._default_executor = self._default_executor, None
@@ -647,6 +651,7 @@ class AsyncioLoop(  # type: ignore[misc]
             core_add(self, fileno, handle._run_from_core)
         except CapacityError as exc:
             raise capacity_oserror(exc) from None
+        self._fd_objects[fileno] = fd
         if replaced is not None:
             replaced.cancel()
 
@@ -655,10 +660,23 @@ class AsyncioLoop(  # type: ignore[misc]
     ) -> bool:
         if self._closed:
             return False
-        self._ensure_fd_no_transport(fd)
-        fileno = fileobj_to_fd(fd)
+        fileno = self._registered_fd(fd)
+        self._ensure_fd_no_transport(fileno)
         owner = self._owner(table.get(fileno))
         removed = core_remove(self, fileno)
         if owner is not None:
             owner.cancel()
+        if fileno not in self._readers and fileno not in self._writers:
+            self._fd_objects.pop(fileno, None)
         return removed
+
+    def _registered_fd(self, fd: Any) -> int:
+        """The fd of ``fd``; for an object closed since it was registered (its ``fileno()`` is -1), the
+        fd it was registered under, as selectors searches its keys for the object itself."""
+        try:
+            return fileobj_to_fd(fd)
+        except ValueError:
+            for fileno, registered in self._fd_objects.items():
+                if registered is fd:
+                    return fileno
+            raise

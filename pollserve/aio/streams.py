@@ -144,19 +144,24 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             infos = interleave(infos, interleave_count)
         exceptions: list[list[OSError]] = []
         sock = None
-        if happy_eyeballs_delay is None:
-            for info in infos:
-                try:
-                    sock = await self._connect_one(exceptions, info, local_infos)
-                    break
-                except OSError:
-                    continue
-        else:
-            attempts = (functools.partial(self._connect_one, exceptions, info, local_infos) for info in infos)
-            sock, _, _ = await asyncio.staggered.staggered_race(attempts, happy_eyeballs_delay, loop=self)
-        if sock is None:
-            raise _one_error(list(itertools.chain.from_iterable(exceptions)), all_errors)
-        return sock
+        try:
+            if happy_eyeballs_delay is None:
+                for info in infos:
+                    try:
+                        sock = await self._connect_one(exceptions, info, local_infos)
+                        break
+                    except OSError:
+                        continue
+            else:
+                attempts = (functools.partial(self._connect_one, exceptions, info, local_infos) for info in infos)
+                sock, _, _ = await asyncio.staggered.staggered_race(attempts, happy_eyeballs_delay, loop=self)
+            if sock is None:
+                raise _one_error(list(itertools.chain.from_iterable(exceptions)), all_errors)
+            return sock
+        finally:
+            # The error raised holds this frame (its traceback) and the lists hold the error: no
+            # cycle is left for the garbage collector (CPython gh-124859).
+            del exceptions
 
     async def _connect_one(
         self, exceptions: list[list[OSError]], info: AddrInfo, local_infos: list[AddrInfo] | None
@@ -183,6 +188,8 @@ class StreamCalls(ConnectCalls, SendfileCalls):
             if sock is not None:
                 sock.close()
             raise
+        finally:
+            del exceptions, mine  # as in _connect_to_any
 
     @staticmethod
     def _bind_local(sock: socket.socket, family: int, local_infos: list[AddrInfo], errors: list[OSError]) -> None:
