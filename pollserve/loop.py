@@ -186,9 +186,14 @@ class EventLoop:
         #: the pass whose ready callbacks were timed, and the seconds they took
         self._ready_pass = -1
         self._ready_seconds = 0.0
+        #: the asyncio face's timers set by a loop.time() of their own, due by that clock
+        #: (pollserve.aio.clock); None while there are none
+        self._own_clock_timers: Callable[[], int] | None = None
         self._signal_handlers: dict[int, Handle] = {}
         #: signal numbers the Python-level handler recorded, for the loop to dispatch
         self._pending_signals: deque[int] = deque()
+        #: that handler, as given to signal.signal(), to know it again in signal.getsignal()
+        self._signal_recorder: Callable[[int, object], None] = self._record_signal
         #: a wakeup byte was written and the loop has not drained it yet
         self._wakeup_pending = False
         self._saved_signal_handlers: dict[int, Any] = {}
@@ -301,7 +306,7 @@ class EventLoop:
             # The C-level handler writes the signal number here, waking poll().
             self._saved_wakeup_fd = signal.set_wakeup_fd(self._wakeup_send.fileno(), warn_on_full_buffer=False)
         try:
-            previous = signal.signal(signum, self._record_signal)
+            previous = signal.signal(signum, self._signal_recorder)
         except (ValueError, OSError):
             if not self._signal_handlers:
                 signal.set_wakeup_fd(self._saved_wakeup_fd if self._saved_wakeup_fd is not None else -1)
@@ -333,7 +338,7 @@ class EventLoop:
             self._wakeup_send.send(b"\0")
 
     def _on_wakeup(self) -> None:
-        signalled = False
+        signalled = b""
         while True:
             try:
                 data = self._wakeup_recv.recv(4096)
@@ -342,17 +347,33 @@ class EventLoop:
             if not data:
                 break
             # The C handler writes the signal's number; our own wakeups write zeros.
-            signalled = signalled or bool(data.strip(b"\0"))
+            if data.strip(b"\0"):
+                signalled += data.replace(b"\0", b"")
         # Cleared only after draining: a thread that saw the flag set has queued its
         # callback already, and one that sees it clear writes a byte of its own.
         self._wakeup_pending = False
         pending = self._pending_signals
-        if signalled and not pending:
-            let_signal_handlers_run()  # compiled, the Python-level handler may not have run yet
+        if signalled:
+            if not pending:
+                let_signal_handlers_run()  # compiled, the Python-level handler may not have run yet
+            self._dispatch_unrecorded_signals(signalled)
         while pending:
             handle = self._signal_handlers.get(pending.popleft())
             if handle is not None:
                 self._ready.append(handle)
+
+    def _dispatch_unrecorded_signals(self, signalled: bytes) -> None:
+        """Run the handlers of the signals whose bytes came while another Python-level handler stood
+        in for the loop's (uvicorn's ``Server.capture_signals`` puts its own over it for a while): the
+        C handler writes the byte whichever Python handler runs, and asyncio's loop dispatches every
+        signal from those bytes.  While the loop's own handler is in place, the deque it fills is the
+        record, since a byte is dropped when the wakeup socket is full."""
+        recorded = set(self._pending_signals)
+        for signum in signalled:
+            handle = self._signal_handlers.get(signum)
+            if handle is None or signum in recorded or signal.getsignal(signum) is self._signal_recorder:
+                continue
+            self._ready.append(handle)
 
     # -- running -----------------------------------------------------------------
 
@@ -650,6 +671,8 @@ def _pass_in_asyncio_order(loop: EventLoop, events: list[tuple[int, int]], timed
     due = 0
     if loop._timers and loop._timers[0][0] <= loop.now:
         due = _collect_due_timers(loop, True, loop._timers_settled)
+    if loop._own_clock_timers is not None:
+        due += loop._own_clock_timers()
     if timed:
         loop._dispatch_timed(events)
     else:

@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from unittest import mock
 
 import pytest
 
@@ -366,6 +367,40 @@ def test_timers_follow_a_loop_time_patched_on_the_loop(aio_loop, clock: str) -> 
         guard.cancel()
     assert fired == [True]
     del aio_loop.time
+
+
+def test_a_timer_set_under_a_frozen_clock_runs_when_that_clock_jumps_to_it(aio_loop) -> None:
+    """A test that freezes loop.time() and then moves it to a timer's deadline sees the timer run in
+    the next pass, as on the standard loop, which compares every timer with time() at each pass
+    (aiohttp's test_keepalive_expires_on_time): not after the real clock's distance at arming."""
+    seen = []
+
+    async def main() -> None:
+        now = aio_loop.time()
+        with mock.patch.object(aio_loop, "time") as clock:
+            clock.return_value = now
+            later = aio_loop.call_later(30.0, seen.append, "at +30")
+            aio_loop.call_at(now + 60.0, seen.append, "at +60")
+            cancelled = aio_loop.call_later(30.0, seen.append, "cancelled")
+            cancelled.cancel()
+            await asyncio.sleep(0)
+            assert seen == []
+            clock.return_value = later.when()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert seen == ["at +30"]  # the +60 one is not due by that clock: never early
+            clock.return_value = now + 60.0
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert seen == ["at +30", "at +60"]
+
+    # The guard is a thread: a timer of the loop's would be due when the patched clock jumps.
+    guard = threading.Timer(10, aio_loop.call_soon_threadsafe, args=(aio_loop.stop,))
+    guard.start()
+    try:
+        aio_loop.run_until_complete(main())
+    finally:
+        guard.cancel()
 
 
 def test_call_at_runs_at_loop_time_and_in_its_context(aio_loop) -> None:

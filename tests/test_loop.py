@@ -160,6 +160,32 @@ def test_signal_handler_runs_in_the_loop(loop: EventLoop) -> None:
     assert signal.getsignal(signal.SIGUSR1) == previous
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this OS")
+def test_a_signal_handler_runs_while_another_python_handler_replaces_the_loops(loop: EventLoop) -> None:
+    """A program may put its own handler over the loop's for a while (uvicorn's Server.capture_signals
+    does): the signal still reaches the loop's handler, from the byte the C handler writes to the
+    wakeup fd, as asyncio's loop runs it, and the program's handler runs too."""
+    received = []
+    replaced = []
+    loop.add_signal_handler(signal.SIGUSR1, lambda: (received.append("loop"), loop.stop()))
+    loops_own = signal.signal(signal.SIGUSR1, lambda signum, frame: replaced.append(signum))
+    try:
+        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGUSR1)
+        loop.call_later(10, loop.stop)  # guard
+        loop.run_forever()
+        assert replaced == [signal.SIGUSR1]
+        assert received == ["loop"]
+        # The loop's own handler back in place: one signal, one run, as before.
+        signal.signal(signal.SIGUSR1, loops_own)
+        loop.call_later(0.05, os.kill, os.getpid(), signal.SIGUSR1)
+        loop.call_later(0.3, loop.stop)
+        loop.run_forever()
+        assert received == ["loop", "loop"]
+    finally:
+        signal.signal(signal.SIGUSR1, loops_own)
+        loop.remove_signal_handler(signal.SIGUSR1)
+
+
 def test_close_releases_every_fd(backend_name: str) -> None:
     psutil = pytest.importorskip("psutil")
     process = psutil.Process()

@@ -32,6 +32,7 @@ from typing import Any
 from ..backends import Backend, CapacityError
 from ..loop import DEFAULT_SLOW_CALLBACK, EventLoop
 from ..loop import Handle as CoreHandle
+from .clock import OwnClockTimers
 from .counts import ConnectionCounts
 from .datagram import DatagramEndpoints
 from .figures import LoopFigures
@@ -130,6 +131,7 @@ class AsyncioLoop(  # type: ignore[misc]
         self.on_slow_pass = self._slow_pass_seen
         #: call_soon and create_future compiled (soon.py), set on this instance when not in debug mode
         self._soon_calls = SoonCalls(self, self._ready, Handle, asyncio.Future)
+        self._own_clock = OwnClockTimers(self)
         self.set_debug(_debug_from_environment())
 
     def __repr__(self) -> str:
@@ -276,6 +278,8 @@ class AsyncioLoop(  # type: ignore[misc]
             del timer._source_traceback[-1]
         timer._core = self._arm(when, timer._run_from_core)
         timer._scheduled = True
+        if self._clock_followed():
+            self._own_clock.add(timer)
         return timer
 
     def _clock_followed(self) -> bool:
