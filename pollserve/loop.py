@@ -702,6 +702,9 @@ def _dispatch(
                     callback()
         except Exception:
             log.exception("unhandled error in the handler of fd %d", fd)
+    # An error's traceback holds this frame (pure Python), which must not hold the last handler and
+    # so what the handler holds: asyncio's loop lets go of its handle so (``handle = None``).
+    callback = None
 
 
 def _collect_due_timers(loop: EventLoop, first: bool = False, settled: int = -1) -> int:
@@ -769,6 +772,7 @@ def _run_ready(loop: EventLoop, count: int = -1) -> None:
             if ended - started > slow:
                 loop._report_slow(callback, ended - started)
             started = ended
+    handle = callback = None  # not held by a traceback that holds this frame (_dispatch says why)
     if timed:
         # Twice in a pass in asyncio's order: the pass's callbacks took both times.
         if loop._ready_pass == loop.iterations:

@@ -186,6 +186,49 @@ def test_a_signal_handler_runs_while_another_python_handler_replaces_the_loops(l
         loop.remove_signal_handler(signal.SIGUSR1)
 
 
+class Marker:
+    """Something a callback holds, to see when it is let go."""
+
+
+@pytest.mark.parametrize("kind", ["reader", "call_soon"])
+def test_a_kept_error_does_not_keep_the_last_callback_alive(loop: EventLoop, pair, kind: str) -> None:
+    """A callback that keeps an error keeps its traceback, whose frames reach the loop's own (pure
+    Python) through f_back: the loop's frames must not hold the callback they ran last, or what the
+    callback holds stays alive until a collection (anyio's test_happy_eyeballs_refcycles; asyncio's
+    loop sets its handle to None)."""
+    import functools
+    import gc
+    import weakref
+
+    kept: list[BaseException] = []
+
+    def fail_and_keep() -> None:
+        if kind == "reader":
+            loop.remove_reader(pair[0].fileno())
+        try:
+            raise ValueError("kept")
+        except ValueError as exc:
+            kept.append(exc)
+        loop.stop()
+
+    callback = functools.partial(fail_and_keep)
+    callback.marker = Marker()  # held by the callback only, not by its frame
+    marker = weakref.ref(callback.marker)
+    if kind == "reader":
+        loop.add_reader(pair[0].fileno(), callback)
+        pair[1].send(b"x")
+    else:
+        loop.call_soon(callback)
+    del callback
+    gc.disable()
+    try:
+        loop.call_later(10, loop.stop)  # guard
+        loop.run_forever()
+        assert kept and marker() is None
+    finally:
+        gc.enable()
+
+
 def test_close_releases_every_fd(backend_name: str) -> None:
     psutil = pytest.importorskip("psutil")
     process = psutil.Process()
