@@ -353,9 +353,10 @@ async def reply_and_close(loop, **options) -> tuple[int, str]:
 
 def test_without_linger_a_client_still_sending_resets_the_reply(aio_loop) -> None:
     """asyncio's close: the socket closes with the client's bytes unread once the buffer is
-    flushed, and the kernel answers with a reset that destroys what it still held of the reply."""
+    flushed, and the kernel answers with a reset, which destroys what the client has not read of the
+    reply yet: most of it, unless the client (a thread of this process) read it all before the close."""
     got, end = aio_loop.run_until_complete(asyncio.wait_for(reply_and_close(aio_loop), LIMIT))
-    assert end == "reset" and got < REPLY, (got, end)
+    assert end == "reset" and got <= REPLY, (got, end)
 
 
 @pollserve_only

@@ -74,6 +74,17 @@ def slow_warnings(server) -> list[str]:
     return [line for line in server.lines if "WARNING" in line and SLOW_WARNING in line]
 
 
+def stats_clients(pid: int, stats_port: int) -> list:
+    """The server's connections to clients of its stats endpoint (lingering ones included)."""
+    import psutil
+
+    return [
+        conn
+        for conn in psutil.Process(pid).net_connections(kind="tcp")
+        if conn.laddr and conn.laddr.port == stats_port and conn.status != psutil.CONN_LISTEN
+    ]
+
+
 class TestSlowApp:
     def test_named_once_and_lag_above_250_ms(self, start_server) -> None:
         server = start_server("--app", "sample_apps:Sleepy", "--stats-port", "0", env=APPS)
@@ -115,6 +126,9 @@ class TestSlowApp:
             # All three accepted first: a late accept in the holder's pass makes that pass one of two
             # handlers (the listener's and the holder's), 0.3 s, reported instead of the 0.6 s one.
             wait_for(lambda: get_stats(address)["connections_open"] == 3, what="3 connections open")
+            # And the last stats request's connection closed at the server: its client's EOF, read in
+            # the holder's pass, makes that pass one handler and an event, not two handlers.
+            wait_for(lambda: not stats_clients(server.proc.pid, address[1]), what="the stats client gone")
             # The first round's two chunks make a slow pass; the second round's are timed one by one.
             for _ in range(2):
                 holder.sendall(b"h")  # holds the loop 0.3 s, while the other two send
