@@ -333,3 +333,40 @@ def test_uvicorn_workers_with_one_port_one_serves_it_the_other_says_why(tmp_path
             if seen == workers:
                 break
         assert seen == workers
+
+
+GUNICORN_WORKER = """
+from uvicorn.workers import UvicornWorker
+
+
+class PollserveWorker(UvicornWorker):
+    CONFIG_KWARGS = {"loop": "pollserve:new_event_loop", "lifespan": "off"}
+"""
+
+
+@pytest.mark.slow
+def test_gunicorn_forked_workers_with_a_range_and_a_restarted_worker_takes_the_freed_port(tmp_path: Path) -> None:
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("uvicorn.workers")
+    (tmp_path / "asgi_app.py").write_text(textwrap.dedent(ASGI_APP))
+    (tmp_path / "pollserve_worker.py").write_text(GUNICORN_WORKER)
+    first, port = free_port(), free_port()
+    value = f"{first}-{min(first + 9, 65535)}"
+    argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "pollserve_worker.PollserveWorker"]
+    argv += ["-b", f"127.0.0.1:{port}", "--no-control-socket", "asgi_app:app"]
+    env = program_env(POLLSERVE_STATS_PORT=value, PYTHONPATH=str(tmp_path))
+    with started(argv, tmp_path, env) as (process, output):
+        output.wait_for(lambda lines: len([line for line in lines if STATS_LINE.search(line)]) == 2, 60)
+        served = {int(line[1]): int(line[2]) for line in output.matching(STATS_LINE)}
+        assert len(served) == 2 and len(set(served.values())) == 2, served
+        assert set(served) <= {child.pid for child in psutil.Process(process.pid).children()}, "forked workers"
+        for pid, stats_port in served.items():
+            assert stats_of(stats_port)["pid"] == pid
+        # a worker ended: the one gunicorn forks in its place takes the port it left
+        gone, its_port = next(iter(served.items()))
+        psutil.Process(gone).kill()
+        output.wait_for(lambda lines: len([line for line in lines if STATS_LINE.search(line)]) == 3, 60)
+        newest = output.matching(STATS_LINE)[-1]
+        assert int(newest[1]) not in served and int(newest[2]) == its_port
+        assert stats_of(its_port)["pid"] == int(newest[1])
+        assert not output.matching(NO_ENDPOINT), output.lines
