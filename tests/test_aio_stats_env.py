@@ -194,8 +194,8 @@ def test_a_range_takes_its_first_free_port(tmp_path: Path) -> None:
             assert process.wait(timeout=30) == 0
 
 
-def test_with_logging_set_up_the_line_goes_to_the_pollserve_logger(tmp_path: Path) -> None:
-    setup = "import logging; logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n"
+def run_with_logging(tmp_path: Path, setup: str) -> str:
+    """PROGRAM after ``setup``, with POLLSERVE_STATS_PORT=0: its stderr."""
     done = subprocess.run(
         [sys.executable, "-c", setup + PROGRAM],
         cwd=tmp_path,
@@ -206,9 +206,51 @@ def test_with_logging_set_up_the_line_goes_to_the_pollserve_logger(tmp_path: Pat
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    logged = [line for line in done.stderr.splitlines() if line.startswith("pollserve ")]
+    return done.stderr
+
+
+def test_with_logging_set_up_the_line_goes_to_the_pollserve_logger(tmp_path: Path) -> None:
+    stderr = run_with_logging(
+        tmp_path,
+        "import logging; logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n",
+    )
+    logged = [line for line in stderr.splitlines() if line.startswith("pollserve ")]
     assert len(logged) == 2 and all(re.match(r"pollserve INFO stats for pid \d+ on http://", line) for line in logged)
-    assert "pollserve:" not in done.stderr
+    assert "pollserve:" not in stderr
+
+
+def test_a_logger_that_logging_config_disabled_leaves_the_line_on_stderr(tmp_path: Path) -> None:
+    # dictConfig disables the loggers that exist and that it does not name (its default)
+    setup = (
+        "import logging.config, pollserve.aio.statsenv\n"
+        "logging.config.dictConfig({'version': 1, 'root': {'handlers': ['h'], 'level': 'INFO'},"
+        " 'handlers': {'h': {'class': 'logging.StreamHandler'}}})\n"
+    )
+    stderr = run_with_logging(tmp_path, setup)
+    assert len(STATS_LINE.findall(stderr)) == 2, stderr
+
+
+def test_the_host_variable_puts_it_on_ipv6_loopback(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    program = "import asyncio, pollserve, sys; pollserve.run(asyncio.to_thread(sys.stdin.read))"
+    env = program_env(POLLSERVE_STATS_PORT="0", POLLSERVE_STATS_HOST="::1")
+    with started([sys.executable, "-c", program], tmp_path, env) as (process, output):
+        [line] = output.wait_for(lambda lines: bool(lines))
+        found = re.fullmatch(r"pollserve: stats for pid (\d+) on http://\[::1\]:(\d+)/", line)
+        assert found and int(found[1]) == process.pid, line
+        connection = http.client.HTTPConnection("::1", int(found[2]), timeout=10)
+        try:
+            connection.request("GET", "/stats")
+            assert json.loads(connection.getresponse().read())["pid"] == process.pid
+        finally:
+            connection.close()
+        assert process.stdin is not None
+        process.stdin.close()
+        assert process.wait(timeout=30) == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")

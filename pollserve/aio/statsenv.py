@@ -57,8 +57,9 @@ def ports_asked(value: str) -> range:
 
 
 def say(level: int, message: str) -> None:
-    """One line on the ``pollserve`` logger, or on stderr when nothing would show it."""
-    if log.hasHandlers():
+    """One line on the ``pollserve`` logger, or on stderr when nothing would show it (no handler,
+    or a ``dictConfig`` that disabled the logger)."""
+    if log.hasHandlers() and not log.disabled:
         log.log(level, "%s", message)
     else:
         sys.stderr.write(f"pollserve: {message}\n")
