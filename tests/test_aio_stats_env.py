@@ -230,6 +230,21 @@ def test_a_logger_that_logging_config_disabled_leaves_the_line_on_stderr(tmp_pat
     assert len(STATS_LINE.findall(stderr)) == 2, stderr
 
 
+@pytest.mark.parametrize("gone", ["sys.stderr = None", "sys.stderr.close()"])
+def test_with_no_stderr_to_say_it_on_the_loop_still_runs(tmp_path: Path, gone: str) -> None:
+    program = f"import asyncio, sys, pollserve; {gone}; print(pollserve.run(asyncio.sleep(0, 'ran')))"
+    for value in ("0", "garbage"):
+        done = subprocess.run(
+            [sys.executable, "-c", program],
+            cwd=tmp_path,
+            env=program_env(POLLSERVE_STATS_PORT=value),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout) == (0, "ran\n"), done.stderr
+
+
 def test_the_host_variable_puts_it_on_ipv6_loopback(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET6) as probe:
         try:

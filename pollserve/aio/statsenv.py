@@ -61,9 +61,12 @@ def say(level: int, message: str) -> None:
     or a ``dictConfig`` that disabled the logger)."""
     if log.hasHandlers() and not log.disabled:
         log.log(level, "%s", message)
-    else:
-        sys.stderr.write(f"pollserve: {message}\n")
-        sys.stderr.flush()
+    elif sys.stderr is not None:  # None under pythonw
+        try:
+            sys.stderr.write(f"pollserve: {message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # a closed stderr: nowhere left to say it, and the loop runs on
+            pass
 
 
 def _takes_the_variable(loop: AsyncioLoop) -> bool:
@@ -115,7 +118,9 @@ def _start(loop: AsyncioLoop, value: str) -> None:
         url = f"http://{format_address(address, url=True)}/"
         say(logging.INFO, f"stats for pid {pid} on {url}")
         if not is_loopback(address):
-            say(logging.WARNING, f"the stats endpoint listens on {url}, not loopback: anyone who can reach it sees it")
+            say(
+                logging.WARNING, f"the stats endpoint is on {url}, not loopback: anyone who reaches it sees the figures"
+            )
         return
     if len(taken) == 1:
         reason = f"port {taken[0]} on {host} is in use (another process has it: {PORT_ENV}=N-M gives each its own)"
