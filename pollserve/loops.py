@@ -23,6 +23,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from .aio import AsyncioLoop
+from .aio.statsenv import start_from_environment
 
 #: the variable the server's --backend defaults to, read by new_event_loop() too
 ENV_BACKEND = "POLLSERVE_BACKEND"
@@ -46,7 +47,12 @@ class LoopFactory:
     def __call__(self, backend: str | None = None) -> AsyncioLoop:
         if backend is not None and self.backend is not None:
             raise TypeError(f"{self!r} takes no argument: its backend is {self.backend}")
-        return AsyncioLoop(backend or self.backend or os.environ.get(ENV_BACKEND) or "auto")
+        loop = AsyncioLoop(backend or self.backend or os.environ.get(ENV_BACKEND) or "auto")
+        # POLLSERVE_STATS_PORT: the stats endpoint of a program whose loop another's command makes,
+        # always through a factory (statsenv.py); code that makes AsyncioLoop itself asks with
+        # start_stats_server(), and the pollserve command has --stats-port.
+        start_from_environment(loop)
+        return loop
 
     def __repr__(self) -> str:
         return f"<loop factory {__name__}.{self.__name__}>"

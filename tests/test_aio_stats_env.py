@@ -427,3 +427,28 @@ def test_gunicorn_forked_workers_with_a_range_and_a_restarted_worker_takes_the_f
         assert int(newest[1]) not in served and int(newest[2]) == its_port
         assert stats_of(its_port)["pid"] == int(newest[1])
         assert not output.matching(NO_ENDPOINT), output.lines
+
+
+def test_only_the_factories_loops_take_the_variable(tmp_path: Path) -> None:
+    """An AsyncioLoop made directly starts no endpoint (its code has start_stats_server()), nor does the
+    pollserve command's own loop for an async def handler (it has --stats-port): one endpoint, its own."""
+    tests = Path(__file__).resolve().parent
+    env = program_env(POLLSERVE_STATS_PORT="0", PYTHONPATH=str(tests))
+    direct = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pollserve; loop = pollserve.AsyncioLoop(); print(loop.stats()['pid']); loop.close()",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert direct.returncode == 0, direct.stderr
+    assert "stats for pid" not in direct.stdout + direct.stderr
+    argv = [sys.executable, "-m", "pollserve", "--app", "handler_apps:echo", "--port", "0", "--stats-port", "0"]
+    with started(argv, tmp_path, env) as (process, output):
+        lines = output.wait_for(lambda lines: any("stats on http://" in line for line in lines))
+        assert not output.matching(STATS_LINE) and not output.matching(NO_ENDPOINT), lines
+        assert len(psutil.Process(process.pid).net_connections(kind="tcp")) == 2  # the app's and --stats-port's

@@ -41,7 +41,6 @@ from .limits import ServerLimits
 from .pipes import PipeCalls
 from .sockets import SocketCalls
 from .soon import SoonCalls
-from .statsenv import start_from_environment
 from .streams import StreamCalls
 from .subprocess import SubprocessCalls
 from .tls import TLSCalls
@@ -134,8 +133,6 @@ class AsyncioLoop(  # type: ignore[misc]
         self._soon_calls = SoonCalls(self, self._ready, Handle, asyncio.Future)
         self._own_clock = OwnClockTimers(self)
         self.set_debug(_debug_from_environment())
-        # POLLSERVE_STATS_PORT: the stats endpoint of a program that does not ask for it (statsenv.py)
-        start_from_environment(self)
 
     def __repr__(self) -> str:
         return (

@@ -1,10 +1,11 @@
 """The stats endpoint of a process started by someone else's command: ``POLLSERVE_STATS_PORT``.
 
 ``uvicorn --loop pollserve:new_event_loop app:app`` makes the loop; the program never calls
-``start_stats_server()``.  With ``POLLSERVE_STATS_PORT`` set, the first pollserve asyncio loop made in
-a process serves the endpoint on ``POLLSERVE_STATS_HOST`` (127.0.0.1 by default): ``N`` binds that
-port, ``N-M`` the first free port of the range, ``0`` a port the kernel picks.  One loop per process
-holds it at a time, found by ``os.getpid()`` so that a forked child's first loop is its own first;
+``start_stats_server()``.  With ``POLLSERVE_STATS_PORT`` set, the first loop pollserve's loop
+factories (``pollserve.new_event_loop``, ``pollserve.loops``, ``pollserve.run``) make in a process
+serves the endpoint on ``POLLSERVE_STATS_HOST`` (127.0.0.1 by default): ``N`` binds that port, ``N-M``
+the first free port of the range, ``0`` a port the kernel picks.  One loop per process holds it at a
+time, found by ``os.getpid()`` so that a forked child's first loop is its own first;
 once that loop is closed, the next loop made takes it.
 
 The variable is inherited by every worker of ``uvicorn --workers N`` or gunicorn, so a port being
