@@ -585,8 +585,8 @@ class Connection:
         # A layer may have its own goodbye to say first (TLS: close_notify).  Shutdown and the
         # idle sweep only: the hot path never comes here.
         goodbye = getattr(self._protocol, "server_closing", None)
-        if goodbye is not None:
-            goodbye()
+        if goodbye is not None and goodbye():
+            return  # the layer closes the connection itself once it has answered (TLS: a handshake)
         self.close()
 
     def _server_abort(self, why: str) -> bool:

@@ -410,6 +410,7 @@ class TLSLayer:
         "_low",
         "_peer",
         "_app_error",
+        "_close_after_handshake",
     )
 
     def __init__(self, app: Protocol, factory: TLSLayerFactory) -> None:
@@ -422,6 +423,8 @@ class TLSLayer:
         self._sslobj = factory.tls.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._handshaking = True
         self._handshake_bytes = 0
+        #: the server closes: a handshake under way is answered, then close_notify (server_closing)
+        self._close_after_handshake = False
         #: the first bytes, until they hold a ClientHello that check_client_hello() lets through
         self._hello: ClientHelloReader | None = ClientHelloReader()
         #: the client's ALPN extension, as it sent it (get_extra_info("alpn_offered")); None: it sent none
@@ -573,6 +576,11 @@ class TLSLayer:
         self._cancel_timer()
         self._factory.handshakes += 1
         self._flush()  # the NewSessionTicket messages (RFC 8446 section 4.6.1)
+        if self._close_after_handshake:  # the server is closing: the handshake was its answer
+            self._closing = self._no_more_writes = True
+            self._send_close_notify()
+            self._raw.close()
+            return
         self._app_made = True
         self._app.connection_made(TLSTransport(self))
         if self._backlog and not self._raw_paused:
@@ -790,18 +798,28 @@ class TLSLayer:
             self._send_close_notify()
         self._raw.close()
 
-    def server_closing(self) -> None:
+    def server_closing(self) -> bool:
         """The server closes this connection itself (shutdown, idle timeout): close_notify first, so
         the client sees the end of the session rather than a truncation (RFC 8446 section 6.1).
         The connection then flushes it and closes as usual.  The app is told as it is without the
-        layer, when it has a ``server_closing`` of its own (an ``async def`` app's reader ends there)."""
-        if self._closing or self._write_eof or self._handshaking or self._failed:
-            return
+        layer, when it has a ``server_closing`` of its own (an ``async def`` app's reader ends there).
+
+        True when the layer closes the connection itself, later: a client whose handshake is under
+        way has spoken, and gets its answer before the close, as what any client sent before a
+        shutdown does (the handshake's timer and the shutdown's bound it); the app is never made."""
+        if self._handshaking:
+            if self._handshake_bytes and not (self._closing or self._failed):
+                self._close_after_handshake = True
+                return True
+            return False
+        if self._closing or self._write_eof or self._failed:
+            return False
         self._closing = self._no_more_writes = True
         self._send_close_notify()
         goodbye = getattr(self._app, "server_closing", None)
         if goodbye is not None:
             goodbye()
+        return False
 
     def _send_close_notify(self) -> None:
         if self._backlog:

@@ -442,6 +442,37 @@ def test_close_notify_from_the_client_is_eof_and_the_reply_still_goes_out(backen
         assert made[0].calls == ["made", "data", "eof", "lost"] and made[0].lost == [None]
 
 
+@pytest.mark.parametrize("spoken", [True, False], ids=["mid-handshake", "silent"])
+def test_a_shutdown_answers_a_handshake_under_way_then_says_close_notify(
+    backend_name: str, certs: Certs, spoken: bool
+) -> None:
+    """What a client had sent before the shutdown gets its answer: a client whose handshake is
+    under way (its Finished not yet sent) completes it, then reads the server's close_notify, where
+    it read a bare EOF mid-handshake (a superseded worker's SIGTERM in a rolling restart); the app
+    is never made.  A client that has sent nothing is closed at once, as before."""
+    made: list[Recorder] = []
+    with tls_serving(backend_name, lambda: Recorder(made), certs.options()) as (server, layers):
+        with BIOClient(server.address, certs.client_context()) as client:
+            if spoken:
+                client.handshake(send_finished=False)  # the server waits for our Finished
+            else:
+                wait_until(lambda: len(server.connections) == 1)
+            drained = threading.Event()
+            in_loop(server, lambda: server.shutdown(10, drained.set))
+            if spoken:
+                assert server.connections  # still answering
+                client.flush()  # our Finished
+                assert client.read_to_close_notify() == b""
+                assert client.close_notify
+                client.wait_eof()
+            else:
+                with pytest.raises(ConnectionError):
+                    client.handshake()
+        assert drained.wait(10)  # the client's close ends the server's lingering one
+        assert not any(app.calls for app in made)  # made by the factory, never connected
+        assert layers.handshakes == (1 if spoken else 0) and layers.handshake_failures == 0
+
+
 def test_write_eof_sends_close_notify_and_fin_and_keeps_reading(backend_name: str, certs: Certs) -> None:
     class HalfCloser(Recorder):
         def data_received(self, data: bytes) -> None:
