@@ -4,16 +4,11 @@ loop factory today (asyncio.Runner, asyncio.run, IsolatedAsyncioTestCase, anyio,
 from __future__ import annotations
 
 import asyncio
-import http.client
-import socket
-import subprocess
 import sys
-import textwrap
-import time
 import unittest
 
 import pytest
-from serverproc import pollserve_env
+from appservers import ask, free_port, served
 
 import pollserve
 import pollserve.loops
@@ -146,50 +141,18 @@ def test_anyio_runs_on_the_factory_and_its_sockets_work() -> None:
     assert got == ("AsyncioLoop", "anyio: é".encode())
 
 
-def test_uvicorn_serves_an_asgi_app_on_the_loop(tmp_path) -> None:
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_uvicorn_serves_an_asgi_app_on_the_loop(backend_name: str, http: str) -> None:
+    """docs/asyncio.md's uvicorn command on the backend POLLSERVE_BACKEND names: an HTTP request and a
+    WebSocket round trip, each answered by the app with the loop it runs on."""
     pytest.importorskip("uvicorn")
-    (tmp_path / "asgi_app.py").write_text(
-        textwrap.dedent(
-            """
-            import asyncio
-
-            async def app(scope, receive, send):
-                if scope["type"] == "lifespan":
-                    while True:
-                        message = await receive()
-                        if message["type"] == "lifespan.startup":
-                            await send({"type": "lifespan.startup.complete"})
-                        elif message["type"] == "lifespan.shutdown":
-                            await send({"type": "lifespan.shutdown.complete"})
-                            return
-                loop = asyncio.get_running_loop()
-                body = f"{type(loop).__name__} {loop.backend.name}".encode()
-                length = [(b"content-length", str(len(body)).encode())]
-                await send({"type": "http.response.start", "status": 200, "headers": length})
-                await send({"type": "http.response.body", "body": body})
-            """
-        )
-    )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = pollserve_env({"PYTHONPATH": str(tmp_path), "POLLSERVE_BACKEND": "poll"})
-    argv = [sys.executable, "-m", "uvicorn", "--loop", "pollserve:new_event_loop", "--port", str(port), "asgi_app:app"]
-    server = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                connection.request("GET", "/")
-                response = connection.getresponse()
-                break
-            except ConnectionRefusedError:
-                assert server.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
-        assert (response.status, response.read()) == (200, b"AsyncioLoop poll")
-        connection.close()
-    finally:
-        server.terminate()
-        output, _ = server.communicate(timeout=30)
-    assert "Uvicorn running on" in output and "Application shutdown complete" in output, output
+    pytest.importorskip(http)
+    pytest.importorskip("websockets")
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "where:app", "--loop", "pollserve:new_event_loop"]
+    argv += ["--http", http, "--ws", "websockets", "--port", str(port)]
+    with served(argv, port, backend_name) as server:
+        pid = server.process.pid
+        assert ask(f"http://127.0.0.1:{port}/") == f"AsyncioLoop {backend_name} pid {pid}"
+        assert ask(f"ws://127.0.0.1:{port}/") == f"hi AsyncioLoop {backend_name} pid {pid}"
+    assert "Uvicorn running on" in server.output and "Application shutdown complete" in server.output, server.output
