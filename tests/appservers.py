@@ -29,8 +29,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _client() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("asyncio_apps_ask", EXAMPLES / "ask.py")
+def example(name: str) -> ModuleType:
+    """The module examples/asyncio_apps/NAME.py, imported from its file (not as ``__main__``)."""
+    spec = importlib.util.spec_from_file_location(f"asyncio_apps_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -39,7 +40,7 @@ def _client() -> ModuleType:
 
 def ask(url: str) -> str:
     """examples/asyncio_apps/ask.py: a GET of an http:// URL, or "hi" over a WebSocket to a ws:// one."""
-    return _client().ask(url)
+    return example("ask").ask(url)
 
 
 class Served:

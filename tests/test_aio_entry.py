@@ -8,7 +8,7 @@ import sys
 import unittest
 
 import pytest
-from appservers import ask, free_port, served
+from appservers import ask, example, free_port, served
 
 import pollserve
 import pollserve.loops
@@ -119,26 +119,12 @@ def test_isolated_asyncio_test_case_takes_the_factory() -> None:
     assert seen == [("AsyncioLoop", "select")]
 
 
-def test_anyio_runs_on_the_factory_and_its_sockets_work() -> None:
+def test_anyio_runs_on_the_factory_and_its_sockets_work(backend_name: str) -> None:
+    """examples/asyncio_apps/anyio_echo.py's main, an echo over anyio's TCP streams, on each backend."""
     anyio = pytest.importorskip("anyio")
-
-    async def main() -> tuple[str, bytes]:
-        async def serve(stream) -> None:
-            async with stream:
-                await stream.send(b"anyio: " + await stream.receive())
-
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with anyio.create_task_group() as group:
-            group.start_soon(listener.serve, serve)
-            async with await anyio.connect_tcp("127.0.0.1", port) as client:
-                await client.send("é".encode())
-                answer = await client.receive()
-            group.cancel_scope.cancel()
-        return type(asyncio.get_running_loop()).__name__, answer
-
-    got = anyio.run(main, backend="asyncio", backend_options={"loop_factory": pollserve.new_event_loop})
-    assert got == ("AsyncioLoop", "anyio: é".encode())
+    factory = getattr(pollserve.loops, backend_name)
+    got = anyio.run(example("anyio_echo").main, backend="asyncio", backend_options={"loop_factory": factory})
+    assert got == f"hi AsyncioLoop {backend_name}"
 
 
 @pytest.mark.parametrize("http", ["h11", "httptools"])
