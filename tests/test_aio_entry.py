@@ -136,7 +136,7 @@ def test_uvicorn_serves_an_asgi_app_on_the_loop(backend_name: str, http: str) ->
     pytest.importorskip("websockets")
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", "where:app", "--loop", "pollserve:new_event_loop"]
-    argv += ["--http", http, "--ws", "websockets", "--port", str(port)]
+    argv += ["--http", http, "--ws", "websockets-sansio", "--port", str(port)]
     with served(argv, port, backend_name) as server:
         pid = server.process.pid
         assert ask(f"http://127.0.0.1:{port}/") == f"AsyncioLoop {backend_name} pid {pid}"

@@ -1,5 +1,6 @@
-"""An IsolatedAsyncioTestCase on pollserve's loop: ``loop_factory`` on Python 3.13+, an event loop
-policy before (asyncio's default one, whose new loops are pollserve's)."""
+"""An IsolatedAsyncioTestCase on pollserve's loop: ``loop_factory`` on Python 3.13+; before 3.13 an event
+loop policy, asyncio's default one but for its new loops, which are pollserve's, set for the class's
+tests only.  From 3.13 the policy is neither defined nor set (3.14 deprecates policies)."""
 
 import asyncio
 import sys
@@ -7,10 +8,11 @@ import unittest
 
 import pollserve
 
+if sys.version_info < (3, 13):  # IsolatedAsyncioTestCase makes its loop with asyncio.new_event_loop()
 
-class PollservePolicy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self):
-        return pollserve.new_event_loop()
+    class PollservePolicy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self):
+            return pollserve.new_event_loop()
 
 
 class OnPollserve(unittest.IsolatedAsyncioTestCase):
@@ -20,11 +22,13 @@ class OnPollserve(unittest.IsolatedAsyncioTestCase):
 
         @classmethod
         def setUpClass(cls):
+            super().setUpClass()
             asyncio.set_event_loop_policy(PollservePolicy())
 
         @classmethod
         def tearDownClass(cls):
             asyncio.set_event_loop_policy(None)
+            super().tearDownClass()
 
     async def test_runs_on_pollserve(self):
         loop = asyncio.get_running_loop()
