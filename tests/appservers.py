@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import psutil
 from serverproc import pollserve_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "asyncio_apps"
@@ -97,3 +98,12 @@ def stop(process: subprocess.Popen[str]) -> str:
         output, _ = process.communicate(timeout=10)
         raise AssertionError(f"{process.args} did not stop within {STOP_TIMEOUT:g} s of SIGTERM:\n{output}") from None
     return output
+
+
+def children(pid: int, count: int) -> set[int]:
+    """The PIDs of the process's children, once it has ``count`` of them (it forks them after it listens)."""
+    deadline = time.monotonic() + 30
+    while len(found := {child.pid for child in psutil.Process(pid).children()}) < count:
+        assert time.monotonic() < deadline, f"{pid} has {len(found)} children, not {count}"
+        time.sleep(0.05)
+    return found

@@ -8,7 +8,7 @@ import sys
 import unittest
 
 import pytest
-from appservers import ask, example, free_port, served
+from appservers import ask, children, example, free_port, served
 
 import pollserve
 import pollserve.loops
@@ -142,3 +142,16 @@ def test_uvicorn_serves_an_asgi_app_on_the_loop(backend_name: str, http: str) ->
         assert ask(f"http://127.0.0.1:{port}/") == f"AsyncioLoop {backend_name} pid {pid}"
         assert ask(f"ws://127.0.0.1:{port}/") == f"hi AsyncioLoop {backend_name} pid {pid}"
     assert "Uvicorn running on" in server.output and "Application shutdown complete" in server.output, server.output
+
+
+def test_uvicorn_workers_each_run_on_the_loop() -> None:
+    """uvicorn --workers 2: each worker process makes its loop with the factory, on the parent's backend."""
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "where:app", "--loop", "pollserve:new_event_loop", "--workers", "2"]
+    with served([*argv, "--port", str(port)], port, "select") as server:
+        answers = [ask(f"http://127.0.0.1:{port}/") for _ in range(10)]
+        workers = children(server.process.pid, 2)
+    for answer in answers:
+        loop, backend, _, pid = answer.split()
+        assert (loop, backend) == ("AsyncioLoop", "select") and int(pid) in workers, (answer, workers, server.output)

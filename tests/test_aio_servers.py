@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
-from appservers import EXAMPLES, ask, free_port, served
+from appservers import EXAMPLES, ask, children, free_port, served
 from serverproc import pollserve_env
 
 
@@ -47,15 +45,6 @@ def test_hypercorn_serve_runs_under_pollserve_run(backend_name: str) -> None:
         assert ask(f"http://127.0.0.1:{port}/") == f"AsyncioLoop {backend_name} pid {pid}"
         assert ask(f"ws://127.0.0.1:{port}/") == f"hi AsyncioLoop {backend_name} pid {pid}"
     assert server.process.returncode == 0, server.output  # stopped by its shutdown_trigger, not killed
-
-
-def children(pid: int, count: int) -> set[int]:
-    """The PIDs of the process's children, once it has ``count`` of them (it forks them after it listens)."""
-    deadline = time.monotonic() + 30
-    while len(found := {child.pid for child in psutil.Process(pid).children()}) < count:
-        assert time.monotonic() < deadline, f"{pid} has {len(found)} children, not {count}"
-        time.sleep(0.05)
-    return found
 
 
 def test_gunicorn_runs_uvicorn_workers_on_the_loop(tmp_path) -> None:
