@@ -54,8 +54,8 @@ class Served:
 
 @contextlib.contextmanager
 def served(argv: list[str], port: int, backend: str, extra_env: dict[str, str] | None = None) -> Iterator[Served]:
-    """Run ``argv`` (in its own process group, in EXAMPLES) with POLLSERVE_BACKEND=backend until a GET
-    on ``port`` answers; stop the group by its PID afterwards, even when the test failed."""
+    """Run ``argv`` (in its own process group, in EXAMPLES) with POLLSERVE_BACKEND=backend until ``port``
+    on 127.0.0.1 takes a connection; stop the group by its PID afterwards, even when the test failed."""
     env = pollserve_env({"POLLSERVE_BACKEND": backend, **(extra_env or {})})
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     process = subprocess.Popen(
@@ -66,7 +66,7 @@ def served(argv: list[str], port: int, backend: str, extra_env: dict[str, str] |
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
+        start_new_session=sys.platform != "win32",  # its own process group, stopped as one
     )
     server = Served(process)
     try:
@@ -86,15 +86,22 @@ def served(argv: list[str], port: int, backend: str, extra_env: dict[str, str] |
     server.output = stop(process)
 
 
-def stop(process: subprocess.Popen[str]) -> str:
-    """SIGTERM to the process group, then SIGKILL if it outlives STOP_TIMEOUT; its output."""
+def send(process: subprocess.Popen[str], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        if sys.platform == "win32":
+            process.terminate()
+        else:
+            os.killpg(process.pid, signum)
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    """SIGTERM to the process group, then SIGKILL if it outlives STOP_TIMEOUT; its output.  (Windows has
+    no process groups to signal: the process is terminated.)"""
+    send(process, signal.SIGTERM)
     try:
         output, _ = process.communicate(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        send(process, getattr(signal, "SIGKILL", signal.SIGTERM))
         output, _ = process.communicate(timeout=10)
         raise AssertionError(f"{process.args} did not stop within {STOP_TIMEOUT:g} s of SIGTERM:\n{output}") from None
     return output
