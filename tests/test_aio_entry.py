@@ -4,16 +4,11 @@ loop factory today (asyncio.Runner, asyncio.run, IsolatedAsyncioTestCase, anyio,
 from __future__ import annotations
 
 import asyncio
-import http.client
-import socket
-import subprocess
 import sys
-import textwrap
-import time
 import unittest
 
 import pytest
-from serverproc import pollserve_env
+from appservers import ask, children, example, free_port, served
 
 import pollserve
 import pollserve.loops
@@ -124,72 +119,39 @@ def test_isolated_asyncio_test_case_takes_the_factory() -> None:
     assert seen == [("AsyncioLoop", "select")]
 
 
-def test_anyio_runs_on_the_factory_and_its_sockets_work() -> None:
+def test_anyio_runs_on_the_factory_and_its_sockets_work(backend_name: str) -> None:
+    """examples/asyncio_apps/anyio_echo.py's main, an echo over anyio's TCP streams, on each backend."""
     anyio = pytest.importorskip("anyio")
-
-    async def main() -> tuple[str, bytes]:
-        async def serve(stream) -> None:
-            async with stream:
-                await stream.send(b"anyio: " + await stream.receive())
-
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with anyio.create_task_group() as group:
-            group.start_soon(listener.serve, serve)
-            async with await anyio.connect_tcp("127.0.0.1", port) as client:
-                await client.send("é".encode())
-                answer = await client.receive()
-            group.cancel_scope.cancel()
-        return type(asyncio.get_running_loop()).__name__, answer
-
-    got = anyio.run(main, backend="asyncio", backend_options={"loop_factory": pollserve.new_event_loop})
-    assert got == ("AsyncioLoop", "anyio: é".encode())
+    factory = getattr(pollserve.loops, backend_name)
+    got = anyio.run(example("anyio_echo").main, backend="asyncio", backend_options={"loop_factory": factory})
+    assert got == f"hi AsyncioLoop {backend_name}"
 
 
-def test_uvicorn_serves_an_asgi_app_on_the_loop(tmp_path) -> None:
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_uvicorn_serves_an_asgi_app_on_the_loop(backend_name: str, http: str) -> None:
+    """docs/asyncio.md's uvicorn command on the backend POLLSERVE_BACKEND names: an HTTP request and a
+    WebSocket round trip, each answered by the app with the loop it runs on."""
     pytest.importorskip("uvicorn")
-    (tmp_path / "asgi_app.py").write_text(
-        textwrap.dedent(
-            """
-            import asyncio
+    pytest.importorskip(http)
+    pytest.importorskip("websockets")
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "where:app", "--loop", "pollserve:new_event_loop"]
+    argv += ["--http", http, "--ws", "websockets-sansio", "--port", str(port)]
+    with served(argv, port, backend_name) as server:
+        pid = server.process.pid
+        assert ask(f"http://127.0.0.1:{port}/") == f"AsyncioLoop {backend_name} pid {pid}"
+        assert ask(f"ws://127.0.0.1:{port}/") == f"hi AsyncioLoop {backend_name} pid {pid}"
+    assert "Uvicorn running on" in server.output and "Application shutdown complete" in server.output, server.output
 
-            async def app(scope, receive, send):
-                if scope["type"] == "lifespan":
-                    while True:
-                        message = await receive()
-                        if message["type"] == "lifespan.startup":
-                            await send({"type": "lifespan.startup.complete"})
-                        elif message["type"] == "lifespan.shutdown":
-                            await send({"type": "lifespan.shutdown.complete"})
-                            return
-                loop = asyncio.get_running_loop()
-                body = f"{type(loop).__name__} {loop.backend.name}".encode()
-                length = [(b"content-length", str(len(body)).encode())]
-                await send({"type": "http.response.start", "status": 200, "headers": length})
-                await send({"type": "http.response.body", "body": body})
-            """
-        )
-    )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = pollserve_env({"PYTHONPATH": str(tmp_path), "POLLSERVE_BACKEND": "poll"})
-    argv = [sys.executable, "-m", "uvicorn", "--loop", "pollserve:new_event_loop", "--port", str(port), "asgi_app:app"]
-    server = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                connection.request("GET", "/")
-                response = connection.getresponse()
-                break
-            except ConnectionRefusedError:
-                assert server.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
-        assert (response.status, response.read()) == (200, b"AsyncioLoop poll")
-        connection.close()
-    finally:
-        server.terminate()
-        output, _ = server.communicate(timeout=30)
-    assert "Uvicorn running on" in output and "Application shutdown complete" in output, output
+
+def test_uvicorn_workers_each_run_on_the_loop() -> None:
+    """uvicorn --workers 2: each worker process makes its loop with the factory, on the parent's backend."""
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "where:app", "--loop", "pollserve:new_event_loop", "--workers", "2"]
+    with served([*argv, "--port", str(port)], port, "select") as server:
+        answers = [ask(f"http://127.0.0.1:{port}/") for _ in range(10)]
+        workers = children(server.process.pid, 2)
+    for answer in answers:
+        loop, backend, _, pid = answer.split()
+        assert (loop, backend) == ("AsyncioLoop", "select") and int(pid) in workers, (answer, workers, server.output)

@@ -9,6 +9,9 @@ in the docs"):
 - ``<!-- runs against: COMMAND -->``: COMMAND is started first, as a server the block talks to.
 - ``; prints: TEXT`` after either: what the block's commands write must contain TEXT.
 - ``<!-- not run: REASON -->``: never run here, and the reason says why.
+- ``<!-- from PATH -->`` before any block: its lines are lines of the repository's file PATH, in a row
+  (either side may be indented as a whole), so that a quoted snippet cannot drift from the example
+  the tests run.
 
 A shell block is one fenced as ``sh``, ``bash``, ``shell`` or ``console`` (where the commands are the
 ``$`` lines), or an unlabelled one with a ``$`` line: every one of them must carry a marker.
@@ -24,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +41,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}
 FENCE = re.compile(r"^(\s*)(```+)\s*(\S*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*(runs|not run)\b(.*?)-->\s*$")
+QUOTED_FROM = re.compile(r"^\s*<!--\s*from\s+(\S+)\s*-->\s*$")
 #: how long one command may take to end, or to listen when it is a server
 COMMAND_TIMEOUT = 60.0
 #: how long a stopped server may take to exit (--drain-delay 5 in the HAProxy block, then the flush)
@@ -53,6 +58,7 @@ class Block:
     text: list[str]
     marker: str | None  # "runs ..." or "not run: ...", as written
     indent: str
+    quoted_from: str | None = None  # PATH of a <!-- from PATH --> marker
 
     @property
     def where(self) -> str:
@@ -102,8 +108,10 @@ def blocks(path: Path) -> Iterator[Block]:
             end += 1
         previous = next((line for line in reversed(lines[:index]) if line.strip()), "")
         marker = MARKER.match(previous)
+        quoted = QUOTED_FROM.match(previous)
         text = [line[len(indent) :] if line.startswith(indent) else line.strip() for line in lines[index + 1 : end]]
-        yield Block(path, index + 1, language, text, (marker[1] + marker[2]).strip() if marker else None, indent)
+        runs = (marker[1] + marker[2]).strip() if marker else None
+        yield Block(path, index + 1, language, text, runs, indent, quoted[1] if quoted else None)
         index = end + 1
 
 
@@ -123,6 +131,21 @@ def test_every_shell_block_is_marked() -> None:
     unexplained = [block.where for block in ALL_BLOCKS if block.marker and re.fullmatch(r"not run:?\s*", block.marker)]
     assert not unexplained, "say why these are not run: " + ", ".join(unexplained)
     assert RUNNABLE, "no block is marked to run"
+
+
+QUOTING = [block for block in ALL_BLOCKS if block.quoted_from]
+
+
+@pytest.mark.parametrize("block", QUOTING, ids=[block.where for block in QUOTING])
+def test_a_quoted_block_is_in_its_file(block: Block) -> None:
+    assert block.quoted_from is not None
+    source = ROOT / block.quoted_from
+    assert source.is_file(), f"{block.where} quotes {block.quoted_from}, which is not there"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    wanted = textwrap.dedent("\n".join(block.text)).strip("\n")
+    count = len(wanted.splitlines())
+    windows = (textwrap.dedent("\n".join(lines[start : start + count])) for start in range(len(lines) - count + 1))
+    assert wanted in windows, f"{block.where}: these lines are not, in a row, in {block.quoted_from}:\n{wanted}"
 
 
 def copy_of_the_repository(target: Path) -> Path:
