@@ -46,3 +46,16 @@ def test_streams_are_refused_for_the_selectors_peer() -> None:
         timeout=30,
     )
     assert done.returncode == 2 and "--streams is for the asyncio loops" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "sent", "expected"), [("stream_hello", b"hi", b"Hello world\n"), ("stream_echo", b"hi", b"hi")]
+)
+def test_the_streams_client_is_an_app_of_the_command(start_server, spec: str, sent: bytes, expected: bytes) -> None:
+    """bench_asyncio.py serves the peers' streams client with ``pollserve --app``: it is a handler there."""
+    server = start_server("--app", f"pollserve.peers:{spec}")
+    with connect(server.address) as client:
+        for _ in range(3):
+            client.sendall(sent)
+            assert recv_exactly(client, len(expected)) == expected
+    assert "Traceback" not in server.log
