@@ -3,6 +3,7 @@
     python benchmarks/bench_uvicorn.py                                       # both builds built here
     python benchmarks/bench_uvicorn.py --compiled-root DIR --pure-root DIR   # builds made earlier
     python benchmarks/bench_uvicorn.py --reps 1 --seconds 2 --warmup 1       # a quick look
+    python benchmarks/bench_uvicorn.py --reps 0 --instructions --target uvloop --target 'pollserve (compiled)'
 
 uvicorn serves the same minimal ASGI app (benchmarks/uvicorn_app.py: a fixed 12-byte body) with
 ``--http httptools``, one worker and the access log off, once per loop: ``--loop asyncio``, ``--loop
@@ -12,12 +13,15 @@ bench_peers.py's C load generator in its HTTP mode: keep-alive ``GET /`` request
 connections, paced at a rate every loop sustains on a small machine, each reply checked to be a
 complete 200 with the app's body.  The figure is the server's CPU us per request at that rate, reps
 interleaved, each target's ratio to uvloop paired per rep; the gate is pollserve's compiled build at
-most 1.05 times uvloop's.  Timings never fail the run.
+most 1.05 times uvloop's.  ``--instructions`` adds callgrind's user-space instructions per request
+(one connection, closed loop; bench_peers.py's), a count that repeats whatever else the machine runs.
+Timings never fail the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,7 +30,7 @@ from pathlib import Path
 from bench_asyncio import GATE, paired
 from bench_backends import package_version
 from bench_builds import build_roots
-from bench_peers import Run, Scenario, Target, compile_fixtures, report, run_interleaved
+from bench_peers import Run, Scenario, Target, compile_fixtures, instructions_per_request, report, run_interleaved
 
 from pollserve.load import raise_fd_limit
 
@@ -89,6 +93,8 @@ def main() -> int:
     parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
     parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
     parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
+    parser.add_argument("--instructions", action="store_true", help="also instructions per request (callgrind)")
+    parser.add_argument("--target", action="append", help="only this target, by name (repeatable; default: all)")
     args = parser.parse_args()
     raise_fd_limit(1024)
     scratch = Path(tempfile.mkdtemp(prefix="pollserve-uvicorn-bench-"))
@@ -102,19 +108,30 @@ def main() -> int:
         uvicorn_target(COMPILED, "pollserve:new_event_loop", roots["compiled"]),
         uvicorn_target("pollserve (pure)", "pollserve:new_event_loop", roots["pure"]),
     ]
+    if args.target:
+        unknown = set(args.target) - {target.name for target in targets}
+        if unknown:
+            parser.error(f"no target named {', '.join(sorted(unknown))}")
+        targets = [target for target in targets if target.name in args.target]
     title = f"GET / over HTTP/1.1 keep-alive, paced at {args.rate:,.0f} req/s: server CPU us per request"
     scenario = Scenario("paced", title, app="http", rate=args.rate)
     runs = run_interleaved(targets, [scenario], fixtures, args, "bench_uvicorn")
+    extras: dict[str, dict[str, str]] = {}
+    if args.instructions:
+        title = "User-space instructions per request (callgrind, one connection, closed loop)"
+        extras[title] = {t.name: f"{instructions_per_request(t, fixtures, 'http'):,.0f}" for t in targets}
     server = (
         f"- server: uvicorn {package_version('uvicorn')} (--http httptools, httptools "
         f"{package_version('httptools')}), one worker, access log off, app benchmarks/uvicorn_app.py"
     )
-    text = report([scenario], targets, runs, {}, args, fixtures)
+    text = report([scenario] if args.reps else [], targets, runs, extras, args, fixtures)
     text = text.replace("# pollserve against its peers\n\n", f"# uvicorn on pollserve's loop\n\n{server}\n", 1)
-    text = "\n".join([text, *sustained_table(scenario, targets, runs), *gate_line(runs, scenario.key)])
+    if args.reps:
+        text = "\n".join([text, *sustained_table(scenario, targets, runs), *gate_line(runs, scenario.key)])
     print(text)
     if args.write:
         Path(args.write).write_text(text + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
