@@ -101,6 +101,16 @@ def gate_table(targets: list[Target], runs: dict[tuple[str, str], list[Run]]) ->
     return [*lines, ""]
 
 
+def chosen(parser: argparse.ArgumentParser, targets: list[Target], names: list[str] | None) -> list[Target]:
+    """The targets ``--target`` names (all without it); a name that is none of them is a usage error."""
+    if not names:
+        return targets
+    unknown = set(names) - {target.name for target in targets}
+    if unknown:
+        parser.error(f"no target named {', '.join(sorted(unknown))}")
+    return [target for target in targets if target.name in names]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
@@ -129,12 +139,7 @@ def main() -> int:
         handler_target("pollserve --app handler (compiled), streams", roots["compiled"]),
         handler_target("pollserve --app handler (pure), streams", roots["pure"]),
     ]
-    if args.target:
-        wanted_names = set(args.target)
-        unknown = wanted_names - {target.name for target in targets}
-        if unknown:
-            parser.error(f"no target named {', '.join(sorted(unknown))}")
-        targets = [target for target in targets if target.name in wanted_names]
+    targets = chosen(parser, targets, args.target)
     fixtures = compile_fixtures(scratch)
     wanted = [scenario for scenario in SCENARIOS if scenario.key in args.scenarios.split(",")]
     runs = run_interleaved(targets, wanted, fixtures, args, "bench_asyncio")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_asyncio import GATE, paired
+from bench_asyncio import GATE, chosen, paired
 from bench_backends import package_version
 from bench_builds import build_roots
 from bench_peers import Run, Scenario, Target, compile_fixtures, instructions_per_request, report, run_interleaved
@@ -76,7 +76,9 @@ def sustained_table(scenario: Scenario, targets: list[Target], runs: dict[tuple[
 
 
 def gate_line(runs: dict[tuple[str, str], list[Run]], key: str) -> list[str]:
-    ratio = paired(runs.get((COMPILED, key), []), runs.get((UVLOOP, key), []))
+    if (COMPILED, key) not in runs or (UVLOOP, key) not in runs:
+        return []
+    ratio = paired(runs[(COMPILED, key)], runs[(UVLOOP, key)])
     if ratio is None:
         return []
     verdict = "met" if ratio <= GATE else "not met"
@@ -108,11 +110,7 @@ def main() -> int:
         uvicorn_target(COMPILED, "pollserve:new_event_loop", roots["compiled"]),
         uvicorn_target("pollserve (pure)", "pollserve:new_event_loop", roots["pure"]),
     ]
-    if args.target:
-        unknown = set(args.target) - {target.name for target in targets}
-        if unknown:
-            parser.error(f"no target named {', '.join(sorted(unknown))}")
-        targets = [target for target in targets if target.name in args.target]
+    targets = chosen(parser, targets, args.target)
     title = f"GET / over HTTP/1.1 keep-alive, paced at {args.rate:,.0f} req/s: server CPU us per request"
     scenario = Scenario("paced", title, app="http", rate=args.rate)
     runs = run_interleaved(targets, [scenario], fixtures, args, "bench_uvicorn")
