@@ -8,12 +8,14 @@
 
 The same ``asyncio.Protocol`` class (pollserve.peers:AsyncioHello), and the same streams handler (a
 coroutine per client: read, write, drain), served by asyncio's own loop, by uvloop and by pollserve's
-loop as an asyncio loop (pollserve.aio) on the compiled and the pure build; and, for reference, the
-Protocol class served by pollserve's own callback server (``pollserve --app
-pollserve.peers:AsyncioHello``).  bench_peers.py's scenarios and load generator, reps interleaved; the
-figure that ranks servers is the paced one, server CPU us per request at a fixed 30,000 req/s, and
-the ratios are paired per rep against uvloop's Protocol server.  The gate's table then pairs each
-of pollserve's asyncio servers with uvloop's and asyncio's of the same shape (Protocol or streams),
+loop as an asyncio loop (pollserve.aio) on the compiled and the pure build; the streams handler as
+an ``async def`` app of the command's own server (``pollserve --app pollserve.peers:stream_hello``,
+pollserve/handlers.py) on both builds; and, for reference, the Protocol class served by pollserve's
+own callback server (``pollserve --app pollserve.peers:AsyncioHello``).  bench_peers.py's scenarios
+and load generator, reps interleaved; the figure that ranks servers is the paced one, server CPU us
+per request at a fixed 30,000 req/s, and the ratios are paired per rep against uvloop's Protocol
+server.  The gate's table then pairs each of pollserve's asyncio servers and handler apps with
+uvloop's and asyncio's of the same shape (Protocol or streams),
 rep by rep: the compiled build is to cost at most 1.05 times uvloop's CPU per request and less than
 asyncio's loop.  ``--instructions`` adds callgrind's user-space instructions per request for the
 asyncio targets (one connection, closed loop), a count that repeats whatever else the machine
@@ -52,6 +54,13 @@ def peer_target(name: str, peer: str, streams: bool, root: Path | None = None) -
     return Target(name, lambda app: peers_argv(root, peer, app, streams))
 
 
+def handler_target(name: str, root: Path) -> Target:
+    """``pollserve --app pollserve.peers:stream_hello`` (or ``stream_echo``): the streams handler the
+    peers run under ``asyncio.start_server``, served by the command's own server on ``root``'s build."""
+    argv = pollserve_target(name, root, "epoll", False).argv
+    return Target(name, lambda app: argv(f"pollserve.peers:stream_{app}"))
+
+
 #: per shape, uvloop's and asyncio's targets, which pollserve's of that shape are measured against
 SHAPES = {
     "Protocol": ("uvloop", "asyncio, Protocol"),
@@ -78,7 +87,7 @@ def gate_table(targets: list[Target], runs: dict[tuple[str, str], list[Run]]) ->
     ]
     for target in targets:
         shape = target.name.rsplit(", ", 1)[-1]
-        if not target.name.startswith("pollserve asyncio") or shape not in SHAPES:
+        if not target.name.startswith(("pollserve asyncio", "pollserve --app")) or shape not in SHAPES:
             continue
         uvloop, stdloop = SHAPES[shape]
         mine = runs.get((target.name, "paced"), [])
@@ -90,6 +99,16 @@ def gate_table(targets: list[Target], runs: dict[tuple[str, str], list[Run]]) ->
         cells = [f"{value:.2f}" if value is not None else "-" for value in (to_uvloop, to_stdloop)]
         lines.append(f"| {target.name} | {cells[0]} | {cells[1]} | {verdict} |")
     return [*lines, ""]
+
+
+def chosen(parser: argparse.ArgumentParser, targets: list[Target], names: list[str] | None) -> list[Target]:
+    """The targets ``--target`` names (all without it); a name that is none of them is a usage error."""
+    if not names:
+        return targets
+    unknown = set(names) - {target.name for target in targets}
+    if unknown:
+        parser.error(f"no target named {', '.join(sorted(unknown))}")
+    return [target for target in targets if target.name in names]
 
 
 def main() -> int:
@@ -117,13 +136,10 @@ def main() -> int:
         peer_target("pollserve asyncio (pure), Protocol", "pollserve-asyncio", False, roots["pure"]),
         peer_target("pollserve asyncio (pure), streams", "pollserve-asyncio", True, roots["pure"]),
         pollserve_target("pollserve callback server (compiled), Protocol", roots["compiled"], "epoll", True),
+        handler_target("pollserve --app handler (compiled), streams", roots["compiled"]),
+        handler_target("pollserve --app handler (pure), streams", roots["pure"]),
     ]
-    if args.target:
-        wanted_names = set(args.target)
-        unknown = wanted_names - {target.name for target in targets}
-        if unknown:
-            parser.error(f"no target named {', '.join(sorted(unknown))}")
-        targets = [target for target in targets if target.name in wanted_names]
+    targets = chosen(parser, targets, args.target)
     fixtures = compile_fixtures(scratch)
     wanted = [scenario for scenario in SCENARIOS if scenario.key in args.scenarios.split(",")]
     runs = run_interleaved(targets, wanted, fixtures, args, "bench_asyncio")

@@ -252,14 +252,15 @@ def callgrind_total(out: Path) -> int:
     return total
 
 
-def instructions_per_request(target: Target, fixtures: dict[str, Path]) -> float:
+def instructions_per_request(target: Target, fixtures: dict[str, Path], app: str = "hello") -> float:
     """User-space instructions per request (callgrind), one connection closed loop, as the slope
-    between a 3 s and a 9 s run, so start-up and shutdown cancel out."""
+    between a 3 s and a 9 s run, so start-up and shutdown cancel out; ``app`` is the load's
+    (hello, or http for an HTTP server)."""
     points = []
     for seconds in (3, 9):
         out = Path(tempfile.mkdtemp()) / "callgrind.out"
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-        server = ServerProcess(target.name, [*argv, *target.argv("hello")])
+        server = ServerProcess(target.name, [*argv, *target.argv(app)])
         port = server.start()
         time.sleep(1.0)
         subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], capture_output=True)
@@ -276,6 +277,8 @@ def instructions_per_request(target: Target, fixtures: dict[str, Path]) -> float
                 str(seconds),
                 "--warmup",
                 "0",
+                "--app",
+                app,
             ],
             capture_output=True,
             text=True,

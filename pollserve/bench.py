@@ -38,7 +38,8 @@ from .backends import BACKENDS
 from .backends.select import FD_SETSIZE
 from .load import LoadError, LoadProcess, LoadSpec
 
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)\b")
+#: the line a server logs once it listens: pollserve's and its peers', or uvicorn's
+LISTENING = re.compile(r"(?:listening on |Uvicorn running on http://)127\.0\.0\.1:(\d+)\b")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 #: select watches fds below FD_SETSIZE only: its idle connections stay this far below it

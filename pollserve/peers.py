@@ -67,6 +67,12 @@ async def stream_client(app: str, reader: asyncio.StreamReader, writer: asyncio.
         writer.close()
 
 
+#: the same client for ``pollserve --app pollserve.peers:stream_hello`` (or ``stream_echo``): the command's
+#: own server running the handler asyncio's start_server runs here
+stream_hello = functools.partial(stream_client, "hello")
+stream_echo = functools.partial(stream_client, "echo")
+
+
 async def serve_asyncio(name: str, app: str, host: str, port: int, streams: bool = False) -> None:
     loop = asyncio.get_running_loop()
     if streams:

@@ -27,6 +27,17 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
+def recv_until(sock: socket.socket, end: bytes) -> bytes:
+    """What arrives until it ends with ``end`` (a reply whose length is not known, only its end)."""
+    chunks = bytearray()
+    while not chunks.endswith(end):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"EOF after {bytes(chunks)!r}")
+        chunks += chunk
+    return bytes(chunks)
+
+
 def recv_until_eof(sock: socket.socket, limit: int = 64 << 20) -> bytes:
     chunks = bytearray()
     while len(chunks) <= limit:

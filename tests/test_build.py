@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import buildchoice
-from clients import connect
+from clients import connect, recv_until
 from conftest import TESTED_BUILD, TESTED_ROOT
 from serverproc import run_pollserve
 
@@ -26,11 +26,7 @@ def ask_build(address: tuple[str, int], held: list | None = None) -> tuple[int, 
     sock = connect(address)
     try:
         sock.sendall(b"?")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(100)
-            assert chunk, reply
-            reply += chunk
+        reply = recv_until(sock, b"\n")
     finally:
         if held is None:
             sock.close()
