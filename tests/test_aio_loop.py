@@ -590,12 +590,19 @@ def test_debug_mode_switched_on_and_off_while_running_is_what_futures_and_call_s
         for debug in (True, False, True, False):
             aio_loop.set_debug(debug)
             future = aio_loop.create_future()
-            seen.append((aio_loop.get_debug(), bool(future._source_traceback), call_soon_from_a_thread()))
+            timer = aio_loop.call_later(10.0, int)
+            at = aio_loop.call_at(aio_loop.time() + 10.0, int)
+            task = aio_loop.create_task(asyncio.sleep(0))
+            traced = [bool(made._source_traceback) for made in (future, timer, at, task)]
+            seen.append((aio_loop.get_debug(), traced, call_soon_from_a_thread()))
             future.cancel()
+            timer.cancel()
+            at.cancel()
+            await task
         return seen
 
     seen = aio_loop.run_until_complete(main())
-    switched = [(True, True), (False, False), (True, True), (False, False)]
+    switched = [(True, [True] * 4), (False, [False] * 4), (True, [True] * 4), (False, [False] * 4)]
     assert [(debug, traced) for debug, traced, _ in seen] == switched
     assert ["thread" in outcome for _, _, outcome in seen] == [True, False, True, False]
 
@@ -619,6 +626,18 @@ def test_call_soon_get_debug_and_create_future_of_a_subclass_or_set_on_the_loop_
             calls.append("create_future")
             return super().create_future()
 
+        def call_later(self, *args, **kwargs):
+            calls.append("call_later")
+            return super().call_later(*args, **kwargs)
+
+        def call_at(self, *args, **kwargs):
+            calls.append("call_at")
+            return super().call_at(*args, **kwargs)
+
+        def create_task(self, *args, **kwargs):
+            calls.append("create_task")
+            return super().create_task(*args, **kwargs)
+
     loop = Counting() if isinstance(aio_loop, asyncio.BaseEventLoop) else Counting(aio_loop.backend.name)
     try:
 
@@ -626,9 +645,10 @@ def test_call_soon_get_debug_and_create_future_of_a_subclass_or_set_on_the_loop_
             future = loop.create_future()
             loop.call_later(0.01, future.set_result, None)
             await future
+            await asyncio.wait_for(loop.create_task(asyncio.sleep(0)), 10)
 
         loop.run_until_complete(main())
-        assert {"call_soon", "get_debug", "create_future"} <= set(calls)
+        assert {"call_soon", "get_debug", "create_future", "call_later", "call_at", "create_task"} <= set(calls)
     finally:
         loop.close()
 

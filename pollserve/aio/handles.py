@@ -76,8 +76,23 @@ class TimerHandle(asyncio.TimerHandle):
         self._scheduled = False
         self._run()
 
+    def cancel(self) -> None:
+        """asyncio's ``TimerHandle.cancel()``, which calls the loop's ``_timer_handle_cancelled()``
+        and then ``Handle.cancel()``, in one frame: a web server cancels a timer per request."""
+        if self._cancelled:
+            return
+        core, self._core = self._core, None  # _forget_core(), inline
+        self._scheduled = False
+        if core is not None:
+            core.cancel()
+        self._cancelled = True
+        if self._loop.get_debug():
+            self._repr = repr(self)
+        self._callback = None
+        self._args = None  # type: ignore[assignment]  # as asyncio's Handle.cancel() does
+
     def _forget_core(self) -> None:
-        """Cancelled: the core's entry goes too (TimerHandle.cancel calls the loop, which calls this)."""
+        """Cancelled: the core's entry goes too (cancel(), and the loop's _timer_handle_cancelled)."""
         core, self._core = self._core, None
         self._scheduled = False
         if core is not None:

@@ -130,7 +130,7 @@ class AsyncioLoop(  # type: ignore[misc]
         self.on_slow_callback = self._slow_callback_seen
         self.on_slow_pass = self._slow_pass_seen
         #: call_soon and create_future compiled (soon.py), set on this instance when not in debug mode
-        self._soon_calls = SoonCalls(self, self._ready, Handle, asyncio.Future)
+        self._soon_calls = SoonCalls(self, self._ready, Handle, TimerHandle, asyncio.Future, asyncio.Task)
         self._own_clock = OwnClockTimers(self)
         self.set_debug(_debug_from_environment())
 
@@ -403,18 +403,22 @@ class AsyncioLoop(  # type: ignore[misc]
             self.call_soon_threadsafe(self._set_coroutine_origin_tracking, self._debug)
 
     def _use_compiled_calls(self) -> None:
-        """``call_soon``, ``create_future`` and ``get_debug`` on this instance are SoonCalls'
-        (soon.py) where a subclass does not override them, and ``call_soon`` only when not in debug
-        mode, which needs this class's checks.  One set on the instance by someone else (a test's
-        mock) is left alone."""
+        """``call_soon``, ``call_later``, ``call_at``, ``create_task``, ``create_future`` and
+        ``get_debug`` on this instance are SoonCalls' (soon.py) where a subclass does not override
+        them, and the first four only when not in debug mode, which needs this class's checks (the
+        timers also not when a subclass has a clock of its own).  One set on the instance by someone
+        else (a test's mock) is left alone."""
         self._soon_calls.debug = self._debug
-        for name in ("call_soon", "create_future", "get_debug"):
+        own_clock = type(self).time is not AsyncioLoop.time
+        for name in ("call_soon", "call_later", "call_at", "create_task", "create_future", "get_debug"):
             compiled = getattr(self._soon_calls, name)
             current = self.__dict__.get(name)
             if current is not None and current != compiled:
                 continue
             overridden = getattr(type(self), name) is not getattr(AsyncioLoop, name)
-            if overridden or (self._debug and name == "call_soon"):
+            checked = name in ("call_soon", "call_later", "call_at", "create_task")
+            timer = name in ("call_later", "call_at")
+            if overridden or (self._debug and checked) or (own_clock and timer):
                 self.__dict__.pop(name, None)
             else:
                 self.__dict__[name] = compiled
