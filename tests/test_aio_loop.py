@@ -87,12 +87,19 @@ def test_ten_thousand_cancelled_timers_neither_run_nor_hold_the_loop(aio_loop) -
     assert ran == []
 
 
-def test_handles_are_asyncios_and_a_cancelled_one_does_not_run(aio_loop) -> None:
+def test_handles_have_asyncios_interface_and_a_cancelled_one_does_not_run(aio_loop) -> None:
+    """call_soon's handle is an asyncio.Handle in debug mode, and outside it on pollserve's loop a
+    compiled object with its interface, as uvloop's handles are (docs/asyncio.md)."""
     ran = []
-    handle = aio_loop.call_soon(ran.append, 1)
-    assert isinstance(handle, asyncio.Handle) and not handle.cancelled()
+    context = contextvars.copy_context()
+    handle = aio_loop.call_soon(ran.append, 1, context=context)
+    pollserves = not isinstance(aio_loop, asyncio.BaseEventLoop)
+    if aio_loop.get_debug() or not pollserves:
+        assert isinstance(handle, asyncio.Handle)
+    assert not handle.cancelled() and handle._context is context  # get_context() is 3.12's
+    assert repr(handle).startswith("<Handle ") and "append" in repr(handle)
     handle.cancel()
-    assert handle.cancelled()
+    assert handle.cancelled() and repr(handle).startswith("<Handle cancelled")
     aio_loop.call_soon(aio_loop.stop)
     aio_loop.run_forever()
     assert ran == []
@@ -162,12 +169,12 @@ def test_an_error_in_a_callback_goes_to_the_exception_handler_and_the_loop_goes_
     def fail() -> None:
         raise ZeroDivisionError("in a callback")
 
-    aio_loop.call_soon(fail)
+    handle = aio_loop.call_soon(fail)
     aio_loop.call_soon(aio_loop.stop)
     aio_loop.run_forever()
     (context,) = aio_loop.handler.expect(1)
     assert isinstance(context["exception"], ZeroDivisionError)
-    assert isinstance(context["handle"], asyncio.Handle)
+    assert context["handle"] is handle and "fail()" in repr(handle)
     assert "Exception in callback" in context["message"]
 
 

@@ -41,17 +41,26 @@ class Handle(asyncio.Handle):
             self._run()
 
     def _report_error(self, exc: BaseException) -> None:
-        """What ``asyncio.Handle._run`` reports when its callback raises: the core runs this class's
-        handles without that method (loop.py's ``_run_ready``) and calls this when one fails."""
-        debug = {"debug": self._loop.get_debug()} if sys.version_info >= (3, 13) else {}
-        source = asyncio.format_helpers._format_callback_source(self._callback, self._args, **debug)
-        context = {"message": f"Exception in callback {source}", "exception": exc, "handle": self}
-        if self._source_traceback:
-            context["source_traceback"] = self._source_traceback
-        self._loop.call_exception_handler(context)
+        report_error(self, exc)
 
     def _describe_handler(self, callback: object) -> str:
-        return describe_asyncio_callback(self._callback) if self._callback is not None else repr(self)
+        return describe_handle(self)
+
+
+def report_error(handle: Any, exc: BaseException) -> None:
+    """What ``asyncio.Handle._run`` reports when its callback raises: the core runs the asyncio face's
+    handles without that method (loop.py's ``_run_ready``) and calls their ``_report_error``."""
+    debug = {"debug": handle._loop.get_debug()} if sys.version_info >= (3, 13) else {}
+    source = asyncio.format_helpers._format_callback_source(handle._callback, handle._args, **debug)
+    context = {"message": f"Exception in callback {source}", "exception": exc, "handle": handle}
+    if handle._source_traceback:
+        context["source_traceback"] = handle._source_traceback
+    handle._loop.call_exception_handler(context)
+
+
+def describe_handle(handle: Any) -> str:
+    """A handle named for the health figures: by its callback, or as it prints once cancelled."""
+    return describe_asyncio_callback(handle._callback) if handle._callback is not None else repr(handle)
 
 
 class TimerHandle(asyncio.TimerHandle):

@@ -23,15 +23,73 @@ set.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from contextvars import copy_context
 from typing import Any, Final
 
 from ..loop import EventLoop
+from .handles import describe_handle, report_error
 
 _new: Final = object.__new__
 _monotonic: Final = time.monotonic
+
+
+class SoonHandle:
+    """What ``call_soon`` returns when not in debug mode: ``asyncio.Handle``'s interface and
+    attributes (``cancel()``, ``cancelled()``, ``get_context()``, ``_run()``, its repr) as a compiled
+    object, made and freed without the attribute lookups an ``asyncio.Handle`` instance costs from
+    compiled code (seven stores through its slots' descriptors, about 3,500 instructions a request
+    on uvicorn's hello).  Like uvloop's handles, it is not an ``asyncio.Handle`` instance; in debug
+    mode the loop's own ``call_soon`` makes those (handles.Handle)."""
+
+    def __init__(self, callback: Any, args: tuple[Any, ...], loop: Any, context: Any) -> None:
+        self._callback: Any = callback
+        self._args: Any = args
+        self._loop: Any = loop
+        self._context: Any = context
+        self._cancelled = False
+        self._repr: Any = None
+        self._source_traceback: Any = None
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            if self._loop.get_debug():
+                self._repr = repr(self)
+            self._callback = None
+            self._args = None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def get_context(self) -> Any:
+        return self._context
+
+    def _run(self) -> None:
+        try:
+            self._context.run(self._callback, *self._args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report_error(exc)
+
+    def _report_error(self, exc: BaseException) -> None:
+        report_error(self, exc)
+
+    def _repr_info(self) -> list[str]:
+        info: list[str] = asyncio.Handle._repr_info(self)  # its attributes are asyncio.Handle's
+        info[0] = "Handle"  # as asyncio's prints, not this class's name
+        return info
+
+    def __repr__(self) -> str:
+        if self._repr is not None:
+            return str(self._repr)
+        return "<{}>".format(" ".join(self._repr_info()))
+
+    def _describe_handler(self, callback: object) -> str:
+        return describe_handle(self)
 
 
 class SoonCalls:
@@ -41,14 +99,12 @@ class SoonCalls:
         self,
         loop: EventLoop,
         ready: deque[Any],
-        handle_type: type,
         timer_type: type,
         future_type: type,
         task_type: type,
     ) -> None:
         self.loop = loop
         self.ready = ready
-        self.handle_type = handle_type
         self.timer_type = timer_type
         self.future_type = future_type
         self.task_type = task_type
@@ -62,14 +118,7 @@ class SoonCalls:
         ``__init__`` sets (the same on Python 3.10 to 3.13), queued as the core runs it."""
         if self.loop._closed:
             raise RuntimeError("Event loop is closed")
-        handle: Any = _new(self.handle_type)
-        handle._context = copy_context() if context is None else context
-        handle._loop = self.loop
-        handle._callback = callback
-        handle._args = args
-        handle._cancelled = False
-        handle._repr = None
-        handle._source_traceback = None
+        handle = SoonHandle(callback, args, self.loop, copy_context() if context is None else context)
         self.ready.append(handle)
         return handle
 
