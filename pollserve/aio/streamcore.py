@@ -43,7 +43,9 @@ class StreamCore:
         self.counts = counts
         #: the transport's write buffer (the same deque): a write goes through here only when it is empty
         self.buffer = buffer
-        self.protocol: Any = None
+        self._protocol: Any = None
+        #: the protocol's data_received, looked up once per protocol, not per read (as uvloop keeps it)
+        self.data_received: Any = None
         #: set once connection_lost is scheduled, then counts writes after it
         self.conn_lost = 0
         self.eof = False  # write_eof()
@@ -52,6 +54,15 @@ class StreamCore:
         self.last_active: float = loop.now  # the loop's clock at the last transfer (the idle sweep's)
         self.max_size = max_size
         self.read_size = min(MIN_READ, max_size)  # what the next read asks for
+
+    @property
+    def protocol(self) -> Any:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, protocol: Any) -> None:
+        self._protocol = protocol
+        self.data_received = getattr(protocol, "data_received", None)  # a BufferedProtocol's is not read
 
     def _describe_handler(self, handler: object) -> str:
         """A slow read is named as the transport names it (the core's describe_callback)."""
@@ -92,7 +103,7 @@ class StreamCore:
             self.read_size = max(size >> 3, MIN_READ)
         self.counts.bytes_in += got
         try:
-            self.protocol.data_received(data)
+            self.data_received(data)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
