@@ -292,17 +292,28 @@ def test_concurrent_children_each_with_its_own_output(aio_loop, count: int) -> N
     run(aio_loop, main())
 
 
+class PausesAtFirstRead(Child):
+    """Pauses the pipe from inside its first delivery. That may come in a pass before
+    ``subprocess_exec``'s caller resumes, so the protocol, not the caller, must do it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_data = self.pause_once
+
+    def pause_once(self, fd: int, data: bytes) -> None:
+        self.on_data = None
+        self.transport.get_pipe_transport(fd).pause_reading()  # type: ignore[union-attr]
+
+
 def test_large_output_with_reading_paused_then_resumed(aio_loop) -> None:
     size = 3_000_000
 
     async def main() -> None:
         transport, child = await aio_loop.subprocess_exec(
-            Child, "/bin/sh", "-c", f"yes 0123456789abcde | head -c {size}", stdin=None, stderr=None
+            PausesAtFirstRead, "/bin/sh", "-c", f"yes 0123456789abcde | head -c {size}", stdin=None, stderr=None
         )
         stdout = transport.get_pipe_transport(1)
-        child.on_data = lambda fd, data: stdout.pause_reading()  # at the first read
         await child.read_until(1, 1)
-        child.on_data = None
         assert reading(aio_loop, stdout) in (False, None)
         await asyncio.sleep(0.01)  # what was read before the pause reaches the protocol (call_soon)
         held = len(child.out[1])
@@ -373,6 +384,7 @@ def test_each_child_wait_method_notices_exits_and_signals(wait_loop) -> None:
 def test_a_loop_closing_with_a_live_child_kills_nothing_and_leaks_no_fd(backend_name: str, method: str) -> None:
     """The loop's close leaves the child running and closes its pidfd; the transport, never
     closed, warns when collected and kills the child then, as asyncio's; no fd is left."""
+    gc.collect()  # an earlier test's garbage holding an fd would be closed mid-count
     before = open_fds()
     loop = AsyncioLoop(backend_name)
     loop.child_wait = method
