@@ -497,8 +497,9 @@ class TLSLayer:
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         # An error is the client's doing (a reset); a clean close mid-handshake is the server's own
-        # (a shutdown, the idle timeout), and no failure of the client's.
-        if self._handshaking and not self._failed and exc is not None:
+        # (a shutdown, the idle timeout), and no failure of the client's.  A reset before any byte
+        # is a TCP health check's way to leave (HAProxy's checks close with RST), as a FIN is.
+        if self._handshaking and not self._failed and exc is not None and self._handshake_bytes:
             self._failed = True
             self._factory.handshake_failed(self._peer, f"{type(exc).__name__}: {exc}, during the handshake")
         self._closing = self._no_more_writes = True

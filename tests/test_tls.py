@@ -570,6 +570,7 @@ def test_a_client_leaving_mid_handshake_is_a_failure_and_one_without_a_byte_is_n
         tls_serving(backend_name, Echo, certs.options()) as (server, layers),
     ):
         connect(server.address).close()  # a TCP health check: no byte, no failure
+        reset(connect(server.address))  # nor one that leaves by RST, as HAProxy's checks do
         client = BIOClient(server.address, certs.client_context())
         with contextlib.suppress(ssl.SSLWantReadError):
             client.obj.do_handshake()
