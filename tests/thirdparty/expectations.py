@@ -13,7 +13,8 @@ starts a comment line::
   ``failed``, ``skipped`` or ``absent``, or alternatives joined by ``|`` (naming asyncio's outcome
   among them marks a test known to end either way there);
 - KIND: ``pollserve`` (pollserve's loop, to fix), ``internals`` (the test reaches into asyncio's own
-  loop), ``suite`` (the test asserts which loop runs it) or ``platform`` (the OS or a test emulation).
+  loop), ``suite`` (the test itself: it asserts which loop runs it, or races) or ``platform`` (the OS
+  or a test emulation).
 
 A test no entry names must end as it ends on asyncio's loop.  The comparison is strict: an entry
 whose test ends as on asyncio's loop, or names a test the run does not have, is a difference too.
