@@ -116,8 +116,11 @@ class HandlerProtocol(asyncio.StreamReaderProtocol):
         self.app.start(self, asyncio.StreamWriter(face, self, self.reader, self.app.loop))
 
     def data_received(self, data: bytes) -> None:
+        # The reader itself, not StreamReaderProtocol's method: that one finds the same reader
+        # through a weak reference, and the super() call and the lookup cost a request about
+        # 1,000 instructions (callgrind).
         if not self.eof_given:
-            super().data_received(data)
+            self.reader.feed_data(data)
 
     def eof_received(self) -> bool:
         """The client's EOF: the reader's too.  The connection stays open for the reply, over TLS as
