@@ -153,6 +153,7 @@ class Connection:
         "_unsent",
         "_unsent_at",
         "_read_size",
+        "_read_ask",
         "high_water",
         "low_water",
     )
@@ -186,6 +187,9 @@ class Connection:
         self._unsent = 0
         self._unsent_at = -1.0
         self._read_size = MIN_READ
+        #: the same, as the object os.read() is given: boxed when it changes, not at every read (a
+        #: size over 256 is no cached small int, and boxing one allocates)
+        self._read_ask: Any = MIN_READ
         self.high_water = server.high_water
         self.low_water = server.low_water
 
@@ -211,7 +215,7 @@ class Connection:
         # the size asks 8x more next time; one that used an eighth of it, 8x less.
         size = self._read_size
         try:
-            data = _read(self._fd, size) if _FD_IO else self._sock.recv(size)
+            data = _read(self._fd, self._read_ask) if _FD_IO else self._sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # ECONNRESET, ETIMEDOUT, ...
@@ -220,9 +224,9 @@ class Connection:
         got = len(data)
         if got == size:
             if size < MAX_READ:
-                self._read_size = min(size * 8, MAX_READ)
+                self._read_size = self._read_ask = min(size * 8, MAX_READ)
         elif got <= size >> 3 and size > MIN_READ:
-            self._read_size = max(size >> 3, MIN_READ)
+            self._read_size = self._read_ask = max(size >> 3, MIN_READ)
         if got:
             self._traffic.bytes_in += got
             self._last_active = self._loop.now

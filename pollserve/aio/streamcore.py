@@ -54,6 +54,9 @@ class StreamCore:
         self.last_active: float = loop.now  # the loop's clock at the last transfer (the idle sweep's)
         self.max_size = max_size
         self.read_size = min(MIN_READ, max_size)  # what the next read asks for
+        #: the same, as the object os.read() is given: boxed when it changes, not at every read (a
+        #: size over 256 is no cached small int, and boxing one allocates)
+        self.read_ask: Any = self.read_size
 
     @property
     def protocol(self) -> Any:
@@ -83,7 +86,7 @@ class StreamCore:
             return
         size = self.read_size
         try:
-            data = _read(self.fd, size) if FD_IO else self.sock.recv(size)
+            data = _read(self.fd, self.read_ask) if FD_IO else self.sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -98,9 +101,9 @@ class StreamCore:
             return
         if got == size:
             if size < self.max_size:
-                self.read_size = min(size * 8, self.max_size)
+                self.read_size = self.read_ask = min(size * 8, self.max_size)
         elif got <= size >> 3 and size > MIN_READ:
-            self.read_size = max(size >> 3, MIN_READ)
+            self.read_size = self.read_ask = max(size >> 3, MIN_READ)
         self.counts.bytes_in += got
         try:
             self.data_received(data)
