@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_builds import build_roots, pollserve_target
+from bench_builds import add_root_options, build_roots, pollserve_target
 from bench_peers import SCENARIOS, Run, Target, compile_fixtures, instructions_per_request, report, run_interleaved
 
 from pollserve.bench import uvloop_installed
@@ -118,8 +118,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per run (default: 1)")
     parser.add_argument("--connections", type=int, default=100, help="active connections (default: 100)")
     parser.add_argument("--scenarios", default="paced", help="bench_peers.py's scenarios (default: paced)")
-    parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
-    parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
+    add_root_options(parser)
     parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
     parser.add_argument("--instructions", action="store_true", help="also instructions per request (callgrind)")
     parser.add_argument("--target", action="append", help="only this target, by name (repeatable; default: all)")

@@ -153,7 +153,7 @@ async def paced(scenario: str, port: int, connections: int, start: float, warmup
 
 
 def main() -> int:
-    from bench_builds import build_roots
+    from bench_builds import add_root_options, build_roots
     from bench_tls import make_certificate, measure
 
     from pollserve.bench import uvloop_installed
@@ -165,8 +165,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50, help="TLS connections (default: 50)")
     parser.add_argument("--rate", type=float, default=4000.0, help="requests per second in all (default: 4000)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes (default: 2)")
-    parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
-    parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
+    add_root_options(parser)
     parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="pollserve-asyncio-tls-bench-"))

@@ -59,6 +59,12 @@ def install(build: str, folder: Path) -> Path:
     return folder
 
 
+def add_root_options(parser: argparse.ArgumentParser) -> None:
+    """``--compiled-root`` and ``--pure-root``, which build_roots() reads."""
+    parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
+    parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
+
+
 def build_roots(args: argparse.Namespace, scratch: Path) -> dict[str, Path]:
     """Each build's folder: ``--compiled-root``/``--pure-root`` when given (checked), else installed in scratch."""
     roots: dict[str, Path] = {}
@@ -109,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backends", default="epoll", help="pollserve backends, comma-separated (default: epoll)")
     parser.add_argument("--tls", action="store_true", help="also echo over TLS (bench_tls.py), one run each")
     parser.add_argument("--instructions", action="store_true", help="also instructions per request (callgrind)")
-    parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
-    parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
+    add_root_options(parser)
     parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
     args = parser.parse_args(argv)
     raise_fd_limit(20_000)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench_asyncio import GATE, chosen, paired
 from bench_backends import package_version
-from bench_builds import build_roots
+from bench_builds import add_root_options, build_roots
 from bench_peers import Run, Scenario, Target, compile_fixtures, instructions_per_request, report, run_interleaved
 
 from pollserve.load import raise_fd_limit
@@ -92,8 +92,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per run (default: 1)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections (default: 8)")
     parser.add_argument("--rate", type=float, default=5000, help="requests per second, paced (default: 5000)")
-    parser.add_argument("--compiled-root", type=Path, help="a folder holding the compiled build (else built)")
-    parser.add_argument("--pure-root", type=Path, help="a folder holding the pure build (else built)")
+    add_root_options(parser)
     parser.add_argument("--write", metavar="FILE", help="write the report as Markdown to FILE")
     parser.add_argument("--instructions", action="store_true", help="also instructions per request (callgrind)")
     parser.add_argument("--target", action="append", help="only this target, by name (repeatable; default: all)")
