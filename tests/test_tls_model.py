@@ -79,10 +79,9 @@ class ServerTLSSessions(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stack = contextlib.ExitStack()
-        self.tracebacks = Tracebacks()
+        self.tracebacks = Tracebacks()  # for every server of the run, removed at teardown
         logging.getLogger().addHandler(self.tracebacks)
-        self.stack.callback(logging.getLogger().removeHandler, self.tracebacks)
+        self.stack = contextlib.ExitStack()  # the server of the moment
         self.live: list[Client] = []
         self.start_server()
 
@@ -105,6 +104,15 @@ class ServerTLSSessions(RuleBasedStateMachine):
     @rule(target=clients)
     def connect(self) -> Client:
         return self.new_client()
+
+    @rule(target=clients)
+    def open_a_session(self) -> Client:
+        """A client through its whole handshake in one step, so that runs reach several sessions at once."""
+        client = self.new_client()
+        client.bio.handshake()
+        self.handshakes += 1
+        client.stage = "open"
+        return client
 
     @rule(client=clients, cut=st.integers(1, 200))
     def send_part_of_the_hello(self, client: Client, cut: int) -> None:
@@ -199,7 +207,6 @@ class ServerTLSSessions(RuleBasedStateMachine):
         assert len(self.made) == self.handshakes  # none for the handshakes the shutdown answered
         self.stack.close()
         self.stack = contextlib.ExitStack()
-        self.stack.callback(logging.getLogger().removeHandler, self.tracebacks)
         self.start_server()
 
     @invariant()
@@ -212,9 +219,12 @@ class ServerTLSSessions(RuleBasedStateMachine):
         assert not self.tracebacks.records, [record.getMessage() for record in self.tracebacks.records]
 
     def teardown(self) -> None:
-        for client in list(self.live):
-            self.drop(client)
-        self.stack.close()
+        try:
+            for client in list(self.live):
+                self.drop(client)
+            self.stack.close()
+        finally:
+            logging.getLogger().removeHandler(self.tracebacks)
 
 
 def test_tls_sessions_and_a_shutdown_in_random_orders(backend_name: str, certs: Certs) -> None:
