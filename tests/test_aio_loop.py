@@ -70,7 +70,6 @@ def test_timers_run_in_order_and_never_before_their_time(aio_loop) -> None:
     for name, delay in (("c", 0.03), ("a", 0.01), ("b", 0.02)):
         handle = aio_loop.call_later(delay, fired, name, whens[name])
         whens[name].append(handle.when())
-        assert isinstance(handle, asyncio.TimerHandle)
     aio_loop.call_later(0.05, aio_loop.stop)
     aio_loop.run_forever()
     assert ran == [("a", True), ("b", True), ("c", True)]
@@ -176,6 +175,48 @@ def test_an_error_in_a_callback_goes_to_the_exception_handler_and_the_loop_goes_
     assert isinstance(context["exception"], ZeroDivisionError)
     assert context["handle"] is handle and "fail()" in repr(handle)
     assert "Exception in callback" in context["message"]
+
+
+def test_an_error_in_a_timer_goes_to_the_exception_handler_and_the_loop_goes_on(aio_loop) -> None:
+    def fail() -> None:
+        raise ZeroDivisionError("in a timer")
+
+    handle = aio_loop.call_later(0.001, fail)
+    aio_loop.call_later(0.05, aio_loop.stop)
+    aio_loop.run_forever()
+    (context,) = aio_loop.handler.expect(1)
+    assert isinstance(context["exception"], ZeroDivisionError)
+    assert context["handle"] is handle and "fail()" in repr(handle) and repr(handle).startswith("<TimerHandle when=")
+    assert "Exception in callback" in context["message"]
+
+
+def test_timer_handles_have_asyncios_interface_beside_asyncios_own(aio_loop) -> None:
+    """call_later's handle is an asyncio.TimerHandle in debug mode (and on asyncio's loop), and outside
+    it on pollserve's loop a compiled object with its interface, as uvloop's timers are
+    (docs/asyncio.md): when(), its context, order, equality and hash by deadline among asyncio's own
+    handles, its repr, and cancel() (twice, harmlessly)."""
+    context = contextvars.copy_context()
+    when = aio_loop.time() + 60.0
+    handle = aio_loop.call_at(when, print, "x", context=context)
+    if aio_loop.get_debug() or isinstance(aio_loop, asyncio.BaseEventLoop):
+        assert isinstance(handle, asyncio.TimerHandle)
+    assert handle.when() == when and handle._context is context and not handle.cancelled()
+    twin = asyncio.TimerHandle(when, print, ("x",), aio_loop)
+    after = asyncio.TimerHandle(when + 1.0, print, (), aio_loop)
+    assert handle == twin and twin == handle and hash(handle) == hash(twin) and handle != after
+    assert handle < after and after > handle and handle <= twin and twin >= handle and not handle > after
+    assert handle <= after and after >= handle and not handle >= after
+    assert sorted([after, handle, twin])[-1] is after
+    assert handle != "x" and handle != when
+    with pytest.raises(TypeError):
+        assert handle < when  # as asyncio's: no order against what is not a timer
+    assert repr(handle).startswith(f"<TimerHandle when={when} print(") and "<TimerHandle" in repr(twin)
+    handle.cancel()
+    handle.cancel()
+    assert handle.cancelled() and repr(handle).startswith(f"<TimerHandle cancelled when={when}")
+    assert handle != twin  # cancelled, as asyncio's compares them
+    aio_loop.call_later(0.01, aio_loop.stop)
+    aio_loop.run_forever()
 
 
 def test_a_task_is_named_and_its_factory_is_used(aio_loop) -> None:
@@ -356,16 +397,24 @@ def test_the_wrong_thread_is_refused_in_debug_mode(aio_loop) -> None:
 
 
 @pytest.mark.parametrize("clock", ["ahead", "half speed"])
-def test_timers_follow_a_loop_time_patched_on_the_loop(aio_loop, clock: str) -> None:
+@pytest.mark.parametrize("timer", ["set after the patch", "set before it"])
+def test_timers_follow_a_loop_time_patched_on_the_loop(aio_loop, clock: str, timer: str) -> None:
     """As on the standard loop, timers go through loop.time(): a test that patches it moves them,
-    and a timer never runs before loop.time() reaches its when()."""
+    and a timer never runs before loop.time() reaches its when(), even one set before the patch."""
+    fired = []
+
+    def set_timer() -> asyncio.TimerHandle:
+        return aio_loop.call_later(0.05, lambda: (fired.append(aio_loop.time() >= handle.when()), aio_loop.stop()))
+
+    if timer == "set before it":
+        handle = set_timer()
     real, start = aio_loop.time, aio_loop.time()
     if clock == "ahead":
         aio_loop.time = lambda: real() + 1000.0
     else:
         aio_loop.time = lambda: start + (real() - start) / 2
-    fired = []
-    handle = aio_loop.call_later(0.05, lambda: (fired.append(aio_loop.time() >= handle.when()), aio_loop.stop()))
+    if timer == "set after the patch":
+        handle = set_timer()
     guard = threading.Timer(5, aio_loop.call_soon_threadsafe, args=(aio_loop.stop,))
     guard.start()
     try:
@@ -415,7 +464,7 @@ def test_call_at_runs_at_loop_time_and_in_its_context(aio_loop) -> None:
     variable.set("at call_at")
     when = aio_loop.time() + 0.02
     handle = aio_loop.call_at(when, lambda: (seen.append((aio_loop.time() >= when, variable.get())), aio_loop.stop()))
-    assert isinstance(handle, asyncio.TimerHandle) and handle.when() == when
+    assert handle.when() == when
     variable.set("after")
     aio_loop.call_later(10, aio_loop.stop)
     aio_loop.run_forever()

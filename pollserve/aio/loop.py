@@ -130,7 +130,7 @@ class AsyncioLoop(  # type: ignore[misc]
         self.on_slow_callback = self._slow_callback_seen
         self.on_slow_pass = self._slow_pass_seen
         #: call_soon and create_future compiled (soon.py), set on this instance when not in debug mode
-        self._soon_calls = SoonCalls(self, self._ready, TimerHandle, asyncio.Future, asyncio.Task)
+        self._soon_calls = SoonCalls(self, self._ready, asyncio.Future, asyncio.Task)
         self._own_clock = OwnClockTimers(self)
         self.set_debug(_debug_from_environment())
 
