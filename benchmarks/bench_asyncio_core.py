@@ -14,7 +14,8 @@ asyncio's own loop and to uvloop measured in the same run.  The workloads:
 - ``timers``: 50,000 ``call_later`` timers, half of them cancelled, at spread deadlines.
 
 On pollserve's loop a ``call_soon`` handle is queued as it is and made by compiled code (soon.py),
-and a timer rides on an entry of the core's heap (handles.py); this table says what each costs.
+and a timer is a compiled object too, riding on an entry of the core's heap (soon.py's LaterHandle);
+this table says what each costs.
 """
 
 from __future__ import annotations

@@ -134,6 +134,18 @@ class Handle:
         return f"<Handle {getattr(self.callback, '__qualname__', self.callback)}{state}>"
 
 
+class QueuedCallback:
+    """A callback queued as it is and run by its own ``_run()``: the asyncio face's compiled handles
+    (``aio/soon.py``), which run in a context and report their errors as asyncio's do.  Compiled, the
+    pass reads ``_cancelled`` and calls ``_run`` with no attribute lookup: through an ``asyncio.Handle``'s
+    interface that was four lookups and a method call's, about 500 instructions a callback."""
+
+    _cancelled: bool = False
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
 # Compiled, it stays a base that interpreted code may subclass (setup.py, DESIGN.md).
 @mypyc_attr(allow_interpreted_subclasses=True)
 class EventLoop:
@@ -427,8 +439,9 @@ class EventLoop:
         ready callback, a slow pass), and no method: at a steady load a wakeup often brings a single
         event, so what a pass costs is paid per request.  Two clock readings per
         pass, one on each side of poll(): the one after is the loop's ``now``, the
-        one before ends the pass for ``busy_time``.  The timeout is reckoned from
-        ``now``, so a timer may fire late by the time the pass took, never early.
+        one before ends the pass for ``busy_time`` (the queued callbacks' last,
+        when they ran).  The timeout is reckoned from ``now``, so a timer may fire
+        late by the time the pass took, never early.
         """
         poll = self.backend.wait
         batch = self._wait_batch()
@@ -449,10 +462,12 @@ class EventLoop:
         busy_total = self.busy_time
         asyncio_order = self.asyncio_order
         while True:
+            callbacks_ended = -1.0
             if asyncio_order:
                 self._timers_settled = self._timer_seq
                 if ready:
-                    _run_ready(self)  # the queued callbacks, before the poll (_pass_in_asyncio_order)
+                    # the queued callbacks, before the poll (_pass_in_asyncio_order)
+                    callbacks_ended = _run_ready(self)
             if ready or self._stopping:
                 timeout: float | None = 0
             elif timers:
@@ -464,7 +479,8 @@ class EventLoop:
                     timeout = max_timeout
             else:
                 timeout = None
-            waited = monotonic()
+            # The callbacks' last reading, just taken, ends the pass as a reading of its own would.
+            waited = callbacks_ended if callbacks_ended >= 0 else monotonic()
             busy = waited - now
             busy_total += busy
             if busy > slow and self._slow_pass(events, busy):
@@ -747,16 +763,19 @@ def _collect_due_timers(loop: EventLoop, first: bool = False, settled: int = -1)
     return len(due)
 
 
-def _run_ready(loop: EventLoop, count: int = -1) -> None:
-    """Run the first ``count`` queued callbacks (all that are queued now, by default)."""
+def _run_ready(loop: EventLoop, count: int = -1) -> float:
+    """Run the first ``count`` queued callbacks (all that are queued now, by default); the clock's
+    reading when the last one ended, or -1.0 when they are not timed."""
     ready = loop._ready
+    popleft = ready.popleft  # compiled, a deque's method is looked up at each call otherwise
     slow = loop.slow_callback
     timed = slow > 0
     started = first = _monotonic() if timed else 0.0
+    callback: Any = None  # what ran, named if it was slow
     # Only what is queued now: callbacks queued by these callbacks wait a turn,
     # so I/O cannot starve.
     for _ in range(len(ready) if count < 0 else count):
-        handle = ready.popleft()
+        handle = popleft()
         if isinstance(handle, Handle):
             callback = handle.callback
             if callback is None:  # cancelled
@@ -765,8 +784,14 @@ def _run_ready(loop: EventLoop, count: int = -1) -> None:
                 callback(*handle.args)
             except Exception:
                 log.exception("unhandled error in callback %r", handle)
+        elif isinstance(handle, QueuedCallback):
+            if handle._cancelled:
+                continue
+            callback = handle
+            handle._run()
         else:
-            # An asyncio.Handle (the asyncio face's call_soon), run as its _run() runs it, without
+            # An asyncio.Handle (the asyncio face's in debug mode, call_soon_threadsafe's), run as its
+            # _run() runs it, without
             # that method's frame; an error goes to the handle's report, which says it as _run()
             # does, to the loop's exception handler.  (A Handle of the core around it cost two
             # more objects and two Python frames per callback.)
@@ -785,10 +810,12 @@ def _run_ready(loop: EventLoop, count: int = -1) -> None:
                 loop._report_slow(callback, ended - started)
             started = ended
     handle = callback = None  # not held by a traceback that holds this frame (_dispatch says why)
-    if timed:
-        # Twice in a pass in asyncio's order: the pass's callbacks took both times.
-        if loop._ready_pass == loop.iterations:
-            loop._ready_seconds += started - first
-        else:
-            loop._ready_pass = loop.iterations
-            loop._ready_seconds = started - first
+    if not timed:
+        return -1.0
+    # Twice in a pass in asyncio's order: the pass's callbacks took both times.
+    if loop._ready_pass == loop.iterations:
+        loop._ready_seconds += started - first
+    else:
+        loop._ready_pass = loop.iterations
+        loop._ready_seconds = started - first
+    return started

@@ -28,14 +28,14 @@ from collections import deque
 from contextvars import copy_context
 from typing import Any, Final
 
-from ..loop import EventLoop
+from ..loop import EventLoop, QueuedCallback
 from ..loop import Handle as CoreHandle
 from .handles import describe_asyncio_callback, describe_handle, report_error
 
 _monotonic: Final = time.monotonic
 
 
-class SoonHandle:
+class SoonHandle(QueuedCallback):
     """What ``call_soon`` returns when not in debug mode: ``asyncio.Handle``'s interface and
     attributes (``cancel()``, ``cancelled()``, ``get_context()``, ``_run()``, its repr) as a compiled
     object, made and freed without the attribute lookups an ``asyncio.Handle`` instance costs from
