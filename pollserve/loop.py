@@ -791,10 +791,9 @@ def _run_ready(loop: EventLoop, count: int = -1) -> float:
             handle._run()
         else:
             # An asyncio.Handle (the asyncio face's in debug mode, call_soon_threadsafe's), run as its
-            # _run() runs it, without
-            # that method's frame; an error goes to the handle's report, which says it as _run()
-            # does, to the loop's exception handler.  (A Handle of the core around it cost two
-            # more objects and two Python frames per callback.)
+            # _run() runs it, without that method's frame; an error goes to the handle's report, which
+            # says it as _run() does, to the loop's exception handler.  (A Handle of the core around it
+            # cost two more objects and two Python frames per callback.)
             if handle._cancelled:
                 continue
             callback = handle
