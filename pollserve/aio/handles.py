@@ -108,4 +108,4 @@ class TimerHandle(asyncio.TimerHandle):
             core.cancel()
 
     def _describe_handler(self, callback: object) -> str:
-        return describe_asyncio_callback(self._callback) if self._callback is not None else repr(self)
+        return describe_handle(self)

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from ..loop import EventLoop, QueuedCallback
 from ..loop import Handle as CoreHandle
-from .handles import describe_asyncio_callback, describe_handle, report_error
+from .handles import describe_handle, report_error
 
 _monotonic: Final = time.monotonic
 
@@ -143,48 +143,43 @@ class LaterHandle(SoonHandle):
         info.insert(2 if self._cancelled else 1, f"when={self._when}")
         return info
 
-    def _describe_handler(self, callback: object) -> str:
-        return describe_asyncio_callback(self._callback) if self._callback is not None else repr(self)
-
     # Ordered and equal by deadline as asyncio.TimerHandle is, among either kind.
 
     def __hash__(self) -> int:
         return hash(self._when)
 
     def __eq__(self, other: object) -> Any:
-        if isinstance(other, (LaterHandle, asyncio.TimerHandle)):
-            theirs: Any = other
-            return (
-                self._when == theirs._when
-                and self._callback == theirs._callback
-                and self._args == theirs._args
-                and self._cancelled == theirs._cancelled
-            )
-        return NotImplemented
+        theirs = _as_timer(other)
+        if theirs is None:
+            return NotImplemented
+        return (
+            self._when == theirs._when
+            and self._callback == theirs._callback
+            and self._args == theirs._args
+            and self._cancelled == theirs._cancelled
+        )
 
     def __lt__(self, other: object) -> Any:
-        if isinstance(other, (LaterHandle, asyncio.TimerHandle)):
-            theirs: Any = other
-            return self._when < theirs._when
-        return NotImplemented
+        theirs = _as_timer(other)
+        return NotImplemented if theirs is None else self._when < theirs._when
 
     def __le__(self, other: object) -> Any:
-        if isinstance(other, (LaterHandle, asyncio.TimerHandle)):
-            theirs: Any = other
-            return self._when < theirs._when or self.__eq__(other) is True
-        return NotImplemented
+        theirs = _as_timer(other)
+        return NotImplemented if theirs is None else self._when < theirs._when or self.__eq__(theirs) is True
 
     def __gt__(self, other: object) -> Any:
-        if isinstance(other, (LaterHandle, asyncio.TimerHandle)):
-            theirs: Any = other
-            return self._when > theirs._when
-        return NotImplemented
+        theirs = _as_timer(other)
+        return NotImplemented if theirs is None else self._when > theirs._when
 
     def __ge__(self, other: object) -> Any:
-        if isinstance(other, (LaterHandle, asyncio.TimerHandle)):
-            theirs: Any = other
-            return self._when > theirs._when or self.__eq__(other) is True
-        return NotImplemented
+        theirs = _as_timer(other)
+        return NotImplemented if theirs is None else self._when > theirs._when or self.__eq__(theirs) is True
+
+
+def _as_timer(other: object) -> Any:
+    """``other`` if it is a timer handle of either kind, else None: asyncio.TimerHandle orders and
+    compares itself with timers only."""
+    return other if isinstance(other, (LaterHandle, asyncio.TimerHandle)) else None
 
 
 class SoonCalls:
