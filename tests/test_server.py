@@ -938,7 +938,7 @@ def test_the_read_size_grows_for_bulk_and_comes_back_for_small_requests(backend_
 
 
 def test_more_clients_ready_at_once_than_one_wait_returns_are_all_served(backend_name: str) -> None:
-    """epoll's wait is bounded (64 events a call): 200 clients whose requests wait while the loop
+    """epoll's wait is bounded (42 events a call): 200 clients whose requests wait while the loop
     is held are all answered once it runs, the ones a call left out by the next calls."""
     with serving(backend_name, Echo) as server:
         clients = [connect(server.address) for _ in range(200)]

@@ -38,7 +38,9 @@ class StreamCore:
     ) -> None:
         self.transport = transport
         self.loop = loop
-        self.fd: int = sock.fileno()
+        #: an object, not an int: compiled, a native int given to os.read() or os.write() is boxed
+        #: at every call, and one over 256 allocates
+        self.fd: Any = sock.fileno()
         self.sock = sock
         self.counts = counts
         #: the transport's write buffer (the same deque): a write goes through here only when it is empty
@@ -86,7 +88,7 @@ class StreamCore:
             return
         size = self.read_size
         try:
-            data = _read(self.fd, self.read_ask) if FD_IO else self.sock.recv(size)
+            data: bytes = _read(self.fd, self.read_ask) if FD_IO else self.sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
@@ -115,9 +117,12 @@ class StreamCore:
     def write(self, data: Any) -> None:
         """``transport.write(data)``: bytes with nothing buffered are sent at once; anything else,
         and what a send leaves, is the transport's (``_write_any``, ``_buffer_rest``)."""
+        # Lengths, not truth values: compiled, len() of a bytes is a field read, and ``not data``
+        # a call into the interpreter; ``sent`` is an int, so the count and the comparison stay
+        # native (an untyped one cost four boxings and two generic operations, callgrind).
         if (
             type(data) is not bytes
-            or not data
+            or not len(data)
             or self.buffer
             or self.conn_lost
             or self.eof
@@ -125,6 +130,7 @@ class StreamCore:
         ):
             self.transport._write_any(data)
             return
+        sent: int
         try:
             sent = _write(self.fd, data) if FD_IO else self.sock.send(data)
         except (BlockingIOError, InterruptedError):

@@ -38,11 +38,12 @@ class EpollBackend(Backend):
     write_bits = WRITE | _ERROR_BITS
 
     #: at most this many events per poll(); the rest wait for the next call.  CPython's
-    #: epoll.poll() allocates its event array (12 bytes an event) on every call: 64 events
-    #: (768 bytes) come from glibc's per-thread cache, 1,023 (its default) take a trip through
-    #: malloc's bins and cost ~500 instructions a call (callgrind), a tenth of a request's.
-    #: epoll_wait(2) hands out a longer ready list round-robin over the calls.
-    max_events = 64
+    #: epoll.poll() allocates its event array (12 bytes an event) on every call: 42 events (504
+    #: bytes) come from the interpreter's own allocator, which serves up to 512 bytes; 64 took
+    #: glibc's malloc and free (~100 instructions a call more, callgrind), and 1,023 (its
+    #: default) a trip through malloc's bins (~350 more).  epoll_wait(2) hands out a longer
+    #: ready list round-robin over the calls.
+    max_events = 42
 
     def __init__(self) -> None:
         super().__init__()
