@@ -104,6 +104,23 @@ def test_handles_have_asyncios_interface_and_a_cancelled_one_does_not_run(aio_lo
     assert ran == []
 
 
+@pytest.mark.parametrize("args", [(), (None,), ((1, 2),), ([],), ("a", b"\xff"), (1, 2, 3, 4)])
+def test_callbacks_and_timers_get_exactly_the_arguments_they_were_given(aio_loop, args) -> None:
+    """None, a tuple or an empty list as the one argument is passed as it is, never unpacked or
+    dropped; so are none and several (the compiled handles call each count their own way)."""
+    seen = []
+
+    def record(*got):
+        seen.append(got)
+
+    aio_loop.call_soon(record, *args)
+    aio_loop.call_later(0, record, *args)
+    aio_loop.call_at(aio_loop.time(), record, *args)
+    aio_loop.call_later(0.01, aio_loop.stop)
+    aio_loop.run_forever()
+    assert seen == [args] * 3
+
+
 def test_stop_lets_the_batch_finish_and_leaves_what_it_scheduled_for_the_next_run(aio_loop) -> None:
     ran = []
     aio_loop.call_soon(lambda: (aio_loop.stop(), aio_loop.call_soon(ran.append, "next run")))
