@@ -54,13 +54,14 @@ def pinned(cpu: int) -> Callable[[], None] | None:
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def compile_fixtures(build: Path) -> dict[str, Path]:
-    """Compile the C server and load generator; {} when there is no compiler."""
+def compile_fixtures(build: Path, names: tuple[str, ...] = ("c_server", "c_load")) -> dict[str, Path]:
+    """Compile the C fixtures (the C server and load generator by default); {} when there is no
+    compiler."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler or not sys.platform.startswith("linux"):  # the fixtures use epoll and timerfd
         return {}
     built = {}
-    for name in ("c_server", "c_load"):
+    for name in names:
         out = build / name
         result = subprocess.run(
             [compiler, "-O2", "-o", str(out), str(HERE / "fixtures" / f"{name}.c")], capture_output=True

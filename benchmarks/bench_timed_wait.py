@@ -16,14 +16,14 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench_peers import compile_fixtures
+
 TIMEOUTS = (-1, 100)
 
 
@@ -32,12 +32,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=11, help="interleaved repetitions (default: 11)")
     parser.add_argument("--rounds", type=int, default=50_000, help="rounds per run (default: 50,000)")
     args = parser.parse_args()
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not sys.platform.startswith("linux") or not compiler:
+    fixtures = compile_fixtures(Path(tempfile.mkdtemp(prefix="pollserve-timed-wait-")), ("timed_wait",))
+    if not fixtures:
         print("bench_timed_wait: needs Linux (epoll) and a C compiler", file=sys.stderr)
         return 1
-    binary = Path(tempfile.mkdtemp(prefix="pollserve-timed-wait-")) / "timed_wait"
-    subprocess.run([compiler, "-O2", "-o", str(binary), str(HERE / "fixtures" / "timed_wait.c")], check=True)
+    binary = fixtures["timed_wait"]
     runs: dict[int, list[float]] = {timeout: [] for timeout in TIMEOUTS}
     for rep in range(args.reps):
         for timeout in TIMEOUTS:
