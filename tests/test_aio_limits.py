@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import socket
 from collections.abc import Callable
 from typing import ClassVar
@@ -485,7 +486,8 @@ def test_connections_limit_sums_the_limits_of_the_servers_accepting(aio_loop) ->
         assert limit() is None
         first = await aio_loop.create_server(Served, "127.0.0.1", 0, max_connections=3)
         assert limit() == 3
-        second = await aio_loop.create_unix_server(Served, "\0pollserve-limits-sum", max_connections=4)
+        # an abstract name of this process: two runs at once (pytest-xdist) must not share it
+        second = await aio_loop.create_unix_server(Served, f"\0pollserve-limits-sum-{os.getpid()}", max_connections=4)
         assert limit() == 7
         unlimited = await aio_loop.create_server(Served, "127.0.0.1", 0)
         assert limit() is None  # one server without a limit: no limit in all

@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -243,9 +244,28 @@ def tools_present(commands: list[str], path: str) -> None:
         pytest.skip(f"{tool} is not on PATH")
 
 
+@contextlib.contextmanager
+def one_block_at_a_time() -> Iterator[None]:
+    """The blocks listen on the ports they show (5001, 9100, ...): under pytest-xdist (the README's
+    ``-n 2``), or beside another run of the suite, a block waits for the one running elsewhere."""
+    import fcntl  # POSIX, as the blocks
+
+    with open(Path(tempfile.gettempdir()) / "pollserve-docs-blocks.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the blocks are POSIX shell")
 @pytest.mark.parametrize("block", RUNNABLE, ids=[block.where for block in RUNNABLE])
 def test_block_runs_as_written(block: Block, tmp_path: Path) -> None:
+    with one_block_at_a_time():
+        run_block(block, tmp_path)
+
+
+def run_block(block: Block, tmp_path: Path) -> None:
     options = block.options()
     commands = block.commands()
     env = pollserve_env()
