@@ -59,7 +59,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_configure(config: pytest.Config) -> None:
     """Run the session in an empty working directory: a ``python -m`` subprocess puts its working
     directory first on sys.path, where a checkout's ``pollserve`` folder would shadow the build
-    under test (PYTHONPATH, set by serverproc, leads it to that build instead)."""
+    under test (PYTHONPATH, set by serverproc, leads it to that build instead).
+
+    Under pytest-xdist (``-n 2``) each worker does so, and the controller, which runs no test, stays
+    where it was started: its workers start in its working directory and find the paths given
+    relative to it (from an empty one they collected nothing)."""
+    distributing = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+    if distributing:
+        return
     config.stash[_SAVED_CWD] = os.getcwd()
     os.chdir(config.stash.setdefault(_SESSION_DIR, tempfile.mkdtemp(prefix="pollserve-tests-")))
 
