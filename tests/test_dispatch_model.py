@@ -82,8 +82,8 @@ class DispatchModel(RuleBasedStateMachine):
 
     @rule(index=which, victim=which)
     def add_a_writer_that_removes_a_reader(self, index: int, victim: int) -> None:
-        """Its first call removes another fd's reader (or its own fd's): mid-pass, if that one's event
-        comes later in the same pass, it must not run."""
+        """Each of its calls removes another fd's reader (or its own fd's), if there is one: mid-pass, if
+        that one's event comes later in the same pass, it must not run."""
         tag = self.new_tag()
 
         def remove() -> None:
